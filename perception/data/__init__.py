@@ -1,0 +1,24 @@
+"""Datasets (CamVid and user folders), augmentations and class weights."""
+
+from .camvid import CAMVID_CLASSES, CAMVID_PALETTE, CAMVID_REFERENCE_WEIGHTS, CAMVID_VOID, CamVid
+from .class_weights import class_frequencies, median_frequency_weights
+from .folder import FolderDataset, SegmentationListDataset, open_dataset, read_image_rgb, read_label
+from .transforms import ToTensors, TrainAugment, normalize
+
+__all__ = [
+    "CAMVID_CLASSES",
+    "CAMVID_PALETTE",
+    "CAMVID_REFERENCE_WEIGHTS",
+    "CAMVID_VOID",
+    "CamVid",
+    "FolderDataset",
+    "SegmentationListDataset",
+    "open_dataset",
+    "read_image_rgb",
+    "read_label",
+    "class_frequencies",
+    "median_frequency_weights",
+    "TrainAugment",
+    "ToTensors",
+    "normalize",
+]

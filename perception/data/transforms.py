@@ -1,0 +1,104 @@
+"""Augmentations (numpy/OpenCV, per sample) and normalisation (torch, per batch).
+
+Samples stay uint8 until they are batched; :func:`normalize` turns a uint8 NCHW batch into the model's
+float input using the :class:`~perception.models.io.InputSpec` stored with the model, so training,
+evaluation and export agree on preprocessing.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models.io import InputSpec
+
+__all__ = ["TrainAugment", "ToTensors", "normalize", "to_tensors"]
+
+
+def to_tensors(img: np.ndarray, lab: np.ndarray) -> tuple[Tensor, Tensor]:
+    """HxWx3 uint8, HxW uint8 -> 3xHxW uint8 tensor, HxW int64 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), torch.from_numpy(lab.astype(np.int64))
+
+
+class ToTensors:
+    """No augmentation (evaluation)."""
+
+    def __call__(self, img: np.ndarray, lab: np.ndarray) -> tuple[Tensor, Tensor]:
+        return to_tensors(img, lab)
+
+
+class TrainAugment:
+    """Random scale jitter, random crop (padding with ``ignore_index`` where the scaled image is smaller),
+    horizontal flip and photometric jitter (brightness, contrast, saturation).
+
+    ``rng`` is a numpy Generator; the training loop re-seeds it per epoch so resumed runs replay the
+    same augmentations.
+    """
+
+    def __init__(
+        self,
+        *,
+        crop: tuple[int, int] | None,
+        scale: tuple[float, float] = (1.0, 1.0),
+        hflip: bool = True,
+        color_jitter: float = 0.0,
+        ignore_index: int = 255,
+        seed: int = 0,
+    ) -> None:
+        if scale[0] <= 0 or scale[0] > scale[1]:
+            raise ValueError(f"bad scale range {scale}")
+        self.crop, self.scale, self.hflip = crop, scale, hflip
+        self.color_jitter, self.ignore_index = color_jitter, ignore_index
+        self.rng = np.random.default_rng(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, img: np.ndarray, lab: np.ndarray) -> tuple[Tensor, Tensor]:
+        rng = self.rng
+        if self.scale != (1.0, 1.0):
+            s = float(np.exp(rng.uniform(np.log(self.scale[0]), np.log(self.scale[1]))))
+            h, w = lab.shape
+            size = (max(1, round(w * s)), max(1, round(h * s)))
+            img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+            lab = cv2.resize(lab, size, interpolation=cv2.INTER_NEAREST)
+        if self.crop is not None:
+            ch, cw = self.crop
+            h, w = lab.shape
+            ph, pw = max(0, ch - h), max(0, cw - w)
+            if ph or pw:
+                img = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+                lab = cv2.copyMakeBorder(lab, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=self.ignore_index)
+                h, w = lab.shape
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            img, lab = img[y : y + ch, x : x + cw], lab[y : y + ch, x : x + cw]
+        if self.hflip and rng.random() < 0.5:
+            img, lab = img[:, ::-1], lab[:, ::-1]
+        if self.color_jitter > 0:
+            img = self._jitter(img, rng)
+        return to_tensors(img, lab)
+
+    def _jitter(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        j = self.color_jitter
+        f = img.astype(np.float32)
+        brightness = rng.uniform(1 - j, 1 + j)
+        contrast = rng.uniform(1 - j, 1 + j)
+        saturation = rng.uniform(1 - j, 1 + j)
+        f = f * brightness
+        grey_mean = f.mean()
+        f = (f - grey_mean) * contrast + grey_mean
+        grey = f @ np.float32([0.299, 0.587, 0.114])
+        f = (f - grey[..., None]) * saturation + grey[..., None]
+        return np.clip(f, 0, 255).astype(np.uint8)
+
+
+def normalize(batch: Tensor, spec: InputSpec) -> Tensor:
+    """uint8 (N, 3, H, W) in the dataset's RGB order -> float model input as ``spec`` says."""
+    x = batch.float()
+    if spec.color_order == "BGR":
+        x = x.flip(1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) / spec.scale
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) / spec.scale
+    return (x - mean) / std

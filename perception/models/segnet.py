@@ -1,0 +1,170 @@
+"""SegNet (Badrinarayanan, Kendall, Cipolla; TPAMI 2017): VGG16-BN encoder, mirrored decoder
+that upsamples with the encoder's max-pooling switches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .registry import register_model
+from .unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
+
+__all__ = ["ConvBNReLU", "EncoderStage", "DecoderStage", "SegNet", "load_vgg16_bn_encoder"]
+
+# VGG16 conv widths per stage; the decoder mirrors them.
+VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int, *, kernel_size: int = 3, relu: bool = True) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),
+            nn.BatchNorm2d(out_ch),
+        ]
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class EncoderStage(nn.Module):
+    """convs -> pool (remembering switches) -> optional dropout (Bayesian SegNet)."""
+
+    def __init__(self, convs: Sequence[nn.Module], *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*convs)
+        self.pool = MaxPoolWithSwitches()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Switches]:
+        y, switches = self.pool(self.convs(x))
+        return self.dropout(y), switches
+
+
+class DecoderStage(nn.Module):
+    """unpool with the matching encoder's switches -> convs -> optional dropout."""
+
+    def __init__(self, convs: Sequence[nn.Module], *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.unpool = MaxUnpoolWithSwitches()
+        self.convs = nn.Sequential(*convs)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, switches: Switches) -> Tensor:
+        return self.dropout(self.convs(self.unpool(x, switches)))
+
+
+def _stage_convs(widths: Sequence[int], in_ch: int) -> list[nn.Module]:
+    convs = []
+    for w in widths:
+        convs.append(ConvBNReLU(in_ch, w))  # a new module each time: no accidental weight sharing
+        in_ch = w
+    return convs
+
+
+class SegNet(nn.Module):
+    """Five encoder stages, five decoder stages, and a 3x3 classifier (the reference ``conv1_1_D``).
+
+    ``dropout_stages`` (1-based, deepest = 5) adds dropout after those encoders' pools and after the
+    matching decoders, as in Bayesian SegNet.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        stages: Sequence[Sequence[int]] = VGG16_STAGES,
+        dropout: float = 0.0,
+        dropout_stages: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        n = len(stages)
+        drop = {s: dropout for s in dropout_stages}
+        encoders, in_ch = [], in_channels
+        for i, widths in enumerate(stages, start=1):
+            encoders.append(EncoderStage(_stage_convs(widths, in_ch), dropout=drop.get(i, 0.0)))
+            in_ch = widths[-1]
+        self.encoders = nn.ModuleList(encoders)
+
+        decoders = []
+        for i in range(n, 0, -1):  # deepest first
+            widths = list(stages[i - 1])
+            # Mirror the stage; its last conv narrows to the next-shallower stage's width. Stage 1 drops
+            # its last conv: the classifier takes that place (the reference conv1_1_D).
+            dec_widths = widths[:-1] + [stages[i - 2][-1]] if i > 1 else widths[:-1]
+            decoders.append(DecoderStage(_stage_convs(dec_widths, widths[-1]), dropout=drop.get(i, 0.0)))
+        self.decoders = nn.ModuleList(decoders)
+        self.classifier = nn.Conv2d(stages[0][-1], num_classes, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        switches = []
+        for enc in self.encoders:
+            x, sw = enc(x)
+            switches.append(sw)
+        for dec, sw in zip(self.decoders, reversed(switches)):
+            x = dec(x, sw)
+        return self.classifier(x)
+
+
+@register_model("segnet")
+def segnet(*, num_classes: int, in_channels: int = 3, encoder_weights: str | None = None) -> SegNet:
+    """SegNet with a VGG16-BN encoder (~29.4M parameters at 11 classes).
+
+    ``encoder_weights``: path to a local torchvision ``vgg16_bn`` state dict (``.pth`` or
+    ``.safetensors``) to initialise the encoder from; nothing is downloaded.
+    """
+    model = SegNet(num_classes=num_classes, in_channels=in_channels)
+    if encoder_weights:
+        load_vgg16_bn_encoder(model, encoder_weights)
+    return model
+
+
+@register_model("bayesian_segnet")
+def bayesian_segnet(
+    *, num_classes: int, in_channels: int = 3, dropout: float = 0.5, encoder_weights: str | None = None
+) -> SegNet:
+    """Bayesian SegNet: dropout after pool3/4/5 and after decoders 5/4/3 (the reference positions)."""
+    model = SegNet(num_classes=num_classes, in_channels=in_channels, dropout=dropout, dropout_stages=(3, 4, 5))
+    if encoder_weights:
+        load_vgg16_bn_encoder(model, encoder_weights)
+    return model
+
+
+def load_vgg16_bn_encoder(model: SegNet, path: str | Path) -> None:
+    """Copy a torchvision ``vgg16_bn`` state dict's ``features.*`` convs and BNs into the encoder, in order.
+
+    Loaded without pickle execution (safetensors, or ``torch.load(weights_only=True)``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VGG16-BN weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    feats = sorted(
+        {int(k.split(".")[1]) for k in state if k.startswith("features.") and k.endswith(".weight")}
+    )
+    src_bns = [i for i in feats if f"features.{i}.running_mean" in state]
+    src_convs = [i for i in feats if i not in src_bns]
+    dst = [m for enc in model.encoders for m in enc.convs]
+    if len(src_convs) != len(dst) or len(src_bns) != len(dst):
+        raise ValueError(
+            f"{path} does not look like a VGG16-BN state dict: {len(src_convs)} convs / {len(src_bns)} BNs, "
+            f"encoder has {len(dst)}"
+        )
+    with torch.no_grad():
+        for block, ci, bi in zip(dst, src_convs, src_bns):
+            conv, bn = block[0], block[1]
+            w = state[f"features.{ci}.weight"]
+            if w.shape != conv.weight.shape:
+                raise ValueError(f"features.{ci}.weight has shape {tuple(w.shape)}, expected {tuple(conv.weight.shape)}")
+            conv.weight.copy_(w)
+            conv.bias.copy_(state[f"features.{ci}.bias"])
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(state[f"features.{bi}.{name}"])

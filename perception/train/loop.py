@@ -1,0 +1,382 @@
+"""The training loop: one process, or one rank of a torchrun/DDP job.
+
+Reproducibility contract: every epoch's randomness (data order, augmentation, dropout) is derived
+from ``(seed, epoch, rank)``, and checkpoints are taken at epoch boundaries, so a run killed at any
+point and resumed with ``--resume`` produces the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..data.camvid import CAMVID_REFERENCE_WEIGHTS
+from ..data.class_weights import median_frequency_weights
+from ..data.folder import default_palette, open_dataset
+from ..data.transforms import ToTensors, TrainAugment, normalize
+from ..evaluate import autocast_context, evaluate
+from ..models import io as model_io
+from ..models.registry import get_model, model_config
+from .checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
+from .loss import SegmentationLoss
+from .plots import plot_history
+
+__all__ = ["train", "machine_description", "resolve_device", "recalibrate_batch_norm", "LAST_CHECKPOINT"]
+
+LAST_CHECKPOINT = "last.pt"
+BEST_DIR = "best"
+FINAL_DIR = "final"
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and info is not None and info.enabled:
+        name = f"cuda:{info.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def machine_description(device: torch.device | None = None) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    d = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device is not None and device.type == "cuda":
+        d["gpu"] = torch.cuda.get_device_name(device)
+    return d
+
+
+def _class_weights(cfg: TrainConfig, train_set) -> np.ndarray | None:
+    k = train_set.num_classes
+    if cfg.class_weights == "none":
+        return None
+    if cfg.class_weights == "reference":
+        if k != len(CAMVID_REFERENCE_WEIGHTS):
+            raise ValueError(f"reference class weights are CamVid's 11 classes; this data has {k}")
+        w = np.asarray(CAMVID_REFERENCE_WEIGHTS, dtype=np.float64)
+    else:
+        w = median_frequency_weights(train_set.labels(), k, train_set.ignore_index)
+    return w**cfg.class_weight_power
+
+
+def _lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return (1 - progress) ** 0.9  # poly
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and batch-norm parameters (as Caffe's decay_mult: 0 on biases).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    aug = info.dataset.transform
+    if isinstance(aug, TrainAugment):
+        aug.reseed(aug.epoch_seed * 1000 + worker_id)
+
+
+def _epoch_seed(cfg: TrainConfig, epoch: int, rank: int) -> int:
+    return (cfg.seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_miou: float = -1.0
+    best_epoch: int = -1
+
+
+def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, command, device, state) -> model_io.ModelCard:
+    palette = list(getattr(dataset, "palette", ()) or default_palette(dataset.num_classes))
+    return model_io.ModelCard(
+        id=Path(cfg.out).name,
+        architecture=model_config(model),
+        classes=list(dataset.classes),
+        palette=[list(c) for c in palette],
+        input=spec,
+        ignore_index=dataset.ignore_index,
+        training={
+            "command": command,
+            "config": cfg.to_dict(),
+            "data": str(cfg.data),
+            "train_split": cfg.train_split,
+            "train_images": None,
+            "epoch": state.epoch,
+            "machine": machine_description(device),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+        metrics={f"{cfg.val_split}": _summary(metrics)} if metrics else {},
+    )
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou", "per_class_bf")
+    return {k: m[k] for k in keys if k in m}
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, dataset, spec, *, device, amp: str = "off", progress: bool = True) -> None:
+    """Recompute batch-norm running statistics as plain averages over ``dataset`` (no augmentation),
+    as the reference implementation did before testing."""
+    from tqdm.auto import tqdm
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    try:
+        for i in tqdm(range(len(dataset)), desc="bn-recalibrate", disable=not progress, leave=False):
+            img, _ = dataset[i]
+            with autocast_context(device, amp):
+                model(normalize(img[None].to(device), spec))
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.eval()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train as ``cfg`` says; returns the summary also written to ``<out>/summary.json``."""
+    from tqdm.auto import tqdm
+
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    info = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    try:
+        device = resolve_device(cfg.device, info)
+        out = Path(cfg.out)
+        ckpt_path = out / LAST_CHECKPOINT
+        if ckpt_path.exists() and not resume:
+            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        if resume and not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume given but there is no checkpoint at {ckpt_path}")
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        aug = TrainAugment(crop=cfg.crop, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter)
+        train_set = open_dataset(cfg.data, cfg.train_split, transform=aug, cache=cfg.cache)
+        aug.ignore_index = train_set.ignore_index if train_set.ignore_index is not None else 255
+        val_set = open_dataset(cfg.data, cfg.val_split, transform=ToTensors(), cache=cfg.cache) if cfg.val_split else None
+        num_classes = train_set.num_classes
+        first_img, _ = train_set.load(0)
+        spec = model_io.InputSpec(height=first_img.shape[0], width=first_img.shape[1])
+
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.encoder_weights:
+            kwargs["encoder_weights"] = cfg.encoder_weights
+        model = get_model(cfg.model, num_classes=num_classes, **kwargs).to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        weights = _class_weights(cfg, train_set)
+        criterion = SegmentationLoss(
+            None if weights is None else torch.as_tensor(weights, dtype=torch.float32),
+            ignore_index=train_set.ignore_index if train_set.ignore_index is not None else -100,
+            normalization=cfg.loss_normalization,
+        ).to(device)
+        optimizer = _optimizer(cfg, model)
+
+        sampler = DistributedSampler(
+            train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        loader = DataLoader(
+            train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
+            worker_init_fn=_worker_init if cfg.num_workers else None,
+        )
+        steps_per_epoch = len(loader)
+        if cfg.max_iters_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.max_iters_per_epoch)
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(train_set)} training images give no full batch of {cfg.batch_size} per process"
+            )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: _lr_factor(cfg, step, steps_per_epoch)
+        )
+
+        state = _State()
+        if resume:
+            ck = load_checkpoint(ckpt_path)
+            if ck.get("version") != CHECKPOINT_VERSION:
+                raise ValueError(f"{ckpt_path}: checkpoint version {ck.get('version')} is not {CHECKPOINT_VERSION}")
+            if ck["model_config"] != model_config(model):
+                raise ValueError(f"{ckpt_path} holds {ck['model_config']}, but the config builds {model_config(model)}")
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            state = _State(**ck["state"])
+            restore_rng_state(ck["rng"])
+            if info.is_main:
+                print(f"resuming {out} after epoch {state.epoch} (best val mIoU {state.best_miou:.4f})", flush=True)
+
+        ddp_model: nn.Module = model
+        if info.enabled:
+            ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        history_path = out / "metrics.jsonl"
+        for epoch in range(state.epoch, cfg.epochs):
+            seed = _epoch_seed(cfg, epoch, info.rank)
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            aug.epoch_seed = seed
+            aug.reseed(seed)
+            sampler.set_epoch(epoch)
+            ddp_model.train()
+            t0 = time.time()
+            loss_sum = torch.zeros(2, dtype=torch.float64)
+            bar = tqdm(
+                total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+                disable=not (progress and info.is_main), dynamic_ncols=True,
+            )
+            for it, (images, labels) in enumerate(loader):
+                if it >= steps_per_epoch:
+                    break
+                x = normalize(images.to(device, non_blocking=True), spec)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = labels.to(device, non_blocking=True)
+                with autocast_context(device, cfg.amp):
+                    logits = ddp_model(x)
+                loss = criterion(logits, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+                elapsed = time.time() - t0
+                bar.set_postfix(
+                    loss=f"{loss_sum[0] / loss_sum[1]:.4f}",
+                    img_s=f"{(it + 1) * cfg.batch_size * info.world_size / max(elapsed, 1e-9):.1f}",
+                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                )
+                bar.update(1)
+            bar.close()
+            all_reduce_sum(loss_sum, info)
+            state.epoch = epoch + 1
+            record: dict[str, Any] = {
+                "epoch": state.epoch,
+                "step": state.step,
+                "train_loss": float(loss_sum[0] / loss_sum[1]),
+                "lr": scheduler.get_last_lr()[0],
+                "epoch_seconds": round(time.time() - t0, 2),
+            }
+
+            is_last = state.epoch == cfg.epochs
+            if info.is_main and val_set is not None and (state.epoch % cfg.val_every == 0 or is_last):
+                m = evaluate(model, val_set, spec, amp=cfg.amp, progress=progress, channels_last=cfg.channels_last)
+                record.update({f"val_{k}": m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")})
+                if m["miou"] > state.best_miou:
+                    state.best_miou, state.best_epoch = float(m["miou"]), state.epoch
+                    card = _make_card(cfg, model, train_set, spec, m, command, device, state)
+                    card.training["train_images"] = len(train_set)
+                    model_io.save(model, out / BEST_DIR, card)
+                    record["best"] = True
+                print(
+                    f"epoch {state.epoch}: loss {record['train_loss']:.4f}  val G {m['global_accuracy']:.4f} "
+                    f"C {m['class_accuracy']:.4f} mIoU {m['miou']:.4f} BF {m['bf']:.4f}"
+                    + ("  (best)" if record.get("best") else ""),
+                    flush=True,
+                )
+            if info.is_main:
+                with open(history_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                atomic_torch_save(
+                    {
+                        "version": CHECKPOINT_VERSION,
+                        "model_config": model_config(model),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "state": vars(state).copy(),
+                        "rng": capture_rng_state(),
+                        "config": cfg.to_dict(),
+                    },
+                    ckpt_path,
+                )
+                try:
+                    plot_history(history_path, out / "curves.png")
+                except Exception as e:  # a plot must never kill a long run
+                    print(f"warning: could not plot training curves: {e}", file=sys.stderr)
+            if info.enabled:
+                torch.distributed.barrier()
+
+        summary: dict[str, Any] = {"out": str(out), "epochs": state.epoch, "best_epoch": state.best_epoch,
+                                   "best_val_miou": state.best_miou}
+        if info.is_main and val_set is not None and (out / BEST_DIR).is_dir():
+            final = model_io.load(out / BEST_DIR, map_location=str(device))
+            if cfg.bn_recalibrate:
+                recal_set = open_dataset(cfg.data, cfg.train_split, transform=ToTensors(), cache=False)
+                recalibrate_batch_norm(final, recal_set, spec, device=device, amp="off", progress=progress)
+            m = evaluate(final, val_set, spec, amp="off", progress=progress)
+            card = final.card
+            card.metrics = {cfg.val_split: _summary(m)}
+            card.training["bn_recalibrated"] = cfg.bn_recalibrate
+            card.training["evaluated_precision"] = "fp32"
+            model_io.save(final, out / FINAL_DIR, card)
+            summary["final_val"] = _summary(m)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(
+                f"final ({FINAL_DIR}/, fp32{', BN recalibrated' if cfg.bn_recalibrate else ''}): "
+                f"val G {m['global_accuracy']:.4f} C {m['class_accuracy']:.4f} mIoU {m['miou']:.4f} BF {m['bf']:.4f}",
+                flush=True,
+            )
+        return summary
+    finally:
+        cleanup_distributed()

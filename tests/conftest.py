@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+CAMVID = Path(os.environ.get("CAMVID_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "camvid"))
+
+
+@pytest.fixture(scope="session")
+def camvid_root() -> Path:
+    if not (CAMVID / "train.txt").is_file():
+        pytest.skip(f"CamVid not found at {CAMVID} (set CAMVID_ROOT, or place ../shared/camvid beside the checkout)")
+    return CAMVID
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def make_toy_dataset(root: Path, *, n_train: int = 8, n_val: int = 2, size=(48, 64), classes=("bg", "a", "b")) -> Path:
+    """A learnable folder-layout dataset: each class is a coloured rectangle on a grey background."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    colours = [(90, 90, 90), (20, 200, 40), (200, 40, 20)]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("".join(f"{c} {r} {g} {b}\n" for c, (r, g, b) in zip(classes, colours)))
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for i in range(n):
+            lab = np.zeros(size, np.uint8)
+            for c in range(1, len(classes)):
+                y, x = rng.integers(0, size[0] - 12), rng.integers(0, size[1] - 12)
+                lab[y : y + 12, x : x + 12] = c
+            lab[0, 0] = 255  # an ignored pixel
+            img = np.array([colours[c] for c in range(len(classes))] + [(0, 0, 0)] * 253, np.uint8)[lab]
+            img = np.clip(img.astype(int) + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(root / split / "images" / f"{split}{i:03d}.png"), img[..., ::-1])
+            cv2.imwrite(str(root / split / "labels" / f"{split}{i:03d}.png"), lab)
+    return root
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> Path:
+    return make_toy_dataset(tmp_path / "toy")

@@ -1,0 +1,125 @@
+"""Training: loss normalisation, config precedence, resume equivalence, DDP on CPU (gloo, 2 processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perception.models import load
+from perception.train.checkpoint import load_checkpoint
+from perception.train.cli import main as train_main
+from perception.train.config import build_config
+from perception.train.loss import SegmentationLoss
+
+TINY = ["--model", "segnet_basic", "--crop", "32x48", "--batch-size", "2", "--no-progress", "--amp", "off",
+        "--lr", "0.01", "--optimizer", "adamw", "--schedule", "cosine", "--class-weights", "median"]
+
+
+def test_loss_normalisation_caffe_vs_pytorch():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, 0, :] = 255
+    w = torch.tensor([0.5, 2.0, 4.0])
+    valid = target != 255
+    logp = torch.log_softmax(logits, 1)
+    nll = -logp.gather(1, target.clamp(max=2)[:, None])[:, 0]
+    pix_w = w.double()[target.clamp(max=2)]
+    caffe = (nll * pix_w)[valid].sum() / valid.sum()  # Caffe: divide by non-void pixel count
+    pytorch = (nll * pix_w)[valid].sum() / pix_w[valid].sum()  # PyTorch: divide by summed weights
+    got_caffe = SegmentationLoss(w, ignore_index=255, normalization="valid_pixels")(logits.float(), target)
+    got_pt = SegmentationLoss(w, ignore_index=255, normalization="weights")(logits.float(), target)
+    assert got_caffe.item() == pytest.approx(caffe.item(), rel=1e-5)
+    assert got_pt.item() == pytest.approx(pytorch.item(), rel=1e-5)
+    assert got_pt.item() == pytest.approx(F.cross_entropy(logits, target, weight=w.double(), ignore_index=255).item())
+    assert got_caffe.item() != pytest.approx(got_pt.item(), rel=1e-3)
+
+
+def test_config_precedence_recipe_yaml_flags(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("recipe: paper\nepochs: 7\nlr: 0.05\n")
+    cfg = build_config(yaml_file=y, overrides={"lr": 0.2})
+    assert cfg.recipe == "paper" and cfg.optimizer == "sgd" and cfg.class_weights == "reference"
+    assert cfg.epochs == 7 and cfg.lr == 0.2 and cfg.crop is None
+    assert build_config(overrides={"recipe": "paper", "model": "segnet"}).lr == 0.001  # paper lr for SegNet
+    assert build_config(overrides={"recipe": "paper"}).lr == 0.1  # Basic family
+    y.write_text("learning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        build_config(yaml_file=y)
+
+
+def _state(out: Path) -> dict:
+    return load_checkpoint(out / "last.pt")["model"]
+
+
+def test_train_writes_outputs_and_rebuilds_from_folder(toy_data, tmp_path):
+    out = tmp_path / "run"
+    assert train_main([*TINY, "--data", str(toy_data), "--out", str(out), "--epochs", "2"]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "last.pt", "summary.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"val_global_accuracy", "val_class_accuracy", "val_miou", "val_bf"} <= set(rows[-1])
+    model = load(out / "final")
+    assert model.card.classes == ["bg", "a", "b"]
+    assert model.card.training["command"].startswith("perception-train")
+    assert model.card.metrics["val"]["miou"] == pytest.approx(json.loads((out / "summary.json").read_text())["final_val"]["miou"])
+    # A second run into the same folder without --resume is refused, not silently overwritten.
+    assert train_main([*TINY, "--data", str(toy_data), "--out", str(out), "--epochs", "2"]) == 2
+
+
+def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
+    args = [*TINY, "--data", str(toy_data), "--epochs", "3", "--model", "bayesian_segnet_basic", "--val-every", "3"]
+    ref = tmp_path / "ref"
+    assert train_main([*args, "--out", str(ref)]) == 0
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "perception.train.cli", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            hist = out / "metrics.jsonl"
+            if hist.exists() and hist.read_text().count("\n") >= 1 and (out / "last.pt").exists():
+                break
+            if proc.poll() is not None:
+                pytest.fail("training exited before it could be killed")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["state"]["epoch"] < 3, "the run finished before it was killed; nothing was resumed"
+    assert train_main([*args, "--out", str(out), "--resume"]) == 0
+    a, b = _state(ref), _state(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_without_checkpoint_is_an_error(toy_data, tmp_path, capsys):
+    assert train_main([*TINY, "--data", str(toy_data), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_on_cpu_gloo(toy_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "perception.train.cli", *TINY, "--data", str(toy_data), "--out", str(out), "--epochs", "2"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2, "rank 0 alone writes the history"
+    # 8 images, 2 processes x batch 2: 2 steps per epoch (each process sees half the data).
+    assert rows[-1]["step"] == 4
+    assert (out / "final" / "weights.safetensors").is_file()
