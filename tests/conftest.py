@@ -50,3 +50,17 @@ def make_toy_dataset(root: Path, *, n_train: int = 8, n_val: int = 2, size=(48, 
 @pytest.fixture
 def toy_data(tmp_path) -> Path:
     return make_toy_dataset(tmp_path / "toy")
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, model folder) of a tiny segnet_basic trained for one epoch on the toy data."""
+    from perception.train.cli import main as train_main
+
+    root = tmp_path_factory.mktemp("toy_model")
+    data = make_toy_dataset(root / "data")
+    out = root / "run"
+    rc = train_main(["--model", "segnet_basic", "--data", str(data), "--out", str(out), "--epochs", "1",
+                     "--crop", "32x48", "--batch-size", "2", "--no-progress", "--amp", "off"])
+    assert rc == 0
+    return data, out / "final"

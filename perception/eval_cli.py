@@ -1,0 +1,112 @@
+"""``perception-eval``: the paper's metrics for a model folder on a dataset split, at native resolution."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+__all__ = ["build_parser", "main", "format_table"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception-eval", description=__doc__)
+    p.add_argument("--model", required=True, help="model folder (weights.safetensors + model.json)")
+    p.add_argument("--data", required=True, help="dataset folder (CamVid or folder layout)")
+    p.add_argument("--split", default="val", help="split to evaluate (test, val, ...)")
+    p.add_argument("--json", help="write the metrics here as JSON")
+    p.add_argument("--save-predictions", metavar="DIR", help="one uint8 label PNG per image (class ids), same name")
+    p.add_argument("--mc-samples", type=int, help="Monte-Carlo dropout samples (Bayesian models)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def format_table(result: dict[str, Any], classes: list[str]) -> str:
+    """Paper-style table: per-class accuracy for each class, then G, C, mIoU, BF (percent)."""
+    names = [c[:10] for c in classes] + ["G", "C", "mIoU", "BF"]
+    vals = list(result["per_class_accuracy"]) + [result[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")]
+    width = max(7, max(len(n) for n in names) + 1)
+    head = "".join(f"{n:>{width}}" for n in names)
+    row = "".join(f"{100 * v:>{width}.1f}" for v in vals)
+    return head + "\n" + row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+
+        from .data.folder import open_dataset
+        from .data.transforms import ToTensors
+        from .evaluate import evaluate
+        from .models.bayesian import has_dropout
+        from .models.io import load
+
+        model = load(args.model, map_location=args.device)
+        if args.mc_samples and not has_dropout(model):
+            raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
+        dataset = open_dataset(args.data, args.split, transform=ToTensors())
+        if list(dataset.classes) != list(model.card.classes):
+            raise ValueError(f"dataset classes {list(dataset.classes)} differ from the model's {model.card.classes}")
+        save_dir = Path(args.save_predictions) if args.save_predictions else None
+        names = [p[0].name for p in dataset.pairs]
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+
+        def save_prediction(i: int, labels) -> None:
+            path = save_dir / (Path(names[i]).stem + ".png")
+            ok, buf = cv2.imencode(".png", labels)
+            if not ok:
+                raise OSError(f"could not encode {path}")
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(buf.tobytes())
+            os.replace(tmp, path)
+
+        result = evaluate(
+            model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
+            mc_samples=args.mc_samples, progress=not args.no_progress,
+            on_prediction=save_prediction if save_dir is not None else None,
+            channels_last=torch.device(args.device).type == "cpu",
+        )
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"perception-eval: error: {e}", file=sys.stderr)
+        return 2
+    classes = list(dataset.classes)
+    print(f"{model.card.id} on {args.data} [{args.split}], {len(dataset)} images"
+          + (f", {args.mc_samples} MC samples" if args.mc_samples else ""))
+    print(format_table(result, classes))
+    if args.json:
+        doc = {
+            "model": model.card.id,
+            "data": str(args.data),
+            "split": args.split,
+            "images": len(dataset),
+            "mc_samples": args.mc_samples,
+            "precision": args.precision,
+            **{k: result[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")},
+            "per_class": {
+                c: {"accuracy": result["per_class_accuracy"][i], "iou": result["per_class_iou"][i],
+                    "bf": result["per_class_bf"][i]}
+                for i, c in enumerate(classes)
+            },
+            "confusion": result["confusion"],
+        }
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

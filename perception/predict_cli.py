@@ -1,0 +1,89 @@
+"""``perception-predict``: colour masks and alpha overlays (with a class legend) for images."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = ["build_parser", "main", "expand_images"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception-predict", description=__doc__)
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--model", required=True, help="model folder, .onnx or .engine")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask")
+    p.add_argument("--no-legend", action="store_true")
+    p.add_argument("--save-labels", action="store_true", help="also write the uint8 class-id PNGs")
+    p.add_argument("--uncertainty", action="store_true", help="uncertainty heat maps (Bayesian models)")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def expand_images(items: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(ch in item for ch in "*?["):
+            out += sorted(Path(q) for q in glob.glob(item) if Path(q).suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image, folder or pattern: {item}")
+    if not out:
+        raise FileNotFoundError(f"no images found in {items}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .backends import load_backend
+    from .postprocess import colorize, draw_legend, overlay, palette_lut, uncertainty_to_bgr
+
+    try:
+        images = expand_images(args.images)
+        backend = load_backend(args.model, device=args.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"perception-predict: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lut = palette_lut(backend.palette)
+    failed = 0
+    from tqdm.auto import tqdm
+
+    for path in tqdm(images, desc="predict", unit="img"):
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if frame is None:
+            print(f"perception-predict: skipping {path}: not a readable image", file=sys.stderr)
+            failed += 1
+            continue
+        res = backend.infer(frame[None], uncertainty=args.uncertainty)
+        labels = res.labels[0]
+        color = colorize(labels, lut)
+        over = overlay(frame, color, args.alpha)
+        if not args.no_legend:
+            draw_legend(over, backend.classes, backend.palette, present=np.unique(labels), in_place=True)
+        stem = path.stem
+        cv2.imwrite(str(out / f"{stem}_mask.png"), color)
+        cv2.imwrite(str(out / f"{stem}_overlay.png"), over)
+        if args.save_labels:
+            cv2.imwrite(str(out / f"{stem}_labels.png"), labels)
+        if args.uncertainty and res.uncertainty is not None:
+            cv2.imwrite(str(out / f"{stem}_uncertainty.png"), uncertainty_to_bgr(res.uncertainty[0]))
+    print(f"wrote {len(images) - failed} predictions to {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

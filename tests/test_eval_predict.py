@@ -1,0 +1,77 @@
+"""perception-eval and perception-predict: output formats, and agreement with an independent count."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from perception.data.folder import open_dataset
+from perception.eval_cli import main as eval_main
+from perception.models import load
+from perception.predict_cli import main as predict_main
+
+
+def test_eval_json_and_predictions(toy_model, tmp_path, capsys):
+    data, model_dir = toy_model
+    out_json, pred_dir = tmp_path / "m.json", tmp_path / "pred"
+    assert eval_main(["--model", str(model_dir), "--data", str(data), "--split", "val", "--json", str(out_json),
+                      "--save-predictions", str(pred_dir), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "mIoU" in table and "BF" in table and "bg" in table
+    doc = json.loads(out_json.read_text())
+    for k in ("global_accuracy", "class_accuracy", "miou", "bf"):
+        assert 0.0 <= doc[k] <= 1.0
+    assert set(doc["per_class"]) == {"bg", "a", "b"}
+
+    ds = open_dataset(data, "val")
+    model = load(model_dir)
+    correct = total = 0
+    for img_path, lab_path in ds.pairs:
+        pred = cv2.imread(str(pred_dir / (img_path.stem + ".png")), cv2.IMREAD_UNCHANGED)
+        lab = cv2.imread(str(lab_path), cv2.IMREAD_UNCHANGED)
+        assert pred.dtype == np.uint8 and pred.shape == lab.shape and pred.max() < 3
+        # The saved PNG is what the model predicts for that image.
+        rgb = cv2.cvtColor(cv2.imread(str(img_path)), cv2.COLOR_BGR2RGB)
+        from perception.data.transforms import normalize
+
+        x = normalize(torch.from_numpy(rgb).permute(2, 0, 1)[None], model.card.input)
+        with torch.no_grad():
+            assert np.array_equal(model(x).argmax(1)[0].numpy(), pred)
+        valid = lab != 255
+        correct += int((pred[valid] == lab[valid]).sum())
+        total += int(valid.sum())
+    assert doc["global_accuracy"] == pytest.approx(correct / total)
+
+
+def test_eval_errors(toy_model, tmp_path, capsys):
+    data, model_dir = toy_model
+    assert eval_main(["--model", str(tmp_path / "missing"), "--data", str(data)]) == 2
+    assert eval_main(["--model", str(model_dir), "--data", str(data), "--split", "test"]) == 2
+    assert eval_main(["--model", str(model_dir), "--data", str(data), "--mc-samples", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "no split 'test'" in err and "needs a model with dropout" in err
+
+
+def test_predict_writes_masks_and_overlays(toy_model, tmp_path):
+    data, model_dir = toy_model
+    imgs = sorted((data / "val" / "images").iterdir())
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    assert predict_main([str(data / "val" / "images"), "--model", str(model_dir), "--out", str(out),
+                         "--save-labels"]) == 0
+    for p in imgs:
+        mask = cv2.imread(str(out / f"{p.stem}_mask.png"))
+        over = cv2.imread(str(out / f"{p.stem}_overlay.png"))
+        labels = cv2.imread(str(out / f"{p.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == over.shape == (*labels.shape, 3)
+        palette = load(model_dir).card.palette
+        r, g, b = palette[int(labels[-1, -1])]
+        assert tuple(mask[-1, -1]) == (b, g, r)  # BGR on disk
+    # A broken file is reported and counted, the others still written.
+    assert predict_main([str(bad), str(imgs[0]), "--model", str(model_dir), "--out", str(tmp_path / "o2")]) == 1
+    assert predict_main([str(tmp_path / "nope.png"), "--model", str(model_dir), "--out", str(out)]) == 2
