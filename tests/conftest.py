@@ -64,3 +64,13 @@ def toy_model(tmp_path_factory) -> tuple[Path, Path]:
                      "--crop", "32x48", "--batch-size", "2", "--no-progress", "--amp", "off"])
     assert rc == 0
     return data, out / "final"
+
+
+SHIPPED_BASIC = Path(__file__).resolve().parents[1] / "models" / "segnet_basic_camvid"
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The committed CamVid SegNet-Basic model folder (part of the repository, never skipped)."""
+    assert (SHIPPED_BASIC / "weights.safetensors").is_file(), f"missing shipped model {SHIPPED_BASIC}"
+    return SHIPPED_BASIC

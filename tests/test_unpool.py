@@ -103,3 +103,28 @@ def test_impl_registry_rejects_duplicates_and_unknown():
         register_unpool_impl("indices", None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown unpool implementation"):
         MaxPoolWithSwitches("nope")
+
+
+@pytest.mark.parametrize("hw", SIZES)
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_native_index_form_matches_torch_indices(hw, kind):
+    from perception.models.unpool_ops import pool_argmax_native, unpool_native
+
+    shape = (2, 3, *hw)
+    x = torch.randn(shape) if kind == "random" else _tied(shape)
+    ref_y, ref_idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
+    y, idx = pool_argmax_native(x)
+    assert idx.dtype == torch.int32
+    assert torch.equal(y, ref_y) and torch.equal(idx.long(), ref_idx)
+    v = torch.randn_like(y)
+    assert torch.equal(unpool_native(v, idx, x), F.max_unpool2d(v, ref_idx, 2, 2, output_size=hw))
+
+
+@pytest.mark.parametrize("impl", ["plugin", "onnx"])
+def test_export_impls_compute_the_same_in_eager_mode(impl):
+    model = get_model("segnet_basic", num_classes=4).eval()
+    x = torch.relu(torch.randn(1, 3, 37, 53))
+    with torch.no_grad():
+        a = model(x)
+        b = set_unpool_impl(model, impl)(x)
+    assert torch.equal(a, b)

@@ -35,4 +35,12 @@ def load_backend(path: str | Path, *, backend: str | None = None, device: str = 
         from .torch import TorchBackend
 
         return TorchBackend(path, device=device, **opts)
+    if kind == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(path, device=device, **opts)
+    if kind == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(path, device=device, **opts)
     raise ValueError(f"backend {kind!r} is not available for {path}")

@@ -39,6 +39,7 @@ __all__ = [
     "set_unpool_impl",
     "pool_output_size",
     "first_max_onehot",
+    "pad_to_even",
 ]
 
 
@@ -82,14 +83,20 @@ def _unpool_indices(y: Tensor, sw: Switches) -> Tensor:
 # --- "index_free": standard ops only ----------------------------------------------------------
 
 
+def pad_to_even(x: Tensor) -> Tensor:
+    """Pad the bottom/right of odd sides with -inf (ceil mode's clipped last window)."""
+    h, w = x.shape[-2], x.shape[-1]
+    # (s + 1) // 2 * 2 - s rather than s % 2: traced for export, Mod is not an op TensorRT parses.
+    return F.pad(x, (0, (w + 1) // 2 * 2 - w, 0, (h + 1) // 2 * 2 - h), value=float("-inf"))
+
+
 def _windows(x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2), 4), window elements in row-major order.
 
     Odd sides are padded with -inf, which never wins a max (each window keeps >= 1 real element),
     reproducing ceil mode's clipped last window.
     """
-    h, w = x.shape[-2], x.shape[-1]
-    x = F.pad(x, (0, w % 2, 0, h % 2), value=float("-inf"))
+    x = pad_to_even(x)
     n, c, hp, wp = x.shape
     x = x.reshape(n, c, hp // 2, 2, wp // 2, 2).permute(0, 1, 2, 4, 3, 5)
     return x.reshape(n, c, hp // 2, wp // 2, 4)

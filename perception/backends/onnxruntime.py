@@ -1,0 +1,88 @@
+"""ONNX Runtime backend for files written by ``perception-export`` (CPU EP; CUDA EP when present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..export.onnx import read_card_from_onnx
+from .base import Backend, InferenceResult
+
+__all__ = ["OnnxRuntimeBackend"]
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(
+        self, path: str | Path, *, device: str = "cpu", threads: int | None = None, optimization: str = "all",
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        super().__init__(read_card_from_onnx(path))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[optimization]
+        if threads:
+            so.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("device cuda requested but onnxruntime has no CUDAExecutionProvider")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # ORT raises its own exception types
+            raise ValueError(f"ONNX Runtime cannot load {path}: {e}") from None
+        inp = self.session.get_inputs()[0]
+        if inp.name != "image" or len(inp.shape) != 4:
+            raise ValueError(f"{path}: expected an input 'image' of shape N x H x W x 3, got {inp.name} {inp.shape}")
+        self.path = path
+        self.input_shape = inp.shape  # ints for static dims, strings for dynamic ones
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if "labels" not in self.output_names and "probs" not in self.output_names and "logits" not in self.output_names:
+            raise ValueError(f"{path} has none of the outputs labels/probs/logits")
+
+    @property
+    def static_batch(self) -> int | None:
+        n = self.input_shape[0]
+        return n if isinstance(n, int) else None
+
+    def network_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        h, w = self.input_shape[1], self.input_shape[2]
+        if isinstance(h, int) and isinstance(w, int):
+            return (h, w)
+        return tuple(frame_hw)  # dynamic graph: run at the frame's own size
+
+    def _infer(self, frames: np.ndarray, *, probs: bool, uncertainty: bool) -> InferenceResult:
+        batch = self.static_batch
+        chunks = [frames] if batch is None else [frames[i : i + batch] for i in range(0, len(frames), batch)]
+        want = [n for n in ("labels", "probs", "logits") if n in self.output_names]
+        labels, prob_list = [], []
+        for chunk in chunks:
+            n = len(chunk)
+            if batch is not None and n < batch:  # pad the last chunk of a static-batch graph
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+            res = dict(zip(want, self.session.run(want, {"image": chunk})))
+            if "labels" in res:
+                lab = res["labels"]
+            else:
+                lab = (res["probs"] if "probs" in res else res["logits"]).argmax(1).astype(np.uint8)
+            labels.append(lab[:n])
+            if probs:
+                if "probs" in res:
+                    p = res["probs"]
+                elif "logits" in res:
+                    z = res["logits"].astype(np.float32)
+                    z = np.exp(z - z.max(1, keepdims=True))
+                    p = z / z.sum(1, keepdims=True)
+                else:
+                    raise ValueError(f"{self.path} was exported without probs or logits; re-export with --outputs labels,probs")
+                prob_list.append(p[:n].astype(np.float32))
+        return InferenceResult(np.concatenate(labels), np.concatenate(prob_list) if probs else None, None)

@@ -1,0 +1,90 @@
+"""``perception-export``: a model folder to a self-contained ONNX file (uint8 BGR frames in, labels out)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["build_parser", "main", "parse_batch", "parse_size"]
+
+
+def parse_batch(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch must be a positive integer or 'dynamic', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("--batch must be >= 1")
+    return n
+
+
+def parse_size(text: str) -> tuple[int, int] | str:
+    if text == "dynamic":
+        return "dynamic"
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be HxW or 'dynamic', got {text!r}") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError("--size must be at least 32x32")
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception-export", description=__doc__)
+    p.add_argument("--model", required=True, help="model folder (weights.safetensors + model.json)")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--unpool", choices=("native", "plugin", "onnx"), default="native",
+                   help="native: standard ops only (any runtime); plugin: segnet:: custom ops for TensorRT, with "
+                        "ONNX functions for ONNX Runtime; onnx: MaxPool+MaxUnpool (ONNX Runtime only)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--batch", type=parse_batch, default=1, help="N or 'dynamic' (default 1)")
+    p.add_argument("--size", type=parse_size, default=None, help="HxW or 'dynamic' (default: the model's input size)")
+    p.add_argument("--outputs", default="labels", help="comma list of labels,probs,logits (default labels)")
+    p.add_argument("--fp16", action="store_true", help="float16 compute graph (TensorRT 11 takes precision from types)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .check import op_histogram, tensorrt_problems
+    from .onnx import ExportOptions, export_onnx
+
+    try:
+        outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+        dynamic_size = args.size == "dynamic"
+        opts = ExportOptions(
+            unpool=args.unpool, opset=args.opset, batch=args.batch, size=None if dynamic_size else args.size,
+            dynamic_size=dynamic_size, outputs=outputs, fp16=args.fp16,
+        )
+        t0 = time.time()
+        out = export_onnx(args.model, args.out, opts)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"perception-export: error: {e}", file=sys.stderr)
+        return 2
+    hist = op_histogram(out)
+    print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB, {sum(hist.values())} nodes, "
+          f"{time.time() - t0:.1f}s): unpool={args.unpool}, outputs={','.join(outputs)}, "
+          f"{'fp16' if args.fp16 else 'fp32'}")
+    if args.unpool != "onnx":
+        problems = tensorrt_problems(out)
+        print("TensorRT parser check: " + ("ok" if not problems else f"{len(problems)} problems, e.g. {problems[0]}"))
+    if not args.no_verify:
+        from .verify import verify_against_torch
+
+        r = verify_against_torch(args.model, out)
+        print(f"ONNX Runtime vs PyTorch on a test frame: labels agree {100 * r['agreement']:.3f}%"
+              + (f", max |dprob| {r['max_prob_diff']:.2e}" if r.get("max_prob_diff") is not None else ""))
+        if r["agreement"] < 0.99:
+            print("perception-export: error: exported graph disagrees with the PyTorch model", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Copy a trained model folder into models/<name>/, re-measure it on val, and write its README.md card.
+
+    python tools/ship_model.py runs/segnet_basic_camvid/final models/segnet_basic_camvid --data ../shared/camvid
+
+The metrics in model.json and README.md come from the evaluation this script runs (fp32, native
+resolution), the same one ``perception-eval`` prints, so the card can be reproduced with that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from perception.data.folder import open_dataset  # noqa: E402
+from perception.data.transforms import ToTensors  # noqa: E402
+from perception.evaluate import evaluate  # noqa: E402
+from perception.models import load, save  # noqa: E402
+
+PAPER_TEST = {  # SegNet paper, Table 1 (CamVid test, 360x480, median-frequency balancing)
+    "segnet_basic": {"global_accuracy": 0.827, "class_accuracy": 0.620, "miou": 0.477, "bf": 0.3578},
+    "bayesian_segnet_basic": {"global_accuracy": 0.827, "class_accuracy": 0.620, "miou": 0.477, "bf": 0.3578},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="trained model folder (e.g. runs/NAME/final)")
+    p.add_argument("dest", help="models/<name>")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--status", default="final", help="'final', or e.g. 'in progress (epoch 12 of 120)'")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = load(args.source)
+    card = model.card
+    dest = Path(args.dest)
+    card.id = dest.name
+    ds = open_dataset(args.data, args.split, transform=ToTensors())
+    m = evaluate(model, ds, card.input, amp="off", progress=True)
+    keys = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou", "per_class_bf")
+    card.metrics = {args.split: {k: m[k] for k in keys}}
+    card.extra["status"] = args.status
+    card.extra["eval_command"] = f"perception-eval --model {dest} --data {args.data} --split {args.split}"
+    save(model, dest, card)
+    arch = card.architecture["name"]
+    paper = PAPER_TEST.get(arch)
+    t = card.training
+    lines = [
+        f"# {card.id}",
+        "",
+        f"`{arch}` ({sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters) trained on the "
+        f"{t.get('train_images', '?')} CamVid training images; model selected on val by mIoU.",
+        "",
+        f"Status: **{args.status}**.",
+        "",
+        "## Measured (this folder's weights, fp32, 360x480, void ignored)",
+        "",
+        f"| split | G | C | mIoU | BF |",
+        f"|---|---|---|---|---|",
+        f"| {args.split} (measured) | {100 * m['global_accuracy']:.1f} | {100 * m['class_accuracy']:.1f} | "
+        f"{100 * m['miou']:.1f} | {100 * m['bf']:.1f} |",
+    ]
+    if paper:
+        lines.append(
+            f"| paper, **test** (Table 1) | {100 * paper['global_accuracy']:.1f} | {100 * paper['class_accuracy']:.1f} | "
+            f"{100 * paper['miou']:.1f} | {100 * paper['bf']:.2f} |"
+        )
+    lines += [
+        "",
+        "Val shares a driving sequence with train, so val scores run above test; the test split is not in",
+        "this repository and is evaluated independently.",
+        "",
+        "Per-class accuracy on " + args.split + ": "
+        + ", ".join(f"{c} {100 * v:.1f}" for c, v in zip(card.classes, m["per_class_accuracy"])),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        card.extra["eval_command"],
+        "```",
+        "",
+        "Training command (from the run that produced these weights):",
+        "",
+        "```bash",
+        str(t.get("command")),
+        "```",
+        "",
+        f"Machine: {t.get('machine', {}).get('cpu')} ({t.get('machine', {}).get('cpu_count')} cores), "
+        f"torch {t.get('machine', {}).get('torch')}; epochs completed: {t.get('epoch')}; date {t.get('date')}.",
+        "",
+        "Input: uint8 frames; the model card (`model.json`) gives the colour order, normalisation and",
+        "input size. Load with `perception.models.load(folder)`.",
+        "",
+    ]
+    (dest / "README.md").write_text("\n".join(lines))
+    print(json.dumps({k: m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
