@@ -74,3 +74,20 @@ def shipped_model() -> Path:
     """The committed CamVid SegNet-Basic model folder (part of the repository, never skipped)."""
     assert (SHIPPED_BASIC / "weights.safetensors").is_file(), f"missing shipped model {SHIPPED_BASIC}"
     return SHIPPED_BASIC
+
+
+def make_video(path: Path, n: int = 8, size=(64, 48), fps: float = 10.0) -> Path:
+    """A small MJPG .avi of moving blocks (the codec is in every OpenCV build)."""
+    import cv2
+    import numpy as np
+
+    w, h = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened(), "OpenCV cannot write MJPG video here"
+    for i in range(n):
+        img = np.full((h, w, 3), 90, np.uint8)
+        img[h // 3 :, (i * 5) % w : (i * 5) % w + w // 4] = (20, 200, 40)
+        img[: h // 4, :] = (200, 40, 20)
+        writer.write(img)
+    writer.release()
+    return path

@@ -1,0 +1,114 @@
+"""Subscriber client for the perception node's streams.
+
+    from perception.client import Subscriber
+    with Subscriber("tcp://127.0.0.1:5555", topics=["segnet/mask"]) as sub:
+        for msg in sub:
+            labels = msg.data          # (H, W) uint8 class ids
+            print(msg.header["seq"], msg.header["stamp_ns"])
+
+``latest_only=True`` returns only the newest message per topic each time (older queued ones are
+dropped), which is what a display or a controller wants. ZeroMQ's CONFLATE option cannot do this for
+multipart messages, so it is done here, on whole messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import zmq
+
+from .protocol import DEFAULT_LIMITS, Limits, Message, ProtocolError, decode_message
+
+__all__ = ["Subscriber", "Message", "ProtocolError"]
+
+
+class Subscriber:
+    def __init__(
+        self, endpoint: str, topics: Iterable[str] | str = ("",), *, latest_only: bool = False,
+        rcvhwm: int = 100, limits: Limits = DEFAULT_LIMITS, decode_jpeg: bool = True,
+        context: zmq.Context | None = None, on_error: str = "skip",
+    ) -> None:
+        if on_error not in ("skip", "raise"):
+            raise ValueError("on_error must be 'skip' or 'raise'")
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Refuse oversize messages in libzmq itself, before they reach Python.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        self.sock.connect(endpoint)
+        for t in [topics] if isinstance(topics, str) else topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        self.latest_only = latest_only
+        self.limits = limits
+        self.decode_jpeg = decode_jpeg
+        self.on_error = on_error
+        self.errors = 0
+        self.dropped = 0  # messages superseded in latest_only mode
+        self._pending: dict[bytes, list] = {}
+        self.endpoint = endpoint
+
+    def _decode(self, frames) -> Message | None:
+        try:
+            return decode_message(frames, self.limits, decode_jpeg=self.decode_jpeg)
+        except ProtocolError:
+            self.errors += 1
+            if self.on_error == "raise":
+                raise
+            return None
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """The next message; with ``latest_only``, the newest queued one of a topic (older ones of
+        that topic are dropped). None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._pending:
+                msg = self._decode(self._pending.pop(next(iter(self._pending))))
+                if msg is not None:
+                    return msg
+                continue
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.sock.poll(None if remaining is None else int(remaining * 1000)):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+            if not self.latest_only:
+                msg = self._decode(frames)
+                if msg is not None:
+                    return msg
+                continue
+            # Keep the newest raw message per topic; decode only those that are returned.
+            self._pending[bytes(frames[0].buffer)] = frames
+            while self.sock.poll(0):
+                frames = self.sock.recv_multipart(copy=False)
+                key = bytes(frames[0].buffer)
+                if key in self._pending:
+                    self.dropped += 1
+                    del self._pending[key]  # re-insert: order by newest arrival
+                self._pending[key] = frames
+
+    def recv_latest(self, timeout: float | None = None) -> dict[str, Message]:
+        """Drain the queue: the newest message per topic (waits up to ``timeout`` for the first)."""
+        out: dict[str, Message] = {}
+        first = True
+        while self.sock.poll(0 if not first else (None if timeout is None else int(timeout * 1000))):
+            first = False
+            msg = self._decode(self.sock.recv_multipart(copy=False))
+            if msg is not None:
+                out[msg.topic] = msg
+        return out
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            msg = self.recv()
+            if msg is not None:
+                yield msg
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def __enter__(self) -> "Subscriber":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,90 @@
+"""``perception-echo``: print a node's messages (headers, not pixels) and their rates, like
+``ros2 topic echo`` and ``ros2 topic hz``.
+
+    perception-echo tcp://127.0.0.1:5555                 # everything
+    perception-echo tcp://127.0.0.1:5555 segnet/mask     # one topic (a prefix)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+
+__all__ = ["build_parser", "main", "summarize"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception-echo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("topic", nargs="?", default="", help="topic prefix to subscribe to (default: all)")
+    p.add_argument("--count", type=int, help="exit after N messages")
+    p.add_argument("--timeout", type=float, help="exit with status 1 if nothing arrives for this many seconds")
+    p.add_argument("--rate-only", action="store_true", help="print only the per-topic rates, once a second")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    return p
+
+
+def summarize(msg) -> str:
+    h = msg.header
+    if h.get("encoding") == "msgpack":
+        return f"{msg.topic} seq={h['seq']} " + json.dumps(msg.data, separators=(",", ":"))[:400]
+    lat = h.get("latency_ms", {})
+    lat_s = " ".join(f"{k}={v:.1f}" for k, v in lat.items())
+    return (f"{msg.topic} seq={h['seq']} stamp_ns={h['stamp_ns']} frame_id={h['frame_id']} "
+            f"{h.get('width')}x{h.get('height')} {h['encoding']} step={h.get('step')} {lat_s}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .client import Subscriber
+
+    stop = False
+
+    def on_signal(*_):
+        nonlocal stop
+        stop = True
+
+    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
+    n = 0
+    last_msg = time.monotonic()
+    next_rate = time.monotonic() + 1.0
+    with Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False) as sub:
+        while not stop and (args.count is None or n < args.count):
+            msg = sub.recv(timeout=0.2)
+            now = time.monotonic()
+            if msg is None:
+                if args.timeout is not None and now - last_msg > args.timeout:
+                    print(f"perception-echo: nothing received for {args.timeout:g}s on {args.endpoint}", file=sys.stderr)
+                    return 1
+            else:
+                n += 1
+                last_msg = now
+                arrivals[msg.topic].append(now)
+                if args.json:
+                    data = msg.data if isinstance(msg.data, dict) else None
+                    print(json.dumps({"topic": msg.topic, "header": msg.header, "data": data}), flush=True)
+                elif not args.rate_only:
+                    print(summarize(msg), flush=True)
+            if now >= next_rate and (args.rate_only or args.count is None):
+                next_rate = now + 1.0
+                rates = []
+                for topic, ts in sorted(arrivals.items()):
+                    recent = [t for t in ts if now - t < 5.0]
+                    hz = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+                    rates.append(f"{topic}: {hz:.2f} Hz")
+                if rates and args.rate_only:
+                    print("  ".join(rates), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

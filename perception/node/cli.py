@@ -1,0 +1,245 @@
+"""``perception-node``: frames from a source URI -> SegNet -> masks, overlays and stats over ZeroMQ.
+
+    perception-node --source video.mp4
+    perception-node --source 0 --config launch/webcam_bayesian.yaml --publish tcp://0.0.0.0:5555
+
+Precedence: built-in defaults < --config YAML < flags. The effective configuration is printed at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["NodeConfig", "build_parser", "main", "resolve_backend", "default_model_dir"]
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class NodeConfig:
+    source: str | None = None
+    model: str | None = None  # model folder, .onnx or .engine; default: the shipped CamVid model
+    backend: str = "auto"  # auto | tensorrt | onnxruntime | torch
+    device: str = "cpu"
+    precision: str = "fp32"  # torch backend: fp32 | bf16 | fp16
+    threads: int | None = None
+    publish: str = "tcp://127.0.0.1:5555"
+    namespace: str = "segnet"
+    frame_id: str = "camera"
+    loop: bool = False
+    realtime: bool = False
+    resize: str | None = None  # WxH
+    skip: int = 0
+    max_frames: int | None = None
+    image_encoding: str = "bgr8"
+    overlay_alpha: float = 0.5
+    legend: bool = True
+    wait_for_subscribers: int = 0
+    wait_timeout: float | None = None
+    stats_period: float = 1.0
+    info_period: float = 5.0
+    mc_samples: int = 8
+    sndhwm: int = 8
+    reconnect_attempts: int = 5
+    stall_timeout: float = 5.0
+
+
+def default_model_dir() -> Path | None:
+    for base in (Path.cwd(), PACKAGE_ROOT):
+        d = base / "models" / "segnet_basic_camvid"
+        if (d / "model.json").is_file():
+            return d
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception-node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="video file, image, folder/glob, camera index or /dev/videoN, rtsp://, "
+                                    "http(s)://, synthetic://")
+    p.add_argument("--model", help="model folder, .onnx or .engine (default: models/segnet_basic_camvid)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"))
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="torch backend precision")
+    p.add_argument("--threads", type=int, help="inference threads")
+    p.add_argument("--publish", help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
+    p.add_argument("--namespace", help="topic prefix (default segnet)")
+    p.add_argument("--frame-id", help="frame_id in headers (default camera)")
+    p.add_argument("--config", help="YAML file of options (see launch/)")
+    p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None, help="restart files at the end")
+    p.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None,
+                   help="pace files at their native frame rate (default: as fast as possible)")
+    p.add_argument("--resize", help="resize frames to WxH before anything else")
+    p.add_argument("--skip", type=int, help="drop N frames after each one kept")
+    p.add_argument("--max-frames", type=int)
+    p.add_argument("--image-encoding", choices=("bgr8", "jpeg"), help="for color_mask and overlay")
+    p.add_argument("--overlay-alpha", type=float)
+    p.add_argument("--legend", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--wait-for-subscribers", type=int, help="hold the first frame until N subscribers joined")
+    p.add_argument("--wait-timeout", type=float, help="seconds to wait for subscribers (default: forever)")
+    p.add_argument("--stats-period", type=float)
+    p.add_argument("--info-period", type=float)
+    p.add_argument("--mc-samples", type=int, help="MC dropout samples for uncertainty (Bayesian models)")
+    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> NodeConfig:
+    values: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    skip = {"config", "print_config"}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
+    known = {f.name for f in dataclasses.fields(NodeConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    return NodeConfig(**values)
+
+
+def _parse_resize(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--resize must be WxH, got {text!r}") from None
+    return w, h
+
+
+def _cached_onnx(model_dir: Path) -> Path:
+    """Export a model folder once to ONNX (native unpooling) and reuse it: keyed by the weights' hash."""
+    import os
+
+    from ..export.onnx import ExportOptions, export_onnx
+    from ..models.io import weights_sha256
+
+    sha = weights_sha256(model_dir)
+    card_sha = hashlib.sha256((model_dir / "model.json").read_bytes()).hexdigest()[:8]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segnet-perception" / "onnx"
+    path = cache / f"{model_dir.name}-{sha[:16]}-{card_sha}-native.onnx"
+    if not path.is_file():
+        export_onnx(model_dir, path, ExportOptions(unpool="native", outputs=("labels",)))
+    return path
+
+
+def resolve_backend(cfg: NodeConfig):
+    """The backend ``cfg`` asks for: ``auto`` is TensorRT for an engine on a CUDA machine, ONNX
+    Runtime otherwise (a model folder is exported to ONNX once and cached), and PyTorch for Bayesian
+    models (MC dropout needs the dropout layers an exported graph does not sample)."""
+    from ..backends import backend_kind, load_backend
+    from ..models.bayesian import has_dropout
+
+    model = Path(cfg.model) if cfg.model else default_model_dir()
+    if model is None:
+        raise FileNotFoundError("no --model given and the shipped models/segnet_basic_camvid was not found")
+    if not model.exists():
+        raise FileNotFoundError(f"model not found: {model}")
+    kind = backend_kind(model)
+    backend = cfg.backend
+    if backend == "auto":
+        backend = kind
+        if kind == "torch":
+            from ..models.io import load_card
+            from ..models.registry import get_model
+
+            card = load_card(model)
+            arch = card.architecture
+            bayes = has_dropout(get_model(arch["name"], num_classes=arch["num_classes"], **arch.get("kwargs", {})))
+            backend = "torch" if bayes else "onnxruntime"
+    if backend == "tensorrt" and kind != "tensorrt":
+        raise ValueError(f"--backend tensorrt needs an .engine file (build one with tools/build_engine.py), got {model}")
+    if backend == "onnxruntime" and kind == "torch":
+        model = _cached_onnx(model)
+    elif backend == "torch" and kind != "torch":
+        raise ValueError(f"--backend torch needs a model folder, got {model}")
+    opts: dict[str, Any] = {}
+    if backend == "torch":
+        opts = {"precision": cfg.precision, "mc_samples": cfg.mc_samples, "threads": cfg.threads}
+    elif backend == "onnxruntime":
+        opts = {"threads": cfg.threads}
+    return load_backend(model, backend=backend, device=cfg.device, **opts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .pipeline import Node, NodeSettings
+    from .publisher import Publisher, PublisherError
+    from .sources import SourceError, SourceOptions, open_source
+
+    def fail(msg: str) -> int:
+        print(f"perception-node: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        cfg = load_config(args)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        return fail(str(e))
+    if args.print_config:
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+        return 0
+    if not cfg.source:
+        return fail("--source is required (a file, folder, camera, stream URL or synthetic://)")
+    print("effective config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr, flush=True)
+    try:
+        source = open_source(cfg.source, SourceOptions(
+            loop=cfg.loop, realtime=cfg.realtime, resize=_parse_resize(cfg.resize), skip=cfg.skip,
+            max_frames=cfg.max_frames, reconnect_attempts=cfg.reconnect_attempts, stall_timeout_s=cfg.stall_timeout,
+        ))
+    except (SourceError, ValueError) as e:
+        return fail(str(e))
+    try:
+        backend = resolve_backend(cfg)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+        source.close()
+        return fail(f"model: {e}")
+    try:
+        publisher = Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm)
+    except PublisherError as e:
+        source.close()
+        return fail(str(e))
+
+    settings = NodeSettings(
+        frame_id=cfg.frame_id, image_encoding=cfg.image_encoding, overlay_alpha=cfg.overlay_alpha, legend=cfg.legend,
+        stats_period_s=cfg.stats_period, info_period_s=cfg.info_period,
+        wait_for_subscribers=cfg.wait_for_subscribers, wait_timeout_s=cfg.wait_timeout,
+    )
+    node = Node(source, backend, publisher, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+    def on_signal(signum, _frame) -> None:
+        node.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    print(f"publishing {cfg.namespace}/* on {publisher.endpoint} ({backend.name} backend, model "
+          f"{backend.card.id}, source {cfg.source})", file=sys.stderr, flush=True)
+    try:
+        rc = node.run()
+    finally:
+        publisher.close()
+        backend.close()
+    c = node.counters
+    print(f"done: {c.processed} frames processed, {c.dropped} dropped", file=sys.stderr, flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The node's pipeline: a capture thread feeding a bounded queue, and one worker that runs inference,
+post-processing and publishing for the streams someone subscribes to.
+
+Live sources keep only the newest frame (older ones are dropped and counted); files block the
+capture thread instead, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..postprocess import colorize, draw_legend, overlay, palette_lut
+from ..protocol import FRAME_STREAMS, SCHEMA_VERSION, image_header, encode_image
+from .publisher import Publisher
+from .sources import Frame, Source, SourceError
+
+__all__ = ["NodeSettings", "Node", "LatencyWindow"]
+
+_END = object()
+
+
+@dataclass
+class NodeSettings:
+    frame_id: str = "camera"
+    image_encoding: str = "bgr8"  # bgr8 | jpeg, for color_mask and overlay
+    overlay_alpha: float = 0.5
+    legend: bool = True
+    stats_period_s: float = 1.0
+    info_period_s: float = 5.0
+    queue_size: int = 2
+    wait_for_subscribers: int = 0
+    wait_timeout_s: float | None = None
+
+
+class LatencyWindow:
+    """Recent per-stage latencies (ms) for percentiles."""
+
+    def __init__(self, size: int = 300) -> None:
+        self.values: dict[str, deque] = {}
+        self.size = size
+
+    def add(self, stage: str, ms: float) -> None:
+        self.values.setdefault(stage, deque(maxlen=self.size)).append(ms)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for stage, vals in self.values.items():
+            a = np.fromiter(vals, float)
+            out[stage] = {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
+                          "p99": round(float(np.percentile(a, 99)), 3), "max": round(float(a.max()), 3)}
+        return out
+
+
+@dataclass
+class _Counters:
+    captured: int = 0
+    processed: int = 0
+    dropped: int = 0
+    started: float = field(default_factory=time.monotonic)
+    recent: deque = field(default_factory=lambda: deque(maxlen=120))  # completion times for fps
+
+
+class Node:
+    def __init__(
+        self, source: Source, backend: Backend, publisher: Publisher, settings: NodeSettings | None = None,
+        *, model_id: str = "", log: Callable[[str], None] = print,
+    ) -> None:
+        self.source = source
+        self.backend = backend
+        self.pub = publisher
+        self.s = settings or NodeSettings()
+        self.model_id = model_id or backend.card.id
+        self.log = log
+        self.lut = palette_lut(backend.palette)
+        self.bayesian = bool(getattr(backend, "bayesian", False))
+        self.stop_event = threading.Event()
+        self.counters = _Counters()
+        self.latency = LatencyWindow()
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=1 if source.live else max(1, self.s.queue_size))
+        self._capture_done = threading.Event()
+
+    # -- capture thread ---------------------------------------------------------------------------
+
+    def _capture(self) -> None:
+        try:
+            for frame in self.source:
+                if self.stop_event.is_set():
+                    break
+                self.counters.captured += 1
+                if self.source.live:
+                    # Newest frame wins: replace whatever is still waiting.
+                    try:
+                        self._queue.get_nowait()
+                        self.counters.dropped += 1
+                    except queue.Empty:
+                        pass
+                    self._queue.put_nowait(frame)
+                else:
+                    while not self.stop_event.is_set():
+                        try:
+                            self._queue.put(frame, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+        except SourceError as e:
+            self.error = e
+        except Exception as e:  # a crashing decoder must not hang the node
+            self.error = SourceError(f"{self.source.uri}: {type(e).__name__}: {e}")
+        finally:
+            self._capture_done.set()
+            while True:
+                try:
+                    self._queue.put(_END, timeout=0.1)
+                    break
+                except queue.Full:
+                    if self.stop_event.is_set():
+                        break
+
+    # -- info and stats ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        card = self.backend.card
+        return {
+            "model_id": self.model_id,
+            "architecture": card.architecture.get("name"),
+            "classes": list(card.classes),
+            "palette": [list(c) for c in card.palette],
+            "input_size": [card.input.height, card.input.width],
+            "backend": self.backend.name,
+            "bayesian": self.bayesian,
+            "streams": [s for s in FRAME_STREAMS if s != "uncertainty" or self.bayesian] + ["stats", "info"],
+            "source": self.source.uri,
+            "frame_id": self.s.frame_id,
+            "schema": SCHEMA_VERSION,
+        }
+
+    def _publish_info(self) -> None:
+        self.pub.publish_map("info", self._map_header(), self.info())
+
+    def _map_header(self) -> dict[str, Any]:
+        return {"v": SCHEMA_VERSION, "seq": self.counters.processed, "stamp_ns": time.time_ns(),
+                "frame_id": self.s.frame_id}
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        recent = list(c.recent)
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        state = self.source.state
+        if getattr(self.source, "stalled", None) and self.source.stalled():
+            state = "stalled"
+        return {
+            "fps": round(fps, 3),
+            "frames_captured": c.captured,
+            "frames_processed": c.processed,
+            "frames_dropped": c.dropped,
+            "latency_ms": self.latency.summary(),
+            "source_state": state,
+            "source_reconnects": self.source.reconnects,
+            "subscribers": self.pub.peers,
+            "uptime_s": round(time.monotonic() - c.started, 3),
+        }
+
+    # -- per frame --------------------------------------------------------------------------------
+
+    def _process(self, frame: Frame) -> None:
+        wanted = [s for s in FRAME_STREAMS if self.pub.wants(s)]
+        if "uncertainty" in wanted and not self.bayesian:
+            wanted.remove("uncertainty")
+        t0 = time.perf_counter()
+        queue_ms = max(0.0, (time.time_ns() - frame.stamp_ns) / 1e6)
+        if not wanted:
+            return
+        res = self.backend.infer(frame.image[None], uncertainty="uncertainty" in wanted)
+        t1 = time.perf_counter()
+        labels = res.labels[0]
+        outputs: dict[str, tuple[np.ndarray | bytes, str]] = {}
+        if "mask" in wanted:
+            outputs["mask"] = (labels, "mono8")
+        color = colorize(labels, self.lut) if ("color_mask" in wanted or "overlay" in wanted) else None
+        enc = self.s.image_encoding
+        if "color_mask" in wanted:
+            outputs["color_mask"] = (color, enc)
+        if "overlay" in wanted:
+            over = overlay(frame.image, color, self.s.overlay_alpha)
+            if self.s.legend:
+                draw_legend(over, self.backend.classes, self.backend.palette, present=np.unique(labels), in_place=True)
+            outputs["overlay"] = (over, enc)
+        if "uncertainty" in wanted and res.uncertainty is not None:
+            outputs["uncertainty"] = (res.uncertainty[0].astype(np.float32), "32FC1")
+        payloads = {k: (encode_image(img, e), img, e) for k, (img, e) in outputs.items()}
+        t2 = time.perf_counter()
+        latency = {"queue_ms": round(queue_ms, 3), "infer_ms": round((t1 - t0) * 1e3, 3),
+                   "post_ms": round((t2 - t1) * 1e3, 3)}
+        for stream, (payload, img, e) in payloads.items():
+            header = image_header(seq=frame.seq, stamp_ns=frame.stamp_ns, frame_id=self.s.frame_id, image=img,
+                                  encoding=e, latency_ms=latency, model_id=self.model_id)
+            self.pub.publish(stream, header, payload)
+        t3 = time.perf_counter()
+        for k, v in latency.items():
+            self.latency.add(k.removesuffix("_ms"), v)
+        self.latency.add("publish", (t3 - t2) * 1e3)
+        self.latency.add("total", queue_ms + (t3 - t0) * 1e3)
+
+    # -- main loop --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until the source ends or :meth:`stop` is called; returns an exit code."""
+        self.pub.poll(0)
+        self._publish_info()
+        if self.s.wait_for_subscribers > 0:
+            self.log(f"waiting for {self.s.wait_for_subscribers} subscriber(s) on {self.pub.endpoint} ...")
+            if not self.pub.wait_for_subscribers(
+                self.s.wait_for_subscribers, timeout_s=self.s.wait_timeout_s, should_stop=self.stop_event.is_set
+            ):
+                if self.stop_event.is_set():
+                    return 0
+                self.log("no subscribers in time; starting anyway")
+        self._publish_info()
+        capture = threading.Thread(target=self._capture, name="capture", daemon=True)
+        capture.start()
+        next_stats = time.monotonic() + self.s.stats_period_s
+        next_info = time.monotonic() + self.s.info_period_s
+        try:
+            while not self.stop_event.is_set():
+                self.pub.poll(0)
+                if self.pub.take_info_request() or time.monotonic() >= next_info:
+                    self._publish_info()
+                    next_info = time.monotonic() + self.s.info_period_s
+                now = time.monotonic()
+                if now >= next_stats:
+                    if self.pub.wants("stats"):
+                        self.pub.publish_map("stats", self._map_header(), self.stats())
+                    next_stats = now + self.s.stats_period_s
+                try:
+                    item = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    break
+                self._process(item)
+                self.counters.processed += 1
+                self.counters.recent.append(time.monotonic())
+        finally:
+            self.stop_event.set()
+            capture.join(timeout=5)
+            if self.pub.wants("stats"):
+                self.pub.publish_map("stats", self._map_header(), {**self.stats(), "final": True})
+        if self.error is not None:
+            self.log(f"perception-node: error: {self.error}")
+            return 1
+        return 0
+
+    def stop(self) -> None:
+        self.stop_event.set()

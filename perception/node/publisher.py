@@ -1,0 +1,143 @@
+"""ZeroMQ XPUB publisher that knows who is listening.
+
+XPUB (rather than PUB) hands us the subscribers' subscription messages, which gives the node
+ROS-publisher behaviour: a stream is computed only while someone subscribes to it, the latched
+``info`` topic is re-sent whenever a subscriber joins, and ``--wait-for-subscribers`` can hold the
+first frame until consumers are connected (PUB/SUB's "slow joiner" would otherwise lose it).
+
+Not thread-safe (no ZeroMQ socket is): one thread owns it.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..protocol import encode_header, encode_map, topic_for
+
+__all__ = ["Publisher", "PublisherError"]
+
+
+class PublisherError(RuntimeError):
+    pass
+
+
+class Publisher:
+    def __init__(
+        self, endpoint: str, namespace: str, *, sndhwm: int = 8, linger_ms: int = 2000,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.XPUB)
+        # Every subscribe message, duplicates included: each joining subscriber is seen.
+        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        # A slow subscriber's queue is bounded; past it, messages to *that* subscriber are dropped and
+        # the node and other subscribers carry on.
+        self.sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self.sock.setsockopt(zmq.LINGER, linger_ms)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        try:
+            self.sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            self.close(linger_ms=0)
+            if e.errno == errno.EADDRINUSE or e.errno == zmq.EADDRINUSE:
+                raise PublisherError(f"endpoint {endpoint} is already in use") from None
+            raise PublisherError(f"cannot bind {endpoint}: {e}") from None
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.prefixes: set[bytes] = set()  # active subscription prefixes
+        self.peers = 0  # connected subscriber sockets
+        self.subscribe_events = 0
+        self._joined_info = False
+        self.sent: dict[str, int] = {}
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int = 0) -> None:
+        """Process pending subscription and connection events (waiting up to ``timeout_ms`` for one)."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        events = dict(poller.poll(timeout_ms))
+        while events:
+            if self.sock in events:
+                while self.sock.poll(0, zmq.POLLIN):
+                    self._on_subscription(self.sock.recv())
+            if self._monitor in events:
+                while self._monitor.poll(0, zmq.POLLIN):
+                    ev = recv_monitor_message(self._monitor)
+                    if ev["event"] == zmq.EVENT_ACCEPTED:
+                        self.peers += 1
+                    elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                        self.peers = max(0, self.peers - 1)
+            events = dict(poller.poll(0))
+
+    def _on_subscription(self, msg: bytes) -> None:
+        if not msg:
+            return
+        kind, prefix = msg[0], msg[1:]
+        if kind == 1:
+            self.subscribe_events += 1
+            self.prefixes.add(prefix)
+            if self._topic(b"info").startswith(prefix):
+                self._joined_info = True
+        elif kind == 0:
+            # Delivered only when the last subscriber of this prefix has left.
+            self.prefixes.discard(prefix)
+
+    def _topic(self, stream: bytes) -> bytes:
+        return topic_for(self.namespace, stream.decode()).encode()
+
+    def wants(self, stream: str) -> bool:
+        topic = topic_for(self.namespace, stream).encode()
+        return any(topic.startswith(p) for p in self.prefixes)
+
+    def take_info_request(self) -> bool:
+        """True once after a subscriber to ``info`` joined (so the latched info is re-sent)."""
+        joined, self._joined_info = self._joined_info, False
+        return joined
+
+    def wait_for_subscribers(self, n: int, *, timeout_s: float | None = None, should_stop=lambda: False) -> bool:
+        """Block until ``n`` subscriber sockets are connected and have sent at least ``n``
+        subscriptions; a short settle lets a subscriber's remaining subscriptions arrive too."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not (self.peers >= n and self.subscribe_events >= n):
+            if should_stop() or (deadline is not None and time.monotonic() > deadline):
+                return False
+            self.poll(100)
+        settle = time.monotonic() + 0.2
+        while time.monotonic() < settle:
+            self.poll(20)
+        return True
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def publish(self, stream: str, header: dict[str, Any], payload: np.ndarray | bytes) -> None:
+        """Send ``[topic, header, payload]``; array payloads go without a copy.
+
+        Each payload array must not be modified afterwards (ZeroMQ may still be sending it): the
+        pipeline allocates fresh arrays per frame, so none is reused.
+        """
+        topic = topic_for(self.namespace, stream).encode()
+        body = memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload
+        try:
+            self.sock.send_multipart([topic, encode_header(header), body], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # XPUB drops at the high-water mark rather than raising; this is belt and braces
+        self.sent[stream] = self.sent.get(stream, 0) + 1
+
+    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None:
+        self.publish(stream, {**header, "encoding": "msgpack"}, encode_map(data))
+
+    def close(self, linger_ms: int | None = None) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+        self.sock.close(linger=linger_ms)

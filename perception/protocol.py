@@ -1,0 +1,217 @@
+"""The node's wire format, shared by the publisher and every subscriber so the two cannot drift.
+
+A message is a ZeroMQ multipart message of three frames::
+
+    [topic, header, payload]
+
+* ``topic``: UTF-8 ``<namespace>/<stream>``, e.g. ``segnet/mask``.
+* ``header``: a msgpack map; see :data:`REQUIRED_HEADER_KEYS` and docs/protocol.md.
+* ``payload``: raw bytes. For raw image encodings, row-major ``step * height`` bytes; for ``jpeg`` a
+  JPEG file; for ``info`` and ``stats`` (encoding ``msgpack``) a msgpack map.
+
+Decoding is bounded: messages, maps, arrays and strings above fixed limits are rejected before they
+are materialised, so a malformed or hostile peer cannot exhaust a consumer's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STREAMS",
+    "FRAME_STREAMS",
+    "ENCODINGS",
+    "REQUIRED_HEADER_KEYS",
+    "Limits",
+    "ProtocolError",
+    "Message",
+    "topic_for",
+    "split_topic",
+    "encode_header",
+    "decode_header",
+    "encode_map",
+    "decode_map",
+    "image_header",
+    "encode_image",
+    "decode_message",
+]
+
+SCHEMA_VERSION = 1
+FRAME_STREAMS = ("mask", "color_mask", "overlay", "uncertainty")
+STREAMS = FRAME_STREAMS + ("stats", "info")
+
+# encoding -> (numpy dtype, channels), ROS sensor_msgs/Image names.
+ENCODINGS: dict[str, tuple[str, int]] = {
+    "mono8": ("u1", 1),
+    "bgr8": ("u1", 3),
+    "32FC1": ("<f4", 1),
+}
+REQUIRED_HEADER_KEYS = ("v", "seq", "stamp_ns", "frame_id", "encoding")
+IMAGE_HEADER_KEYS = ("height", "width", "step")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (or exceeds the decoding limits)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 64 << 20  # the whole multipart message
+    max_header_bytes: int = 64 << 10
+    max_map_len: int = 256
+    max_array_len: int = 4096
+    max_str_len: int = 64 << 10
+    max_image_pixels: int = 64 << 20
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Message:
+    topic: str
+    stream: str
+    header: dict[str, Any]
+    data: Any  # numpy array for image streams, dict for info/stats, bytes for jpeg when not decoded
+
+
+def topic_for(namespace: str, stream: str) -> str:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; streams: {STREAMS}")
+    namespace = namespace.strip("/")
+    return f"{namespace}/{stream}" if namespace else stream
+
+
+def split_topic(topic: str) -> tuple[str, str]:
+    ns, _, stream = topic.rpartition("/")
+    return ns, stream
+
+
+def _unpack(data: bytes, limits: Limits) -> Any:
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, max_map_len=limits.max_map_len,
+            max_array_len=limits.max_array_len, max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_header_bytes, max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as e:
+        raise ProtocolError(f"malformed msgpack: {e}") from None
+
+
+def encode_header(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def decode_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    if len(data) > limits.max_header_bytes:
+        raise ProtocolError(f"header of {len(data)} bytes exceeds the limit of {limits.max_header_bytes}")
+    header = _unpack(data, limits)
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    missing = [k for k in REQUIRED_HEADER_KEYS if k not in header]
+    if missing:
+        raise ProtocolError(f"header lacks {missing}")
+    if not isinstance(header["v"], int) or header["v"] > SCHEMA_VERSION:
+        raise ProtocolError(f"schema version {header['v']!r} is not supported (this side speaks {SCHEMA_VERSION})")
+    return header
+
+
+def encode_map(data: dict[str, Any]) -> bytes:
+    return msgpack.packb(data, use_bin_type=True)
+
+
+def decode_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    if len(data) > limits.max_header_bytes * 16:
+        raise ProtocolError(f"map payload of {len(data)} bytes is too large")
+    out = _unpack(data, limits)
+    if not isinstance(out, dict):
+        raise ProtocolError("payload is not a map")
+    return out
+
+
+def image_header(
+    *, seq: int, stamp_ns: int, frame_id: str, image: np.ndarray | None = None, encoding: str,
+    height: int | None = None, width: int | None = None, **extra: Any,
+) -> dict[str, Any]:
+    """Header for an image stream; ``step`` is derived from the raw array when one is given."""
+    h: dict[str, Any] = {"v": SCHEMA_VERSION, "seq": int(seq), "stamp_ns": int(stamp_ns), "frame_id": frame_id,
+                         "encoding": encoding}
+    if image is not None:
+        h["height"], h["width"] = int(image.shape[0]), int(image.shape[1])
+        h["step"] = int(image.strides[0]) if encoding != "jpeg" else 0
+    else:
+        h["height"], h["width"], h["step"] = int(height or 0), int(width or 0), 0
+    h.update(extra)
+    return h
+
+
+def encode_image(image: np.ndarray, encoding: str) -> np.ndarray | bytes:
+    """The payload for ``image`` in ``encoding``: a C-contiguous array (sent without copying) or JPEG bytes."""
+    if encoding == "jpeg":
+        import cv2
+
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise ValueError("JPEG encoding failed")
+        return buf.tobytes()
+    dtype, channels = ENCODINGS[encoding]
+    if image.dtype != np.dtype(dtype) or (image.ndim == 3) != (channels > 1):
+        raise ValueError(f"{encoding} needs {dtype} with {channels} channel(s), got {image.dtype} {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def _decode_image(header: dict[str, Any], payload: memoryview | bytes, limits: Limits, decode_jpeg: bool) -> Any:
+    enc = header["encoding"]
+    for k in IMAGE_HEADER_KEYS:
+        if not isinstance(header.get(k), int) or header[k] < 0:
+            raise ProtocolError(f"image header field {k!r} missing or invalid")
+    h, w, step = header["height"], header["width"], header["step"]
+    if h * w > limits.max_image_pixels:
+        raise ProtocolError(f"{w}x{h} image exceeds the pixel limit")
+    if enc == "jpeg":
+        if not decode_jpeg:
+            return bytes(payload)
+        import cv2
+
+        img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        if img is None or img.shape[:2] != (h, w):
+            raise ProtocolError("JPEG payload does not decode to the header's size")
+        return img
+    if enc not in ENCODINGS:
+        raise ProtocolError(f"unknown encoding {enc!r}")
+    dtype, channels = ENCODINGS[enc]
+    itemsize = np.dtype(dtype).itemsize
+    if step < w * channels * itemsize:
+        raise ProtocolError(f"step {step} is smaller than a row ({w * channels * itemsize} bytes)")
+    if len(payload) != step * h:
+        raise ProtocolError(f"payload is {len(payload)} bytes, header says {step} x {h}")
+    flat = np.frombuffer(payload, np.uint8).reshape(h, step)[:, : w * channels * itemsize]
+    arr = flat.view(dtype).reshape((h, w, channels) if channels > 1 else (h, w))
+    return arr
+
+
+def decode_message(frames: list, limits: Limits = DEFAULT_LIMITS, *, decode_jpeg: bool = True) -> Message:
+    """Decode one received multipart message (a list of bytes / zmq.Frame / memoryview)."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames [topic, header, payload], got {len(frames)}")
+    parts = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    total = sum(len(p) for p in parts)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
+    try:
+        topic = bytes(parts[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("topic is not UTF-8") from None
+    _, stream = split_topic(topic)
+    header = decode_header(bytes(parts[1]), limits)
+    payload = parts[2]
+    if header["encoding"] == "msgpack":
+        data: Any = decode_map(bytes(payload), limits)
+    else:
+        data = _decode_image(header, payload, limits, decode_jpeg)
+    return Message(topic, stream, header, data)

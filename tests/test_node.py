@@ -1,0 +1,263 @@
+"""The streaming node end to end over loopback: completeness, equality with offline inference,
+headers, slow subscribers, signals, and clear failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from conftest import make_video
+from perception.backends import load_backend
+from perception.client import Subscriber
+from perception.node.cli import main as node_main
+from perception.node.pipeline import Node, NodeSettings
+from perception.node.publisher import Publisher
+from perception.node.sources import open_source
+
+
+def _free_endpoint() -> str:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.PUB)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    s.close(linger=0)
+    return f"tcp://127.0.0.1:{port}"
+
+
+def _run_node(source_uri, model_dir, *, n_subs=1, backend="torch", **settings):
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    node = Node(open_source(source_uri), load_backend(model_dir, backend=backend), pub,
+                NodeSettings(wait_for_subscribers=n_subs, wait_timeout_s=20, **settings), log=lambda m: None)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
+    return node, pub, t, result
+
+
+def test_every_mask_arrives_and_equals_offline_inference(toy_model, tmp_path):
+    _, model_dir = toy_model
+    video = make_video(tmp_path / "v.avi", n=12)
+    node, pub, t, result = _run_node(str(video), model_dir)
+    sub = Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/overlay", "segnet/info"])
+    t.start()
+    got, overlays, info = {}, {}, None
+    deadline = time.monotonic() + 60
+    while len(got) < 12 and time.monotonic() < deadline:
+        msg = sub.recv(timeout=1)
+        if msg is None:
+            continue
+        if msg.stream == "mask":
+            got[msg.header["seq"]] = msg
+        elif msg.stream == "overlay":
+            overlays[msg.header["seq"]] = msg
+        elif msg.stream == "info":
+            info = msg.data
+    t.join(timeout=30)
+    sub.close()
+    pub.close()
+    assert result.get("rc") == 0
+    assert sorted(got) == list(range(12)), "every frame of a file must arrive"
+    assert info is not None and info["classes"] == ["bg", "a", "b"]
+
+    # Offline: the same decoded frames through the same backend.
+    backend = load_backend(model_dir, backend="torch")
+    frames = [f.image for f in open_source(str(video))]
+    for seq, msg in got.items():
+        h = msg.header
+        assert msg.data.shape == frames[seq].shape[:2] == (h["height"], h["width"])
+        assert h["encoding"] == "mono8" and h["step"] == h["width"] and h["frame_id"] == "camera"
+        assert np.array_equal(msg.data, backend.infer(frames[seq][None]).labels[0])
+        assert set(h["latency_ms"]) == {"queue_ms", "infer_ms", "post_ms"}
+        if seq in overlays:  # messages of one frame share seq and stamp
+            assert overlays[seq].header["stamp_ns"] == h["stamp_ns"]
+            assert overlays[seq].data.shape == (*frames[seq].shape[:2], 3)
+    stamps = [got[i].header["stamp_ns"] for i in range(12)]
+    assert stamps == sorted(stamps)
+
+
+def test_streams_are_computed_only_when_subscribed(toy_model):
+    _, model_dir = toy_model
+    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=6", model_dir)
+    sub = Subscriber(pub.endpoint, topics=["segnet/mask"])
+    t.start()
+    t.join(timeout=60)
+    time.sleep(0.2)
+    assert result.get("rc") == 0
+    assert pub.sent.get("mask") == 6
+    assert "overlay" not in pub.sent and "color_mask" not in pub.sent and "uncertainty" not in pub.sent
+    sub.close()
+    pub.close()
+
+
+def test_slow_subscriber_does_not_stall_others(toy_model, tmp_path):
+    _, model_dir = toy_model
+    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=300", model_dir, n_subs=2)
+    slow = Subscriber(pub.endpoint, topics=["segnet/overlay"], rcvhwm=1)  # never reads
+    fast = Subscriber(pub.endpoint, topics=["segnet/mask"])
+    t.start()
+    seqs = []
+    deadline = time.monotonic() + 120
+    while len(seqs) < 300 and time.monotonic() < deadline:
+        msg = fast.recv(timeout=1)
+        if msg is not None:
+            seqs.append(msg.header["seq"])
+    t.join(timeout=30)
+    assert result.get("rc") == 0
+    assert seqs == list(range(300))
+    slow.close()
+    fast.close()
+    pub.close()
+
+
+def test_latest_only_subscriber_gets_newest_per_topic(toy_model):
+    _, model_dir = toy_model
+    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=40", model_dir)
+    sub = Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/color_mask"], latest_only=True)
+    t.start()
+    t.join(timeout=60)
+    time.sleep(0.3)
+    first = sub.recv(timeout=2)
+    second = sub.recv(timeout=2)
+    assert {first.stream, second.stream} == {"mask", "color_mask"}
+    assert first.header["seq"] == second.header["seq"] == 39
+    assert sub.dropped > 0
+    sub.close()
+    pub.close()
+
+
+def test_uncertainty_stream_for_bayesian_model(tmp_path):
+    from conftest import make_toy_dataset
+    from perception.train.cli import main as train_main
+
+    data = make_toy_dataset(tmp_path / "data")
+    assert train_main(["--model", "bayesian_segnet_basic", "--data", str(data), "--out", str(tmp_path / "run"),
+                       "--epochs", "1", "--crop", "32x48", "--batch-size", "2", "--no-progress", "--amp", "off"]) == 0
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    backend = load_backend(tmp_path / "run" / "final", mc_samples=3)
+    node = Node(open_source("synthetic://?width=64&height=48&frames=2"), backend, pub,
+                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=lambda m: None)
+    sub = Subscriber(pub.endpoint, topics=["segnet/uncertainty"])
+    rc = node.run()
+    msg = sub.recv(timeout=5)
+    assert rc == 0 and msg is not None
+    assert msg.header["encoding"] == "32FC1" and msg.data.dtype == np.float32 and msg.data.shape == (48, 64)
+    assert (msg.data >= 0).all()
+    sub.close()
+    pub.close()
+
+
+def _node_cmd(*args):
+    return [sys.executable, "-m", "perception.node.cli", *args]
+
+
+def test_sigterm_mid_stream_exits_cleanly(toy_model):
+    _, model_dir = toy_model
+    ep = _free_endpoint()
+    proc = subprocess.Popen(
+        _node_cmd("--source", "synthetic://?width=64&height=48", "--loop", "--model", str(model_dir),
+                  "--backend", "torch", "--publish", ep),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with Subscriber(ep, topics=["segnet/mask"]) as sub:
+            assert sub.recv(timeout=60) is not None, "node published nothing"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+        assert rc == 0 and time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_inputs_fail_clearly(toy_model, tmp_path, capsys):
+    _, model_dir = toy_model
+    video = make_video(tmp_path / "v.avi", n=2)
+    not_video = tmp_path / "notes.mp4"
+    not_video.write_text("hello")
+    bad_model = tmp_path / "badmodel"
+    bad_model.mkdir()
+    (bad_model / "model.json").write_text("{not json")
+    base = ["--backend", "torch", "--publish", _free_endpoint()]
+    cases = [
+        (["--source", str(tmp_path / "missing.mp4"), "--model", str(model_dir)], "source not found"),
+        (["--source", str(not_video), "--model", str(model_dir)], "not a"),
+        (["--source", "/dev/video77", "--model", str(model_dir)], "camera /dev/video77 is not there"),
+        (["--source", str(video), "--model", str(tmp_path / "nomodel")], "model not found"),
+        (["--source", str(video), "--model", str(bad_model)], "not valid JSON"),
+        (["--source", str(video), "--model", str(model_dir), "--backend", "tensorrt"], "needs an .engine"),
+    ]
+    for argv, match in cases:
+        assert node_main([*base[:2], *argv, *base[2:]] if "--backend" not in argv else [*argv, *base[2:]]) == 2, argv
+        err = capsys.readouterr().err
+        assert match in err, (argv, err)
+    # An endpoint already in use.
+    ctx = zmq.Context.instance()
+    holder = ctx.socket(zmq.PUB)
+    port = holder.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        assert node_main(["--source", str(video), "--model", str(model_dir), "--backend", "torch",
+                          "--publish", f"tcp://127.0.0.1:{port}"]) == 2
+        assert "already in use" in capsys.readouterr().err
+    finally:
+        holder.close(linger=0)
+
+
+def test_echo_and_record_cli(toy_model, tmp_path, capsys):
+    from perception.echo_cli import main as echo_main
+    from perception.record_cli import main as record_main
+
+    _, model_dir = toy_model
+    video = make_video(tmp_path / "v.avi", n=5)
+    node, pub, t, result = _run_node(str(video), model_dir)
+    out = tmp_path / "rec"
+    rec = {}
+    rt = threading.Thread(target=lambda: rec.setdefault("rc", record_main([pub.endpoint, "--out", str(out),
+                                                                            "--timeout", "30"])))
+    rt.start()
+    t.start()
+    t.join(timeout=60)
+    rt.join(timeout=60)
+    pub.close()
+    assert rec.get("rc") == 0 and result.get("rc") == 0
+    masks = sorted((out / "mask").glob("*.png"))
+    assert len(masks) == 5
+    assert cv2.imread(str(masks[0]), cv2.IMREAD_UNCHANGED).shape == (48, 64)
+    cap = cv2.VideoCapture(str(out / "overlay.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
+    assert (out / "info.json").is_file() and (out / "stats.jsonl").is_file()
+
+    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=3", model_dir)
+    ec = {}
+    et = threading.Thread(target=lambda: ec.setdefault("rc", echo_main([pub.endpoint, "segnet/mask", "--count", "3",
+                                                                         "--timeout", "30"])))
+    et.start()
+    t.start()
+    et.join(timeout=60)
+    t.join(timeout=60)
+    pub.close()
+    assert ec.get("rc") == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("segnet/mask")]
+    assert len(lines) == 3 and "seq=0" in lines[0] and "64x48 mono8" in lines[0]
+
+
+def test_launch_configs_parse():
+    from pathlib import Path
+
+    from perception.node.cli import build_parser, load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "launch").glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        cfg = load_config(build_parser().parse_args(["--config", str(path)]))
+        assert cfg.publish.startswith("tcp://127.0.0.1:"), "configs bind to loopback by default"
+    cfg = load_config(build_parser().parse_args(["--config", str(configs[0]), "--namespace", "x"]))
+    assert cfg.namespace == "x"  # flags override the file
