@@ -23,7 +23,7 @@ class TorchBackend(Backend):
 
     def __init__(
         self, model_dir: str | Path, *, device: str = "cpu", precision: str = "fp32", mc_samples: int = 8,
-        threads: int | None = None,
+        threads: int | None = None, channels_last: bool = False,
     ) -> None:
         if precision not in _AMP:
             raise ValueError(f"precision must be one of {sorted(_AMP)}, got {precision!r}")
@@ -37,14 +37,19 @@ class TorchBackend(Backend):
         self.precision = precision
         self.mc_samples = mc_samples
         self.bayesian = has_dropout(self.model)
-        if self.device.type == "cpu":
+        # channels_last helps bf16 *training* on CPU, but measured slower for bf16 inference here
+        # (tools/benchmark.py); off by default.
+        self.channels_last = channels_last
+        if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def _infer(self, frames: np.ndarray, *, probs: bool, uncertainty: bool) -> InferenceResult:
         # BGR frames -> RGB-ordered uint8 NCHW; normalize() applies the card's colour order and mean/std.
         x = torch.from_numpy(frames[..., ::-1].copy()).permute(0, 3, 1, 2).to(self.device)
-        x = normalize(x, self.card.input).contiguous(memory_format=torch.channels_last)
+        x = normalize(x, self.card.input)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, _AMP[self.precision]):
             if uncertainty and self.bayesian:
                 pred = mc_dropout_predict(self.model, x, samples=self.mc_samples)

@@ -1,0 +1,85 @@
+"""int8 static quantization of an exported graph for ONNX Runtime on CPUs (VNNI / AVX-512).
+
+QDQ format, per-channel int8 weights, uint8 activations calibrated on real frames (e.g. a sample of
+the training images). The model card metadata is carried over. Accuracy must be measured (the
+benchmark reports val mIoU per backend): quantization is a trade, not a free lunch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = ["quantize_int8", "calibration_frames"]
+
+
+def calibration_frames(folder: str | Path, *, count: int = 32, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """``count`` BGR frames spread evenly over the images in ``folder`` (resized to ``size`` = (H, W))."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    if not paths:
+        raise FileNotFoundError(f"no calibration images in {folder}")
+    step = max(1, len(paths) // count)
+    frames = []
+    for p in paths[::step][:count]:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            continue
+        if size is not None and img.shape[:2] != tuple(size):
+            img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        frames.append(img)
+    return frames
+
+
+def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np.ndarray], *,
+                  method: str = "minmax") -> Path:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not frames:
+        raise ValueError("quantization needs calibration frames")
+    src = onnx.load(str(onnx_in))
+    meta = {p.key: p.value for p in src.metadata_props}
+    dims = src.graph.input[0].type.tensor_type.shape.dim
+    static_batch = dims[0].dim_value or None
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(frames)
+
+        def get_next(self):
+            f = next(self._it, None)
+            if f is None:
+                return None
+            batch = f[None] if static_batch in (None, 1) else np.repeat(f[None], static_batch, 0)
+            return {"image": np.ascontiguousarray(batch)}
+
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]
+    onnx_out = Path(onnx_out)
+    with tempfile.TemporaryDirectory() as tmpd:
+        pre = Path(tmpd) / "pre.onnx"
+        quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=True)
+        q = Path(tmpd) / "q.onnx"
+        quantize_static(
+            str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+            op_types_to_quantize=["Conv"],
+        )
+        model = onnx.load(str(q))
+        del model.metadata_props[:]
+        for k, v in {**meta, "segnet.precision": "int8"}.items():
+            e = model.metadata_props.add()
+            e.key, e.value = k, v
+        fd, tmp = tempfile.mkstemp(dir=onnx_out.parent, prefix=f".{onnx_out.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, onnx_out)
+    return onnx_out

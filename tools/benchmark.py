@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""CPU/GPU inference benchmark of one model across backends, with speed ratios against PyTorch eager
+fp32 measured in the same run (machines are shared and noisy: compare ratios, not absolute times).
+
+    python tools/benchmark.py --model models/segnet_basic_camvid \\
+        --backends torch,torch-bf16,onnxruntime,onnxruntime-int8 --data ../shared/camvid --split val \\
+        --json bench.json
+
+Each backend runs in its own process (clean thread pools, its own peak memory). Per backend: warm-up,
+``--runs`` timed calls of ``backend.infer`` on a batch of uint8 BGR frames (preprocessing included),
+median and p95 latency, frames/s, peak RSS, and, with ``--data``, val mIoU at native resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BACKENDS = {
+    # name: (kind, options, export options)
+    "torch": ("torch", {"precision": "fp32"}, None),
+    "torch-bf16": ("torch", {"precision": "bf16"}, None),
+    "torch-cl": ("torch", {"precision": "fp32", "channels_last": True}, None),
+    "onnxruntime": ("onnxruntime", {}, {"unpool": "onnx"}),
+    "onnxruntime-native": ("onnxruntime", {}, {"unpool": "native"}),
+    "onnxruntime-plugin": ("onnxruntime", {}, {"unpool": "plugin"}),
+    "onnxruntime-int8": ("onnxruntime", {}, {"unpool": "onnx", "int8": True}),
+    "onnxruntime-native-int8": ("onnxruntime", {}, {"unpool": "native", "int8": True}),
+}
+BASELINE = "torch"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--backends", default="torch,torch-bf16,onnxruntime,onnxruntime-int8",
+                   help=f"comma list from {', '.join(BACKENDS)} (the baseline '{BASELINE}' is always run)")
+    p.add_argument("--size", default=None, help="HxW of the benchmark frames (default: the model's input size)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    p.add_argument("--data", help="dataset folder: also measure mIoU on --split")
+    p.add_argument("--split", default="val")
+    p.add_argument("--calibration-data", default=None,
+                   help="frames for int8 calibration (default: <data>/train when --data is given)")
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--work-dir", help="where exported ONNX files go (default: a temporary folder)")
+    return p
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    d = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+         "torch": torch.__version__}
+    try:
+        import onnxruntime
+
+        d["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name(0)
+    return d
+
+
+def prepare(name: str, model: Path, work: Path, calib: str | None) -> str | None:
+    """Export the ONNX file a backend needs (in the parent, once); returns its path."""
+    kind, _, export = BACKENDS[name]
+    if kind != "onnxruntime":
+        return None
+    from perception.export.onnx import ExportOptions, export_onnx
+
+    path = work / f"{name}.onnx"
+    export_onnx(model, path, ExportOptions(unpool=export["unpool"]))
+    if export.get("int8"):
+        from perception.export.quantize import calibration_frames, quantize_int8
+        from perception.models.io import load_card
+
+        if not calib:
+            raise SystemExit(f"{name} needs --calibration-data (or --data with a train/ folder)")
+        card = load_card(model)
+        quantize_int8(path, path, calibration_frames(calib, count=32, size=(card.input.height, card.input.width)))
+    return str(path)
+
+
+def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.Queue) -> None:
+    try:
+        from perception.backends import load_backend
+
+        kind, opts, _ = BACKENDS[name]
+        opts = dict(opts)
+        if args["threads"]:
+            opts["threads"] = args["threads"]
+        backend = load_backend(onnx_path or model, backend=kind, **opts)
+        card = backend.card
+        h, w = args["size"] or (card.input.height, card.input.width)
+        rng = np.random.default_rng(0)
+        frames = rng.integers(0, 256, (args["batch"], h, w, 3), dtype=np.uint8)
+        for _ in range(args["warmup"]):
+            backend.infer(frames)
+        times = []
+        for _ in range(args["runs"]):
+            t0 = time.perf_counter()
+            backend.infer(frames)
+            times.append(time.perf_counter() - t0)
+        t = np.array(times) * 1e3
+        res = {"backend": name, "onnx": onnx_path, "median_ms": float(np.median(t)),
+               "p95_ms": float(np.percentile(t, 95)), "fps": float(args["batch"] * 1e3 / np.median(t))}
+        if args["data"]:
+            from perception.data.folder import open_dataset
+            from perception.metrics import SegmentationMetrics
+
+            ds = open_dataset(args["data"], args["split"])
+            m = SegmentationMetrics(ds.num_classes, ds.ignore_index, boundary=False)
+            for i in range(len(ds)):
+                img, lab = ds.load(i)
+                m.update(backend.infer(np.ascontiguousarray(img[..., ::-1])[None]).labels[0], lab)
+            r = m.compute()
+            res["val_miou"] = r["miou"]
+            res["val_global_accuracy"] = r["global_accuracy"]
+        res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        queue.put(res)
+    except BaseException as e:  # report, don't hang the parent
+        queue.put({"backend": name, "error": f"{type(e).__name__}: {e}"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        print(f"benchmark: unknown backends {unknown}; choose from {list(BACKENDS)}", file=sys.stderr)
+        return 2
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    size = tuple(int(v) for v in args.size.split("x")) if args.size else None
+    calib = args.calibration_data or (str(Path(args.data) / "train") if args.data else None)
+    model = Path(args.model)
+    ctx = mp.get_context("spawn")
+    results = []
+    with tempfile.TemporaryDirectory() as tmpd:
+        work = Path(args.work_dir) if args.work_dir else Path(tmpd)
+        work.mkdir(parents=True, exist_ok=True)
+        cfg = {"size": size, "batch": args.batch, "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
+               "data": args.data, "split": args.split}
+        for name in names:
+            onnx_path = prepare(name, model, work, calib)
+            q = ctx.Queue()
+            proc = ctx.Process(target=run_one, args=(name, str(model), onnx_path, cfg, q))
+            proc.start()
+            res = q.get()
+            proc.join()
+            results.append(res)
+            print(f"  {name}: " + (res.get("error") or f"{res['median_ms']:.1f} ms"), file=sys.stderr, flush=True)
+    base = next((r for r in results if r["backend"] == BASELINE and "error" not in r), None)
+    for r in results:
+        if base and "error" not in r:
+            r["ratio_vs_torch_fp32"] = base["median_ms"] / r["median_ms"]
+    doc = {"machine": machine(), "model": str(model), "batch": args.batch,
+           "size": list(size) if size else None, "runs": args.runs, "results": results}
+    hdr = f"{'backend':26s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'val mIoU':>9s} {'x torch':>8s}"
+    print(hdr)
+    for r in results:
+        if "error" in r:
+            print(f"{r['backend']:26s} error: {r['error']}")
+            continue
+        miou = f"{100 * r['val_miou']:.2f}" if "val_miou" in r else "-"
+        print(f"{r['backend']:26s} {r['median_ms']:10.1f} {r['p95_ms']:8.1f} {r['fps']:7.2f} {r['peak_mb']:8.0f} "
+              f"{miou:>9s} {r.get('ratio_vs_torch_fp32', float('nan')):8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
