@@ -79,8 +79,8 @@ def test_plugin_form_nodes_attributes_and_functions(exported):
     nodes = plugin_nodes(m)
     assert sorted({n.op_type for n in nodes}) == ["MaxPoolArgmax", "MaxUnpool2d"] and len(nodes) == 8
     for n in nodes:
-        attrs = {a.name: a.s.decode() for a in n.attribute}
-        assert attrs == {"plugin_version": "1", "plugin_namespace": "segnet"}
+        attrs = {a.name: (a.s.decode() if a.type == onnx.AttributeProto.STRING else a.i) for a in n.attribute}
+        assert attrs == {"plugin_version": "1", "plugin_namespace": "segnet", "aot": 1}
         assert n.domain == "segnet"
     pool = next(n for n in nodes if n.op_type == "MaxPoolArgmax")
     assert len(pool.input) == 1 and len(pool.output) == 2

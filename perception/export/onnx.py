@@ -66,6 +66,9 @@ class ExportOptions:
     dynamic_size: bool = False
     outputs: tuple[str, ...] = ("labels",)
     fp16: bool = False
+    # plugin form: mark the custom-op nodes ``aot=1`` so TensorRT's parser uses the plugins' ahead-of-time
+    # (PTX) implementations and the engine runs without Python.
+    plugin_aot: bool = True
 
     def __post_init__(self) -> None:
         if self.unpool not in UNPOOL_FORMS:
@@ -158,7 +161,7 @@ def _graph_to_function(graph, name: str, opset_imports) -> Any:
     consts = [helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
     return helper.make_function(
         PLUGIN_DOMAIN, name, [i.name for i in graph.input], [o.name for o in graph.output],
-        consts + list(graph.node), opset_imports, attributes=["plugin_version", "plugin_namespace"],
+        consts + list(graph.node), opset_imports, attributes=["plugin_version", "plugin_namespace", "aot"],
     )
 
 
@@ -227,6 +230,10 @@ def export_onnx(model_dir: str | Path, out: str | Path, options: ExportOptions |
         proto = _onnx_export(wrapper, (dummy,), ["image"], list(opts.outputs), dynamic_axes or None, opts.opset)
 
     if opts.unpool == "plugin":
+        if opts.plugin_aot:
+            for node in proto.graph.node:
+                if node.domain == PLUGIN_DOMAIN:
+                    node.attribute.append(helper.make_attribute("aot", 1))
         proto.functions.extend(plugin_functions(dtype, opts.opset))
         proto.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
     for k, v in _card_metadata(card, weights_sha256(model_dir), opts).items():

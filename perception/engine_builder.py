@@ -1,0 +1,230 @@
+"""Build TensorRT engines for SegNet models (the logic behind ``tools/build_engine.py``).
+
+Every step that needs neither TensorRT nor a GPU (ONNX export, Triton PTX, ptxas) runs first, so a
+CPU machine still produces and checks those artefacts and then stops with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main", "MissingDependency", "sidecar_path", "SIDECAR_SCHEMA"]
+
+SIDECAR_SCHEMA = 1
+EXIT_MISSING = 3  # TensorRT or a GPU is missing (everything possible before that was done)
+
+
+class MissingDependency(RuntimeError):
+    pass
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    return Path(str(engine) + ".json")
+
+
+def _parse_hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, got {text!r}") from None
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="build_engine.py", description=__doc__)
+    p.add_argument("--model", help="model folder (exported to ONNX first) or an .onnx from perception-export")
+    p.add_argument("--out", help="engine file to write (a JSON sidecar is written beside it)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp16",
+                   help="fp16 exports an fp16 graph (TensorRT 11 is strongly typed: precision lives in the ONNX types)")
+    p.add_argument("--unpool", choices=("plugin", "native"), default="plugin",
+                   help="plugin: our Triton plugins; native: standard ops only, no plugin")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=_parse_hw, help="HxW (default: the model's input size)")
+    p.add_argument("--workspace", type=int, default=1024, help="workspace limit in MB")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file (read if present, then updated)")
+    p.add_argument("--emit-ptx", metavar="DIR", help="write the plugins' Triton kernels as PTX here")
+    p.add_argument("--arch", default="sm_90", help="target for --emit-ptx, e.g. sm_80, sm_86, sm_89, sm_90")
+    return p
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def emit_and_assemble_ptx(out_dir: Path, arch: str, log) -> list[Path]:
+    from .plugins.kernels import emit_ptx
+
+    paths = emit_ptx(out_dir, arch=arch)
+    ptxas = shutil.which("ptxas")
+    for p in paths:
+        if ptxas is None:
+            log(f"wrote {p} (ptxas not found: not assembled)")
+            continue
+        target = next((ln.split()[1] for ln in p.read_text().splitlines() if ln.startswith(".target")), arch)
+        r = subprocess.run([ptxas, f"-arch={target}", str(p), "-o", os.devnull], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"ptxas rejected {p}: {r.stderr.strip()}")
+        log(f"wrote {p} (ptxas -arch={target}: ok)")
+    return paths
+
+
+def _export(model: Path, args, onnx_path: Path, log) -> tuple[Path, dict[str, Any]]:
+    """The ONNX to build from (a model folder is exported to ``onnx_path``), and its model card."""
+    from .export.onnx import ExportOptions, export_onnx, read_card_from_onnx
+
+    if model.is_dir():
+        opts = ExportOptions(unpool=args.unpool, batch=args.batch, size=args.size, fp16=args.precision == "fp16",
+                             outputs=("labels", "probs"))
+        t0 = time.time()
+        export_onnx(model, onnx_path, opts)
+        log(f"exported {onnx_path} ({args.unpool} unpooling, {args.precision}) in {time.time() - t0:.1f}s")
+    elif model.suffix == ".onnx" and model.is_file():
+        onnx_path = model
+    else:
+        raise FileNotFoundError(f"--model must be a model folder or an .onnx file: {model}")
+    card = read_card_from_onnx(onnx_path)
+    return onnx_path, card.to_dict()
+
+
+def _check_onnx(onnx_path: Path, unpool: str, log) -> None:
+    from .export.check import plugin_nodes, tensorrt_problems
+
+    problems = tensorrt_problems(onnx_path)
+    if problems:
+        raise ValueError(f"{onnx_path} would not parse in TensorRT: {problems[0]} ({len(problems)} problems)")
+    n = len(plugin_nodes(onnx_path))
+    if unpool == "plugin" and n == 0:
+        log("note: this ONNX has no segnet plugin nodes (native unpooling)")
+    log(f"ONNX check: every op is TensorRT-parsable; {n} plugin nodes")
+
+
+def _require_tensorrt_and_gpu():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependency("TensorRT is not installed (pip install 'segnet-perception[tensorrt]' on a machine "
+                                "with an NVIDIA GPU and driver)") from None
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        raise MissingDependency("no CUDA GPU is available: TensorRT engines are built on the GPU they run on")
+    return trt
+
+
+def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) -> Path:
+    """Parse ``onnx_path`` into a strongly typed network, build, and write engine + sidecar atomically."""
+    trt = _require_tensorrt_and_gpu()
+    import torch
+
+    from .plugins.trt_plugins import current_sm_arch, register_plugins
+
+    register_plugins()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, args.workspace << 20)
+    cache = None
+    if args.timing_cache:
+        blob = Path(args.timing_cache).read_bytes() if Path(args.timing_cache).is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    inp = network.get_input(0)
+    if any(d < 0 for d in inp.shape):  # dynamic export: one profile at the requested size
+        h, w = args.size or (card["input"]["height"], card["input"]["width"])
+        shape = (args.batch, h, w, 3)
+        profile = builder.create_optimization_profile()
+        profile.set_shape(inp.name, shape, shape, shape)
+        config.add_optimization_profile(profile)
+    t0 = time.time()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the engine (see the log above)")
+    log(f"built engine in {time.time() - t0:.1f}s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(bytes(serialized))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+    if cache is not None:
+        Path(args.timing_cache).write_bytes(bytes(cache.serialize()))
+    major, minor = torch.cuda.get_device_capability()
+    sidecar = {
+        "schema": SIDECAR_SCHEMA,
+        "engine_sha256": _sha256(out),
+        "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(0),
+        "compute_capability": f"{major}.{minor}",
+        "sm_arch": current_sm_arch(),
+        "precision": args.precision,
+        "unpool": args.unpool,
+        "input_shape": [int(d) for d in network.get_input(0).shape] if all(d >= 0 for d in inp.shape)
+        else [args.batch, *(args.size or (card["input"]["height"], card["input"]["width"])), 3],
+        "outputs": [network.get_output(i).name for i in range(network.num_outputs)],
+        "classes": card["classes"],
+        "palette": card["palette"],
+        "model_card": card,
+        "source_onnx_sha256": _sha256(onnx_path),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    sc = sidecar_path(out)
+    tmp_sc = sc.with_name(f".{sc.name}.tmp")
+    tmp_sc.write_text(json.dumps(sidecar, indent=2) + "\n")
+    os.replace(tmp_sc, sc)
+    log(f"wrote {out} and {sc}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if not args.model and not args.emit_ptx:
+        log("build_engine: error: give --model (and --out) to build, and/or --emit-ptx DIR")
+        return 2
+    try:
+        if args.emit_ptx:
+            emit_and_assemble_ptx(Path(args.emit_ptx), args.arch, log)
+        if not args.model:
+            return 0
+        if not args.out:
+            raise ValueError("--out is required with --model")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The ONNX stays beside the engine: it is what was built, and it is still useful without TensorRT.
+        onnx_path, card = _export(Path(args.model), args, out.with_suffix(".onnx"), log)
+        _check_onnx(onnx_path, args.unpool, log)
+        build_engine(onnx_path, out, args, card, log)
+    except MissingDependency as e:
+        log(f"build_engine: {e}; stopping after the steps that need neither")
+        return EXIT_MISSING
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        log(f"build_engine: error: {e}")
+        return 2
+    return 0

@@ -1,0 +1,289 @@
+"""Triton kernels (under Triton's CPU interpreter), their PTX (assembled with ptxas), the TensorRT
+plugin definitions (against a stand-in of tensorrt.plugin), and the engine builder's CPU path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first built
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install '.[kernels]')")
+
+from perception.plugins import kernels as K  # noqa: E402
+
+SIZES = [(1, 1), (2, 2), (3, 5), (45, 60), (23, 30), (12, 15), (7, 1)]
+
+
+def _planted_ties(shape, dtype):
+    x = torch.randint(0, 3, shape).to(dtype)  # few values: ties everywhere
+    x[..., ::3, ::2] = 2  # every window of some rows has several maxima
+    return x
+
+
+@pytest.mark.parametrize("hw", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_pool_argmax_kernel_matches_pytorch(hw, dtype, kind):
+    shape = (2, 3, *hw)
+    x = torch.randn(shape).to(dtype) if kind == "random" else _planted_ties(shape, dtype)
+    ref_y, ref_idx = F.max_pool2d(x.float(), 2, 2, ceil_mode=True, return_indices=True)
+    y, idx = K.max_pool_argmax(x)
+    assert y.dtype == dtype and idx.dtype == torch.int32
+    assert torch.equal(y.float(), ref_y) and torch.equal(idx.long(), ref_idx)
+
+
+@pytest.mark.parametrize("hw", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unpool_kernel_matches_pytorch(hw, dtype):
+    x = _planted_ties((2, 3, *hw), torch.float32)
+    _, ref_idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
+    v = torch.randn(ref_idx.shape).to(dtype)
+    out = K.max_unpool2d(v, ref_idx.to(torch.int32), hw)
+    ref = F.max_unpool2d(v.float(), ref_idx, 2, 2, output_size=hw)
+    assert out.dtype == dtype and torch.equal(out.float(), ref)
+
+
+def test_kernel_input_errors():
+    with pytest.raises(ValueError):
+        K.max_pool_argmax(torch.zeros(2, 3, 4, dtype=torch.float32))
+    with pytest.raises(ValueError, match="does not unpool"):
+        K.max_unpool2d(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3, dtype=torch.int32), (9, 9))
+    env = dict(os.environ)
+    try:
+        os.environ["TRITON_INTERPRET"] = "0"
+        with pytest.raises(RuntimeError, match="CUDA tensor"):
+            K.max_pool_argmax(torch.zeros(1, 1, 4, 4))
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def test_scalar_args_and_grid_hand_cases():
+    # 45x61 pools to 23x31; N*C = 6 planes.
+    assert K.pool_scalar_args(2, 3, 45, 61) == [45, 61, 23, 31, 6 * 23 * 31]
+    assert K.unpool_scalar_args(2, 3, 45, 61) == [45, 61, 23, 31, 6 * 45 * 61]
+    assert K.grid_size(256) == 1 and K.grid_size(257) == 2 and K.grid_size(0) == 1
+    assert K.pool_output_hw(360, 480) == (180, 240) and K.pool_output_hw(45, 60) == (23, 30)
+    # The kernel launch argument order is the declared signature's.
+    assert K.KERNEL_SIGNATURES["pool_argmax_kernel"] == ["*x", "H", "W", "Ho", "Wo", "total", "*y", "*idx"]
+
+
+def _compile_in_subprocess(code: str) -> str:
+    # PTX compilation must not run under the interpreter: a clean process without TRITON_INTERPRET.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
+def test_ptx_for_each_target_assembles(arch, tmp_path):
+    _compile_in_subprocess(
+        f"from perception.plugins.kernels import emit_ptx; emit_ptx({str(tmp_path)!r}, arch={arch!r})"
+    )
+    files = sorted(tmp_path.glob("*.ptx"))
+    assert len(files) == 4
+    for f in files:
+        text = f.read_text()
+        entry = text.split(".entry", 1)[1].split("(", 1)[0].strip()
+        params = K.ptx_entry_params(text, entry)
+        expected = K.KERNEL_SIGNATURES[entry]
+        # Exactly the declared parameters: Triton's trailing scratch pointers were removed.
+        assert len(params) == len(expected)
+        assert [p == ".u64" for p in params] == [e.startswith("*") for e in expected]
+        assert ".version 8.0" in text
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        pytest.skip("ptxas not installed: PTX generated and checked, not assembled")
+    for f in files:
+        target = next(l.split()[1] for l in f.read_text().splitlines() if l.startswith(".target"))
+        r = subprocess.run([ptxas, f"-arch={target}", str(f), "-o", os.devnull], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+def test_strip_refuses_used_trailing_params():
+    ptx = (".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n{\n"
+           "\tld.param.u64 %rd1, [k_param_1];\n}\n")
+    with pytest.raises(ValueError, match="uses its trailing parameter"):
+        K.strip_unused_trailing_params(ptx, "k", 1)
+    unused = ptx.replace("[k_param_1]", "[k_param_0]")
+    assert K.ptx_entry_params(K.strip_unused_trailing_params(unused, "k", 1), "k") == [".u64"]
+
+
+# --- TensorRT plugin definitions against a stand-in of tensorrt.plugin -----------------------------
+
+
+def _fake_tensorrt(monkeypatch):
+    """Minimal stand-ins for `tensorrt` and `tensorrt.plugin`, recording what is registered. Shape
+    expressions are plain ints here: the plugin code must only use + * // on them."""
+    reg: dict = {"register": {}, "autotune": {}, "aot_impl": {}, "impl": {}}
+
+    def deco(kind):
+        def outer(pid):
+            def inner(fn):
+                reg[kind][pid] = fn
+                return fn
+            return inner
+        return outer
+
+    class Desc:
+        def __init__(self, shape, dtype):
+            self.shape_expr, self.dtype = list(shape), dtype
+
+        def like(self):
+            return Desc(self.shape_expr, self.dtype)
+
+    class LaunchParams:
+        pass
+
+    class SymIntExprs(list):
+        @classmethod
+        def from_tuple(cls, items):
+            return cls(items)
+
+    class AutoTuneCombination:
+        def __init__(self, types, formats=None):
+            self.types, self.formats = types, formats
+
+    trt = types.ModuleType("tensorrt")
+    trt.float32, trt.float16, trt.int32 = "float32", "float16", "int32"
+    trtp = types.ModuleType("tensorrt.plugin")
+    trtp.register, trtp.autotune = deco("register"), deco("autotune")
+    trtp.aot_impl, trtp.impl = deco("aot_impl"), deco("impl")
+    trtp.TensorDesc, trtp.Tensor = Desc, object
+    trtp.from_shape_expr = lambda shape, dtype: Desc(shape, dtype)
+    trtp.KernelLaunchParams, trtp.SymIntExprs = LaunchParams, SymIntExprs
+    trtp.SymInt32 = int
+    trtp.cdiv = lambda a, b: -(-a // b)
+    trtp.AutoTuneCombination = AutoTuneCombination
+    trt.plugin = trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    return reg, Desc, trt
+
+
+def test_plugin_definitions_shapes_types_and_aot_launch(monkeypatch):
+    from perception.plugins import trt_plugins as P
+
+    reg, Desc, trt = _fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(P, "_registered", False)
+    monkeypatch.setenv("SEGNET_SM_ARCH", "sm_90")
+    P.register_plugins()
+    for kind in ("register", "autotune", "aot_impl", "impl"):
+        assert set(reg[kind]) == {"segnet::MaxPoolArgmax", "segnet::MaxUnpool2d"}, kind
+
+    x = Desc([2, 64, 45, 61], trt.float16)
+    values, indices = reg["register"]["segnet::MaxPoolArgmax"](x)
+    assert values.shape_expr == [2, 64, 23, 31] and values.dtype == trt.float16
+    assert indices.shape_expr == [2, 64, 23, 31] and indices.dtype == trt.int32
+    out = reg["register"]["segnet::MaxUnpool2d"](values, indices, x)
+    assert out.shape_expr == [2, 64, 45, 61] and out.dtype == trt.float16
+    # Type combinations: one position per input and output.
+    pool_types = reg["autotune"]["segnet::MaxPoolArgmax"](x, (values, indices))[0].types
+    assert len(pool_types.split(",")) == 1 + 2
+    unpool_types = reg["autotune"]["segnet::MaxUnpool2d"](values, indices, x, (out,))[0].types
+    assert len(unpool_types.split(",")) == 3 + 1
+
+    # The AOT implementation compiles real PTX (in a clean process, not the interpreter) and
+    # describes the launch: grid over the outputs, scalars in the kernel's declared order.
+    monkeypatch.setattr(P, "_ptx_for", _ptx_for_via_subprocess)
+    name, ptx, launch, extra = reg["aot_impl"]["segnet::MaxPoolArgmax"](x, (values, indices), 0)
+    assert name == b"pool_argmax_kernel" and b".entry pool_argmax_kernel" in ptx
+    assert list(extra) == [45, 61, 23, 31, 2 * 64 * 23 * 31]
+    assert launch.grid_x == -(-(2 * 64 * 23 * 31) // K.BLOCK) and launch.block_x % 32 == 0
+    name, ptx, launch, extra = reg["aot_impl"]["segnet::MaxUnpool2d"](values, indices, x, (out,), 0)
+    assert name == b"unpool_kernel" and list(extra) == [45, 61, 23, 31, 2 * 64 * 45 * 61]
+    assert b".f16" in ptx or b".b16" in ptx  # fp16 variant
+
+
+def _ptx_for_via_subprocess(kernel, dtype):
+    code = (f"from perception.plugins import kernels as K; ck = K.compile_ptx({kernel!r}, dtype={dtype!r}, arch='sm_90');"
+            f"print(ck.name); print(ck.num_warps); print(ck.shared);"
+            f"import sys; sys.stdout.write(K.strip_unused_trailing_params(ck.ptx, ck.name, "
+            f"len(K.KERNEL_SIGNATURES[{kernel!r}])))")
+    out = _compile_in_subprocess(code)
+    name, warps, shared, ptx = out.split("\n", 3)
+    ck = K.CompiledKernel(name=name, ptx=ptx, num_warps=int(warps), shared=int(shared), arch="sm_90", dtype=dtype)
+    return name.encode(), ptx.encode(), ck
+
+
+def test_register_without_tensorrt_fails_cleanly(monkeypatch):
+    from perception.plugins import trt_plugins as P
+
+    monkeypatch.setattr(P, "_registered", False)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
+    with pytest.raises(ImportError):
+        P.register_plugins()
+
+
+# --- the builder on a machine without TensorRT ----------------------------------------------------
+
+
+def test_build_engine_without_tensorrt_exports_then_fails_clearly(shipped_model, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, str(root / "tools" / "build_engine.py"), "--model", str(shipped_model),
+         "--out", str(tmp_path / "m.engine"), "--precision", "fp32", "--emit-ptx", str(tmp_path / "ptx")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here: the failure path does not apply")
+    except ImportError:
+        pass
+    assert r.returncode == 3, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "TensorRT is not installed" in last
+    assert (tmp_path / "m.onnx").is_file() and len(list((tmp_path / "ptx").glob("*.ptx"))) == 4
+    assert not (tmp_path / "m.engine").exists()
+    # What the builder would feed TensorRT: plugin nodes with the lookup attributes, all else parsable.
+    from perception.export.check import plugin_nodes, tensorrt_problems
+
+    assert tensorrt_problems(tmp_path / "m.onnx") == [] and len(plugin_nodes(tmp_path / "m.onnx")) == 8
+
+
+def test_tensorrt_sidecar_check(tmp_path):
+    from perception.backends.tensorrt import _sha256, check_sidecar
+
+    eng = tmp_path / "m.engine"
+    eng.write_bytes(b"engine bytes")
+    good = {"engine_sha256": _sha256(eng), "tensorrt": "10.13.0", "compute_capability": "9.0", "gpu": "H100"}
+    check_sidecar(eng, good, trt_version="10.13.2", compute_capability="9.0")
+    with pytest.raises(ValueError, match="replaced or corrupted"):
+        check_sidecar(eng, {**good, "engine_sha256": "0" * 64}, trt_version="10.13.0", compute_capability="9.0")
+    with pytest.raises(ValueError, match="TensorRT 10.13.0"):
+        check_sidecar(eng, good, trt_version="11.4.0", compute_capability="9.0")
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        check_sidecar(eng, good, trt_version="10.13.0", compute_capability="8.6")
+
+
+def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
+    import json
+
+    from perception.backends import load_backend
+    from perception.models.io import ModelCard
+
+    eng = tmp_path / "m.engine"
+    eng.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="sidecar"):
+        load_backend(eng)
+    card = ModelCard(id="m", architecture={"name": "segnet_basic", "num_classes": 1, "kwargs": {}},
+                     classes=["a"], palette=[[0, 0, 0]])
+    (tmp_path / "m.engine.json").write_text(json.dumps({"model_card": card.to_dict()}))
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="needs TensorRT"):
+            load_backend(eng)
