@@ -91,3 +91,25 @@ def make_video(path: Path, n: int = 8, size=(64, 48), fps: float = 10.0) -> Path
         writer.write(img)
     writer.release()
     return path
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return _cuda_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible to PyTorch)")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT and a CUDA GPU")
+    for item in items:
+        if "tensorrt" in item.keywords and not _tensorrt_available():
+            item.add_marker(skip_trt)
+        elif "gpu" in item.keywords and not _cuda_available():
+            item.add_marker(skip_gpu)

@@ -136,3 +136,42 @@ def test_export_cli(shipped_model, tmp_path, capsys):
     assert export_main(["--model", str(shipped_model), "--out", str(out), "--outputs", "masks"]) == 2
     with pytest.raises(SystemExit):
         export_main(["--model", str(shipped_model), "--out", str(out), "--size", "10x10"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", FORMS)
+def test_every_registered_model_exports_at_360x480(form, tmp_path):
+    """Every architecture, every unpooling form, at the CamVid size; ONNX Runtime agrees with PyTorch."""
+    import torch
+
+    from perception.models import get_model, list_models, save
+    from perception.models.io import ModelCard
+    from perception.models.registry import model_config
+
+    frame = np.random.default_rng(0).integers(0, 256, (1, 360, 480, 3), dtype=np.uint8)
+    frame = cv2.GaussianBlur(frame[0], (15, 15), 5)[None]
+    for name in list_models():
+        torch.manual_seed(0)
+        model = get_model(name, num_classes=11).eval()
+        with torch.no_grad():  # give batch norm non-trivial statistics so folding is exercised
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        card = ModelCard(id=name, architecture=model_config(model), classes=[f"c{i}" for i in range(11)],
+                         palette=[[i, i, i] for i in range(11)])
+        save(model, tmp_path / name, card)
+        path = export_onnx(tmp_path / name, tmp_path / f"{name}.onnx", ExportOptions(unpool=form, outputs=("logits",)))
+        ort_logits = onnxruntime_logits(path, frame)
+        torch_logits = load_backend(tmp_path / name).infer(frame, probs=True)
+        # compare through probabilities' argmax where margins are clear
+        got = ort_logits.argmax(1)
+        want = torch_logits.probs.argmax(1)
+        assert (got == want).mean() >= 0.999, name
+        (tmp_path / f"{name}.onnx").unlink()
+
+
+def onnxruntime_logits(path, frame):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"image": frame})[0]
