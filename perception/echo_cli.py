@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 import time
 from collections import defaultdict, deque
 
@@ -42,23 +40,16 @@ def summarize(msg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .cli_util import stop_on_signals
     from .client import Subscriber
 
-    stop = False
-
-    def on_signal(*_):
-        nonlocal stop
-        stop = True
-
-    if threading.current_thread() is threading.main_thread():  # signals can only be set there
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+    stopped = stop_on_signals()
     arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
     n = 0
     last_msg = time.monotonic()
     next_rate = time.monotonic() + 1.0
     with Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False) as sub:
-        while not stop and (args.count is None or n < args.count):
+        while not stopped.is_set() and (args.count is None or n < args.count):
             msg = sub.recv(timeout=0.2)
             now = time.monotonic()
             if msg is None:

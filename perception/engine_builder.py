@@ -7,16 +7,16 @@ CPU machine still produces and checks those artefacts and then stops with a one-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .fileio import atomic_write_bytes, sha256_file
 
 __all__ = ["build_parser", "main", "MissingDependency", "sidecar_path", "SIDECAR_SCHEMA"]
 
@@ -55,14 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-ptx", metavar="DIR", help="write the plugins' Triton kernels as PTX here")
     p.add_argument("--arch", default="sm_90", help="target for --emit-ptx, e.g. sm_80, sm_86, sm_89, sm_90")
     return p
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def emit_and_assemble_ptx(out_dir: Path, arch: str, log) -> list[Path]:
@@ -164,18 +156,13 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine (see the log above)")
     log(f"built engine in {time.time() - t0:.1f}s")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(bytes(serialized))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, bytes(serialized))
     if cache is not None:
         Path(args.timing_cache).write_bytes(bytes(cache.serialize()))
     major, minor = torch.cuda.get_device_capability()
     sidecar = {
         "schema": SIDECAR_SCHEMA,
-        "engine_sha256": _sha256(out),
+        "engine_sha256": sha256_file(out),
         "tensorrt": trt.__version__,
         "gpu": torch.cuda.get_device_name(0),
         "compute_capability": f"{major}.{minor}",
@@ -188,13 +175,10 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
         "classes": card["classes"],
         "palette": card["palette"],
         "model_card": card,
-        "source_onnx_sha256": _sha256(onnx_path),
+        "source_onnx_sha256": sha256_file(onnx_path),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    sc = sidecar_path(out)
-    tmp_sc = sc.with_name(f".{sc.name}.tmp")
-    tmp_sc.write_text(json.dumps(sidecar, indent=2) + "\n")
-    os.replace(tmp_sc, sc)
+    sc = atomic_write_bytes(sidecar_path(out), (json.dumps(sidecar, indent=2) + "\n").encode())
     log(f"wrote {out} and {sc}")
     return out
 

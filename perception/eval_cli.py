@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import cv2
+
+from .fileio import atomic_write_bytes
 
 __all__ = ["build_parser", "main", "format_table"]
 
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             ok, buf = cv2.imencode(".png", labels)
             if not ok:
                 raise OSError(f"could not encode {path}")
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(buf.tobytes())
-            os.replace(tmp, path)
+            atomic_write_bytes(path, buf.tobytes())
 
         result = evaluate(
             model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
@@ -99,12 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "confusion": result["confusion"],
         }
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, out)
+        atomic_write_bytes(args.json, (json.dumps(doc, indent=2) + "\n").encode())
     return 0
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import cv2
+
+from .fileio import atomic_write_bytes
 
 __all__ = ["build_parser", "main"]
 
@@ -37,21 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .cli_util import stop_on_signals
     from .client import Subscriber
 
     out = Path(args.out)
     (out / "mask").mkdir(parents=True, exist_ok=True)
     streams = [s.strip() for s in args.streams.split(",") if s.strip()]
     topics = [f"{args.namespace}/{s}" for s in streams]
-    stop = False
-
-    def on_signal(*_):
-        nonlocal stop
-        stop = True
-
-    if threading.current_thread() is threading.main_thread():  # signals can only be set there
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+    stopped = stop_on_signals()
     writer = None
     # The container comes from the extension, so the temporary name must end in .mp4 too.
     video_tmp, video_path = out / ".overlay.partial.mp4", out / "overlay.mp4"
@@ -62,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     stats_file = open(out / "stats.jsonl", "a") if "stats" in streams else None
     try:
         with Subscriber(args.endpoint, topics=topics) as sub:
-            while not stop and (args.count is None or frames < args.count):
+            while not stopped.is_set() and (args.count is None or frames < args.count):
                 if t_end is not None and time.monotonic() > t_end:
                     break
                 msg = sub.recv(timeout=0.2)
@@ -94,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     if msg.data.get("final"):
                         break  # the node has finished its source
                 elif msg.stream == "info":
-                    tmp = out / ".info.json.part"
-                    tmp.write_text(json.dumps(msg.data, indent=2))
-                    os.replace(tmp, out / "info.json")
+                    atomic_write_bytes(out / "info.json", json.dumps(msg.data, indent=2).encode())
     finally:
         if writer is not None:
             writer.release()

@@ -3,7 +3,6 @@ headers, slow subscribers, signals, and clear failures."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import time
 
 import cv2
 import numpy as np
-import pytest
 import zmq
 
 from conftest import make_video

@@ -255,7 +255,8 @@ def test_build_engine_without_tensorrt_exports_then_fails_clearly(shipped_model,
 
 
 def test_tensorrt_sidecar_check(tmp_path):
-    from perception.backends.tensorrt import _sha256, check_sidecar
+    from perception.backends.tensorrt import check_sidecar
+    from perception.fileio import sha256_file as _sha256
 
     eng = tmp_path / "m.engine"
     eng.write_bytes(b"engine bytes")

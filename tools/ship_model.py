@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Measured (this folder's weights, fp32, 360x480, void ignored)",
         "",
-        f"| split | G | C | mIoU | BF |",
-        f"|---|---|---|---|---|",
+        "| split | G | C | mIoU | BF |",
+        "|---|---|---|---|---|",
         f"| {args.split} (measured) | {100 * m['global_accuracy']:.1f} | {100 * m['class_accuracy']:.1f} | "
         f"{100 * m['miou']:.1f} | {100 * m['bf']:.1f} |",
     ]

@@ -10,30 +10,22 @@ tensorrt and pycuda are imported when this backend is created, never by ``import
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..fileio import sha256_file
 from ..models.io import ModelCard
 from .base import Backend, InferenceResult
 
 __all__ = ["TensorRTBackend", "check_sidecar"]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_sidecar(engine_path: Path, sidecar: dict[str, Any], *, trt_version: str, compute_capability: str) -> None:
     """Raise ValueError naming the first mismatch between an engine, its sidecar and this machine."""
-    if sidecar.get("engine_sha256") != _sha256(engine_path):
+    if sidecar.get("engine_sha256") != sha256_file(engine_path):
         raise ValueError(f"{engine_path} does not match its sidecar (the engine file was replaced or corrupted)")
     built = str(sidecar.get("tensorrt", ""))
     if built.split(".")[:2] != trt_version.split(".")[:2]:

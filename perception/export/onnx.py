@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..fileio import atomic_write_bytes
 from ..models.io import InputSpec, ModelCard, load, weights_sha256
 from ..models.unpool import set_unpool_impl
 from ..models.unpool_ops import (
     PLUGIN_DOMAIN,
-    PLUGIN_VERSION,
     POOL_OP,
     UNPOOL_OP,
     pool_argmax_native,
@@ -242,17 +240,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, options: ExportOptions |
     proto.producer_name = "segnet-perception"
     onnx.checker.check_model(proto)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out = atomic_write_bytes(out, proto.SerializeToString())
     return out
 
 

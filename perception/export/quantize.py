@@ -7,13 +7,14 @@ benchmark reports val mIoU per backend): quantization is a trade, not a free lun
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ..fileio import atomic_write_bytes
 
 __all__ = ["quantize_int8", "calibration_frames"]
 
@@ -77,9 +78,5 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
         for k, v in {**meta, "segnet.precision": "int8"}.items():
             e = model.metadata_props.add()
             e.key, e.value = k, v
-        fd, tmp = tempfile.mkstemp(dir=onnx_out.parent, prefix=f".{onnx_out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, onnx_out)
+        atomic_write_bytes(onnx_out, model.SerializeToString())
     return onnx_out

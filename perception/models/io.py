@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import atomic_write_bytes, sha256_file
 from .registry import get_model, model_config
 
 __all__ = ["ModelCard", "InputSpec", "save", "load", "load_card", "WEIGHTS_FILE", "CARD_FILE", "weights_sha256"]
@@ -80,20 +78,6 @@ class ModelCard:
         return cls(**d)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(model: nn.Module, directory: str | Path, card: ModelCard) -> Path:
     """Write ``weights.safetensors`` and ``model.json`` into ``directory`` (each atomically)."""
     from safetensors.torch import save as st_save
@@ -105,8 +89,8 @@ def save(model: nn.Module, directory: str | Path, card: ModelCard) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(directory / WEIGHTS_FILE, st_save(state, metadata={"format": "pt", "model_id": card.id}))
-    _atomic_write_bytes(directory / CARD_FILE, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    atomic_write_bytes(directory / WEIGHTS_FILE, st_save(state, metadata={"format": "pt", "model_id": card.id}))
+    atomic_write_bytes(directory / CARD_FILE, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
     return directory
 
 
@@ -146,8 +130,4 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> 
 
 
 def weights_sha256(directory: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS_FILE, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(Path(directory) / WEIGHTS_FILE)

@@ -12,9 +12,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,6 +178,7 @@ def resolve_backend(cfg: NodeConfig):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..cli_util import stop_on_signals
     from .pipeline import Node, NodeSettings
     from .publisher import Publisher, PublisherError
     from .sources import SourceError, SourceOptions, open_source
@@ -223,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     node = Node(source, backend, publisher, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
 
-    def on_signal(signum, _frame) -> None:
-        node.stop()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+    stop_on_signals(node.stop)
     print(f"publishing {cfg.namespace}/* on {publisher.endpoint} ({backend.name} backend, model "
           f"{backend.card.id}, source {cfg.source})", file=sys.stderr, flush=True)
     try:

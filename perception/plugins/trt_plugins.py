@@ -72,12 +72,23 @@ def _ptx_for(kernel: str, dtype: str) -> tuple[bytes, bytes, "K.CompiledKernel"]
     return ck.name.encode(), ptx.encode(), ck
 
 
+def _aot_result(trtp: Any, kernel: str, dtype: str, scalars: list) -> tuple:
+    """What an ``aot_impl`` returns: kernel name, PTX, launch parameters (one program per BLOCK
+    outputs; ``scalars[-1]`` is the output count) and the int32 scalars in the kernel's order."""
+    name, ptx, ck = _ptx_for(kernel, dtype)
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = trtp.cdiv(scalars[-1], K.BLOCK)
+    launch.block_x = ck.block_x
+    launch.shared_mem = ck.shared
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
+    return name, ptx, launch, extra
+
+
 def register_plugins() -> None:
     """Register both plugins with TensorRT's plugin registry (idempotent)."""
     global _registered
     if _registered:
         return
-    import numpy as np  # noqa: F401  (tensorrt.plugin annotations)
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
@@ -97,15 +108,9 @@ def register_plugins() -> None:
 
     @trtp.aot_impl(POOL_PLUGIN_ID)
     def _pool_aot(x: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc, ...], tactic: int):
-        name, ptx, ck = _ptx_for("pool_argmax_kernel", _dtype_name(trt, x.dtype))
         s = x.shape_expr
-        scalars = K.pool_scalar_args(s[0], s[1], s[2], s[3])
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(scalars[-1], K.BLOCK)
-        launch.block_x = ck.block_x
-        launch.shared_mem = ck.shared
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
-        return name, ptx, launch, extra
+        return _aot_result(trtp, "pool_argmax_kernel", _dtype_name(trt, x.dtype),
+                           K.pool_scalar_args(s[0], s[1], s[2], s[3]))
 
     @trtp.impl(POOL_PLUGIN_ID)
     def _pool_impl(x: trtp.Tensor, outputs: tuple[trtp.Tensor, ...], stream: int) -> None:
@@ -130,15 +135,9 @@ def register_plugins() -> None:
     @trtp.aot_impl(UNPOOL_PLUGIN_ID)
     def _unpool_aot(values: trtp.TensorDesc, indices: trtp.TensorDesc, like: trtp.TensorDesc,
                     outputs: tuple[trtp.TensorDesc, ...], tactic: int):
-        name, ptx, ck = _ptx_for("unpool_kernel", _dtype_name(trt, values.dtype))
         s = like.shape_expr
-        scalars = K.unpool_scalar_args(s[0], s[1], s[2], s[3])
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(scalars[-1], K.BLOCK)
-        launch.block_x = ck.block_x
-        launch.shared_mem = ck.shared
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
-        return name, ptx, launch, extra
+        return _aot_result(trtp, "unpool_kernel", _dtype_name(trt, values.dtype),
+                           K.unpool_scalar_args(s[0], s[1], s[2], s[3]))
 
     @trtp.impl(UNPOOL_PLUGIN_ID)
     def _unpool_impl(values: trtp.Tensor, indices: trtp.Tensor, like: trtp.Tensor,

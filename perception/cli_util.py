@@ -1,0 +1,28 @@
+"""Shared bits of the command-line tools."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+__all__ = ["stop_on_signals"]
+
+
+def stop_on_signals(callback: Callable[[], None] | None = None) -> threading.Event:
+    """An Event set by SIGINT/SIGTERM (and ``callback`` called), for a graceful stop.
+
+    Handlers can only be installed from the main thread; elsewhere (tests calling ``main()`` from a
+    thread) the event is returned without handlers.
+    """
+    event = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        event.set()
+        if callback is not None:
+            callback()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    return event
