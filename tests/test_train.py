@@ -100,6 +100,8 @@ def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
     ck = load_checkpoint(out / "last.pt")
     assert ck["state"]["epoch"] < 3, "the run finished before it was killed; nothing was resumed"
     assert train_main([*args, "--out", str(out), "--resume"]) == 0
+    epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3], "history rows of the re-run epoch must not be duplicated"
     a, b = _state(ref), _state(out)
     assert a.keys() == b.keys()
     for k in a:

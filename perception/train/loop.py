@@ -157,6 +157,17 @@ def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, comma
     )
 
 
+def _truncate_history(path: Path, epochs_done: int) -> None:
+    """Drop history rows of epochs after the checkpoint (a kill between the two writes re-runs that epoch)."""
+    if not path.is_file():
+        return
+    from ..fileio import atomic_write_bytes
+    from .plots import read_history
+
+    rows = [r for r in read_history(path) if r.get("epoch", 0) <= epochs_done]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
 def _summary(m: dict[str, Any]) -> dict[str, Any]:
     keys = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou", "per_class_bf")
     return {k: m[k] for k in keys if k in m}
@@ -259,6 +270,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
             state = _State(**ck["state"])
             restore_rng_state(ck["rng"])
             if info.is_main:
+                _truncate_history(out / "metrics.jsonl", state.epoch)
                 print(f"resuming {out} after epoch {state.epoch} (best val mIoU {state.best_miou:.4f})", flush=True)
 
         ddp_model: nn.Module = model
