@@ -175,3 +175,17 @@ def onnxruntime_logits(path, frame):
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"image": frame})[0]
+
+
+def test_int8_quantized_export(shipped_model, camvid_root, val_frames, torch_reference, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert export_main(["--model", str(shipped_model), "--out", str(out), "--unpool", "onnx", "--int8",
+                        "--calibration-data", str(camvid_root / "train"), "--calibration-count", "4"]) == 0
+    m = onnx.load(str(out))
+    assert any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta["segnet.precision"] == "int8" and read_card_from_onnx(out).classes[0] == "Sky"
+    res = load_backend(out).infer(val_frames)
+    assert (res.labels == torch_reference.labels).mean() >= 0.9  # a trade, measured by tools/benchmark.py
+    assert export_main(["--model", str(shipped_model), "--out", str(out), "--int8"]) == 2
+    assert "--calibration-data" in capsys.readouterr().err
