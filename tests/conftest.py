@@ -52,18 +52,27 @@ def toy_data(tmp_path) -> Path:
     return make_toy_dataset(tmp_path / "toy")
 
 
-@pytest.fixture(scope="session")
-def toy_model(tmp_path_factory) -> tuple[Path, Path]:
-    """(data folder, model folder) of a tiny segnet_basic trained for one epoch on the toy data."""
+def _train_toy(root: Path, model: str) -> tuple[Path, Path]:
     from perception.train.cli import main as train_main
 
-    root = tmp_path_factory.mktemp("toy_model")
     data = make_toy_dataset(root / "data")
     out = root / "run"
-    rc = train_main(["--model", "segnet_basic", "--data", str(data), "--out", str(out), "--epochs", "1",
+    rc = train_main(["--model", model, "--data", str(data), "--out", str(out), "--epochs", "1",
                      "--crop", "32x48", "--batch-size", "2", "--no-progress", "--amp", "off"])
     assert rc == 0
     return data, out / "final"
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, model folder) of a tiny segnet_basic trained for one epoch on the toy data."""
+    return _train_toy(tmp_path_factory.mktemp("toy_model"), "segnet_basic")
+
+
+@pytest.fixture(scope="session")
+def toy_bayesian_model(tmp_path_factory) -> tuple[Path, Path]:
+    """The same for bayesian_segnet_basic (MC dropout)."""
+    return _train_toy(tmp_path_factory.mktemp("toy_bayes"), "bayesian_segnet_basic")
 
 
 SHIPPED_BASIC = Path(__file__).resolve().parents[1] / "models" / "segnet_basic_camvid"

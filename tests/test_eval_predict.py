@@ -75,3 +75,18 @@ def test_predict_writes_masks_and_overlays(toy_model, tmp_path):
     # A broken file is reported and counted, the others still written.
     assert predict_main([str(bad), str(imgs[0]), "--model", str(model_dir), "--out", str(tmp_path / "o2")]) == 1
     assert predict_main([str(tmp_path / "nope.png"), "--model", str(model_dir), "--out", str(out)]) == 2
+
+
+def test_mc_dropout_eval_and_uncertainty_maps(toy_bayesian_model, tmp_path, capsys):
+    data, model_dir = toy_bayesian_model
+    out_json = tmp_path / "mc.json"
+    assert eval_main(["--model", str(model_dir), "--data", str(data), "--split", "val", "--mc-samples", "3",
+                      "--json", str(out_json), "--no-progress"]) == 0
+    doc = json.loads(out_json.read_text())
+    assert doc["mc_samples"] == 3 and 0.0 <= doc["miou"] <= 1.0
+    assert "3 MC samples" in capsys.readouterr().out
+    out = tmp_path / "pred"
+    img = sorted((data / "val" / "images").iterdir())[0]
+    assert predict_main([str(img), "--model", str(model_dir), "--out", str(out), "--uncertainty"]) == 0
+    heat = cv2.imread(str(out / f"{img.stem}_uncertainty.png"))
+    assert heat is not None and heat.shape[:2] == (48, 64)

@@ -130,15 +130,9 @@ def test_latest_only_subscriber_gets_newest_per_topic(toy_model):
     pub.close()
 
 
-def test_uncertainty_stream_for_bayesian_model(tmp_path):
-    from conftest import make_toy_dataset
-    from perception.train.cli import main as train_main
-
-    data = make_toy_dataset(tmp_path / "data")
-    assert train_main(["--model", "bayesian_segnet_basic", "--data", str(data), "--out", str(tmp_path / "run"),
-                       "--epochs", "1", "--crop", "32x48", "--batch-size", "2", "--no-progress", "--amp", "off"]) == 0
+def test_uncertainty_stream_for_bayesian_model(toy_bayesian_model):
     pub = Publisher("tcp://127.0.0.1:*", "segnet")
-    backend = load_backend(tmp_path / "run" / "final", mc_samples=3)
+    backend = load_backend(toy_bayesian_model[1], mc_samples=3)
     node = Node(open_source("synthetic://?width=64&height=48&frames=2"), backend, pub,
                 NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=lambda m: None)
     sub = Subscriber(pub.endpoint, topics=["segnet/uncertainty"])
@@ -259,3 +253,61 @@ def test_launch_configs_parse():
         assert cfg.publish.startswith("tcp://127.0.0.1:"), "configs bind to loopback by default"
     cfg = load_config(build_parser().parse_args(["--config", str(configs[0]), "--namespace", "x"]))
     assert cfg.namespace == "x"  # flags override the file
+
+
+class _FastLiveSource:
+    """A live source producing frames much faster than inference (a camera at high fps)."""
+
+    live = True
+    uri = "fake://camera"
+    state = "streaming"
+    reconnects = 0
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        from perception.node.sources import Frame
+
+        for i in range(self.n):
+            time.sleep(0.002)
+            yield Frame(np.full((48, 64, 3), i % 255, np.uint8), i, time.time_ns(), i)
+        self.state = "ended"
+
+    def stalled(self):
+        return False
+
+
+def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
+    _, model_dir = toy_model
+
+    class SlowBackend:
+        def __init__(self, inner):
+            self.inner, self.name, self.card = inner, "slow", inner.card
+            self.palette, self.classes = inner.palette, inner.classes
+
+        def infer(self, frames, **kw):
+            time.sleep(0.03)
+            return self.inner.infer(frames, **kw)
+
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    node = Node(_FastLiveSource(200), SlowBackend(load_backend(model_dir, backend="torch")), pub,
+                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=lambda m: None)
+    sub = Subscriber(pub.endpoint, topics=["segnet/mask"])
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
+    t.start()
+    seqs = []
+    while True:
+        m = sub.recv(timeout=2)
+        if m is None:
+            break
+        seqs.append(m.header["seq"])
+    t.join(timeout=30)
+    sub.close()
+    pub.close()
+    c = node.counters
+    assert result.get("rc") == 0
+    assert c.captured == 200 and c.dropped > 50, "a slow consumer of a live source must drop, not queue"
+    assert c.processed + c.dropped == c.captured
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and len(seqs) < 200

@@ -66,3 +66,65 @@ def test_bad_sources_fail_with_one_line_errors(tmp_path, make, match):
     with pytest.raises(SourceError, match=match) as e:
         open_source(make(tmp_path))
     assert "\n" not in str(e.value)
+
+
+class _FlakyCapture:
+    """Stands in for cv2.VideoCapture: yields `good` frames, then fails until reopened."""
+
+    opens = 0
+
+    def __init__(self, *args, **kwargs):
+        type(self).opens += 1
+        self.left = 3
+
+    def isOpened(self):
+        return type(self).opens != 2  # the first reconnect attempt fails, the second succeeds
+
+    def get(self, prop):
+        return 30.0
+
+    def read(self):
+        if self.left == 0:
+            return False, None
+        self.left -= 1
+        return True, np.zeros((8, 8, 3), np.uint8)
+
+    def release(self):
+        pass
+
+
+def test_live_source_reconnects_with_backoff_then_gives_up(monkeypatch):
+    from perception.node import sources as S
+
+    _FlakyCapture.opens = 0
+    monkeypatch.setattr(S.cv2, "VideoCapture", _FlakyCapture)
+    src = S.open_source("rtsp://camera.invalid/stream", SourceOptions(reconnect_attempts=2, reconnect_backoff_s=0.01,
+                                                                       max_frames=6))
+    assert src.live
+    frames = list(src)
+    # 3 frames, a failed reopen, a successful one, 3 more frames.
+    assert [f.seq for f in frames] == list(range(6)) and src.reconnects == 2
+
+    class Dead(_FlakyCapture):
+        def isOpened(self):
+            return type(self).opens == 1  # opens once, never again
+
+    Dead.opens = 0
+    monkeypatch.setattr(S.cv2, "VideoCapture", Dead)
+    src = S.open_source("rtsp://camera.invalid/stream", SourceOptions(reconnect_attempts=2, reconnect_backoff_s=0.01))
+    with pytest.raises(SourceError, match="2 reconnect attempts failed"):
+        list(src)
+    assert src.state == "failed"
+
+
+def test_stalled_is_reported(monkeypatch):
+    import time
+
+    from perception.node import sources as S
+
+    _FlakyCapture.opens = 0
+    monkeypatch.setattr(S.cv2, "VideoCapture", _FlakyCapture)
+    src = S.open_source("rtsp://camera.invalid/s", SourceOptions(stall_timeout_s=0.05, max_frames=1))
+    list(src)
+    time.sleep(0.1)
+    assert src.stalled()
