@@ -98,3 +98,32 @@ def test_topics():
     assert topic_for("/robot/front/", "overlay") == "robot/front/overlay"
     with pytest.raises(ValueError):
         topic_for("segnet", "depth")
+
+
+def test_docs_protocol_example_consumer_works(toy_model, tmp_path):
+    """The stand-alone consumer in docs/protocol.md (plain pyzmq + msgpack) decodes a real node's mask."""
+    import re
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from perception.backends import load_backend
+    from perception.node.pipeline import Node, NodeSettings
+    from perception.node.publisher import Publisher
+    from perception.node.sources import open_source
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    code = re.search(r"## Example consumer.*?```python\n(.*?)```", doc, re.S).group(1)
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    code = code.replace("tcp://127.0.0.1:5555", pub.endpoint) + "\nprint(mask.shape, mask.dtype, int(mask.max()))\n"
+    node = Node(open_source("synthetic://?width=64&height=48&frames=3"), load_backend(toy_model[1]), pub,
+                NodeSettings(wait_for_subscribers=1, wait_timeout_s=30), log=lambda m: None)
+    t = threading.Thread(target=node.run, daemon=True)
+    t.start()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    t.join(timeout=30)
+    pub.close()
+    assert r.returncode == 0, r.stderr
+    shape, dtype, top = r.stdout.split(")")[0] + ")", r.stdout.split()[-2], int(r.stdout.split()[-1])
+    assert shape == "(48, 64)" and dtype == "uint8" and 0 <= top < 3

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from .folder import SegmentationListDataset, parse_list_file
 
 __all__ = [
@@ -70,6 +68,3 @@ class CamVid(SegmentationListDataset):
         )
         self.split = split
 
-
-def reference_weights() -> np.ndarray:
-    return np.asarray(CAMVID_REFERENCE_WEIGHTS, dtype=np.float64)

@@ -16,6 +16,9 @@ from .unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
 
 __all__ = ["BasicEncoder", "BasicDecoderStage", "SegNetBasic", "EncoderFeatures"]
 
+# Per encoder stage, shallowest first: (pre-pool map, pooled map, switches).
+EncoderFeatures = list[tuple[Tensor, Tensor, Switches]]
+
 WIDTH = 64
 KERNEL = 7
 
@@ -28,10 +31,6 @@ def _conv_bn(in_ch: int, out_ch: int, *, groups: int = 1, relu: bool) -> nn.Sequ
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
-
-
-class EncoderFeatures(list):
-    """Per stage, shallowest first: (pre-pool map, pooled map, switches)."""
 
 
 class BasicEncoder(nn.Module):
@@ -60,7 +59,7 @@ class BasicEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> EncoderFeatures:
-        feats = EncoderFeatures()
+        feats: EncoderFeatures = []
         x = self.lrn(x)
         for conv, pool, drop in zip(self.stages, self.pools, self.dropouts):
             pre = conv(x)

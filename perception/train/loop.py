@@ -148,7 +148,7 @@ def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, comma
             "config": cfg.to_dict(),
             "data": str(cfg.data),
             "train_split": cfg.train_split,
-            "train_images": None,
+            "train_images": len(dataset),
             "epoch": state.epoch,
             "machine": machine_description(device),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -337,7 +337,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
                 if m["miou"] > state.best_miou:
                     state.best_miou, state.best_epoch = float(m["miou"]), state.epoch
                     card = _make_card(cfg, model, train_set, spec, m, command, device, state)
-                    card.training["train_images"] = len(train_set)
                     model_io.save(model, out / BEST_DIR, card)
                     record["best"] = True
                 print(
