@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..fileio import atomic_write_bytes
 from ..models.io import InputSpec, ModelCard, load, weights_sha256
-from ..models.unpool import set_unpool_impl
+from ..models.unpool import set_unpool_impl, static_shapes
 from ..models.unpool_ops import (
     PLUGIN_DOMAIN,
     POOL_OP,
@@ -224,7 +224,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, options: ExportOptions |
                 ax.update({1: "height", 2: "width"} if name == "labels" else {2: "height", 3: "width"})
             dynamic_axes[name] = ax
 
-    with torch.no_grad():
+    with torch.no_grad(), static_shapes(not in_axes):
         proto = _onnx_export(wrapper, (dummy,), ["image"], list(opts.outputs), dynamic_axes or None, opts.opset)
 
     if opts.unpool == "plugin":

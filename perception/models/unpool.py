@@ -23,7 +23,8 @@ serves training and every export form.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ __all__ = [
     "pool_output_size",
     "first_max_onehot",
     "pad_to_even",
+    "static_shapes",
 ]
 
 
@@ -83,9 +85,28 @@ def _unpool_indices(y: Tensor, sw: Switches) -> Tensor:
 # --- "index_free": standard ops only ----------------------------------------------------------
 
 
+_STATIC_SHAPES = False
+
+
+@contextmanager
+def static_shapes(enabled: bool = True) -> Iterator[None]:
+    """While tracing for a fixed-size export: treat sizes as constants, so even sides need no Pad and
+    no shape arithmetic ends up in the graph (the default keeps sizes symbolic for dynamic exports)."""
+    global _STATIC_SHAPES
+    before, _STATIC_SHAPES = _STATIC_SHAPES, enabled
+    try:
+        yield
+    finally:
+        _STATIC_SHAPES = before
+
+
 def pad_to_even(x: Tensor) -> Tensor:
     """Pad the bottom/right of odd sides with -inf (ceil mode's clipped last window)."""
     h, w = x.shape[-2], x.shape[-1]
+    if _STATIC_SHAPES:
+        h, w = int(h), int(w)
+        if h % 2 == 0 and w % 2 == 0:
+            return x
     # (s + 1) // 2 * 2 - s rather than s % 2: traced for export, Mod is not an op TensorRT parses.
     return F.pad(x, (0, (w + 1) // 2 * 2 - w, 0, (h + 1) // 2 * 2 - h), value=float("-inf"))
 
