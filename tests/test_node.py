@@ -291,8 +291,9 @@ def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
             return self.inner.infer(frames, **kw)
 
     pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    logs = []
     node = Node(_FastLiveSource(200), SlowBackend(load_backend(model_dir, backend="torch")), pub,
-                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=lambda m: None)
+                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20, log_period_s=0.2), log=logs.append)
     sub = Subscriber(pub.endpoint, topics=["segnet/mask"])
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
@@ -311,3 +312,5 @@ def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
     assert c.captured == 200 and c.dropped > 50, "a slow consumer of a live source must drop, not queue"
     assert c.processed + c.dropped == c.captured
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and len(seqs) < 200
+    status = [l for l in logs if " fps" in l]
+    assert status and "dropped" in status[-1] and "source" in status[-1]

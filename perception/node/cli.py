@@ -49,6 +49,7 @@ class NodeConfig:
     info_period: float = 5.0
     mc_samples: int = 8
     sndhwm: int = 8
+    log_period: float = 10.0  # seconds between status lines on stderr; 0 for none
     reconnect_attempts: int = 5
     stall_timeout: float = 5.0
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-period", type=float)
     p.add_argument("--info-period", type=float)
     p.add_argument("--mc-samples", type=int, help="MC dropout samples for uncertainty (Bayesian models)")
+    p.add_argument("--log-period", type=float, help="seconds between status lines on stderr (0: none)")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     return p
 
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         frame_id=cfg.frame_id, image_encoding=cfg.image_encoding, overlay_alpha=cfg.overlay_alpha, legend=cfg.legend,
         stats_period_s=cfg.stats_period, info_period_s=cfg.info_period,
         wait_for_subscribers=cfg.wait_for_subscribers, wait_timeout_s=cfg.wait_timeout,
+        log_period_s=cfg.log_period or None,
     )
     node = Node(source, backend, publisher, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
 

@@ -39,6 +39,7 @@ class NodeSettings:
     queue_size: int = 2
     wait_for_subscribers: int = 0
     wait_timeout_s: float | None = None
+    log_period_s: float | None = 10.0  # a one-line status on the log every so often (None: never)
 
 
 class LatencyWindow:
@@ -230,6 +231,7 @@ class Node:
         capture.start()
         next_stats = time.monotonic() + self.s.stats_period_s
         next_info = time.monotonic() + self.s.info_period_s
+        next_log = time.monotonic() + (self.s.log_period_s or float("inf"))
         try:
             while not self.stop_event.is_set():
                 self.pub.poll(0)
@@ -241,6 +243,14 @@ class Node:
                     if self.pub.wants("stats"):
                         self.pub.publish_map("stats", self._map_header(), self.stats())
                     next_stats = now + self.s.stats_period_s
+                if now >= next_log:
+                    st = self.stats()
+                    infer = st["latency_ms"].get("infer", {}).get("p50")
+                    self.log(f"{st['frames_processed']} frames, {st['fps']:.2f} fps"
+                             + (f", inference p50 {infer:.0f} ms" if infer is not None else "")
+                             + f", {st['frames_dropped']} dropped, {st['subscribers']} subscriber(s), "
+                             f"source {st['source_state']}")
+                    next_log = now + (self.s.log_period_s or float("inf"))
                 try:
                     item = self._queue.get(timeout=0.05)
                 except queue.Empty:
