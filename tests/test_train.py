@@ -125,3 +125,26 @@ def test_ddp_two_processes_on_cpu_gloo(toy_data, tmp_path):
     # 8 images, 2 processes x batch 2: 2 steps per epoch (each process sees half the data).
     assert rows[-1]["step"] == 4
     assert (out / "final" / "weights.safetensors").is_file()
+
+
+def test_batch_norm_recalibration_is_the_dataset_average():
+    from perception.models.io import InputSpec
+    from perception.train.loop import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(conv, bn).eval()
+    bn.running_mean.fill_(5.0)  # stale statistics that must be replaced
+    images = [torch.randint(0, 256, (3, 6, 8), dtype=torch.uint8) for _ in range(5)]
+    dataset = [(img, torch.zeros(6, 8, dtype=torch.int64)) for img in images]
+    spec = InputSpec(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    recalibrate_batch_norm(model, dataset, spec, device="cpu", progress=False)
+    from perception.data.transforms import normalize
+
+    with torch.no_grad():
+        feats = [conv(normalize(img[None], spec)) for img in images]
+    means = torch.stack([f.mean((0, 2, 3)) for f in feats])
+    vars_ = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    torch.testing.assert_close(bn.running_var, vars_.mean(0))
+    assert not model.training and bn.momentum == 0.1
