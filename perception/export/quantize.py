@@ -71,7 +71,9 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
         quantize_static(
             str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
-            op_types_to_quantize=["Conv"],
+            # Conv and the ReLU after it (ONNX Runtime fuses them into one QLinearConv). Pooling and
+            # unpooling stay float: quantizing the -inf padding of odd-sized pools destroys them.
+            op_types_to_quantize=["Conv", "Relu"],
         )
         model = onnx.load(str(q))
         del model.metadata_props[:]
