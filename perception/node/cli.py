@@ -140,8 +140,26 @@ def _cached_onnx(model_dir: Path) -> Path:
     return path
 
 
+def _engine_in_folder(model: Path) -> Path | None:
+    """An engine built for this machine inside a model folder (``*.engine`` with a sidecar), if TensorRT
+    and a CUDA GPU are both here."""
+    engines = sorted(model.glob("*.engine"))
+    if not engines:
+        return None
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    return next((e for e in engines if Path(str(e) + ".json").is_file()), None)
+
+
 def resolve_backend(cfg: NodeConfig):
-    """The backend ``cfg`` asks for: ``auto`` is TensorRT for an engine on a CUDA machine, ONNX
+    """The backend ``cfg`` asks for: ``auto`` is TensorRT for an engine (given, or inside the model folder)
+    on a machine with TensorRT and a CUDA GPU, ONNX
     Runtime otherwise (a model folder is exported to ONNX once and cached), and PyTorch for Bayesian
     models (MC dropout needs the dropout layers an exported graph does not sample)."""
     from ..backends import backend_kind, load_backend
@@ -156,7 +174,10 @@ def resolve_backend(cfg: NodeConfig):
     backend = cfg.backend
     if backend == "auto":
         backend = kind
-        if kind == "torch":
+        engine = _engine_in_folder(model) if kind == "torch" else None
+        if engine is not None:
+            model, kind, backend = engine, "tensorrt", "tensorrt"
+        elif kind == "torch":
             from ..models.io import load_card
             from ..models.registry import get_model
 
