@@ -204,12 +204,15 @@ def export_onnx(model_dir: str | Path, out: str | Path, options: ExportOptions |
     net = fold_batch_norm(copy.deepcopy(model).eval())
     set_unpool_impl(net, UNPOOL_FORMS[opts.unpool])
     dtype = torch.float16 if opts.fp16 else torch.float32
-    wrapper = FrameModel(net.to(dtype), card.input, tuple(opts.outputs), dtype).eval()
+    # Tracing runs the network once; fp16 convolutions are very slow on CPUs, so trace those on a GPU
+    # when there is one (the exported graph is the same).
+    device = "cuda" if opts.fp16 and torch.cuda.is_available() else "cpu"
+    wrapper = FrameModel(net.to(dtype), card.input, tuple(opts.outputs), dtype).eval().to(device)
 
     h, w = opts.size or (card.input.height, card.input.width)
     if opts.dynamic_size:
         h, w = 64, 96  # any size traces the same graph; a small one keeps (slow, CPU fp16) tracing quick
-    dummy = torch.zeros(opts.batch or 1, h, w, 3, dtype=torch.uint8)
+    dummy = torch.zeros(opts.batch or 1, h, w, 3, dtype=torch.uint8, device=device)
     in_axes: dict[int, str] = {}
     if opts.batch is None:
         in_axes[0] = "batch"
