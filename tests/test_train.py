@@ -148,3 +148,24 @@ def test_batch_norm_recalibration_is_the_dataset_average():
     torch.testing.assert_close(bn.running_mean, means.mean(0))
     torch.testing.assert_close(bn.running_var, vars_.mean(0))
     assert not model.training and bn.momentum == 0.1
+
+
+def test_init_weights_fine_tunes_from_a_model_folder(toy_model, tmp_path, capsys):
+    """A Bayesian variant starts from SegNet-Basic weights (same parameters, plus dropout)."""
+    data, model_dir = toy_model
+    out = tmp_path / "ft"
+    assert train_main([*TINY, "--model", "bayesian_segnet_basic", "--data", str(data), "--out", str(out),
+                       "--epochs", "1", "--lr", "1e-12", "--init-weights", str(model_dir)]) == 0
+    assert "initialised" in capsys.readouterr().out
+    src, ft = load(model_dir), load(out / "final")
+    w_src = src.state_dict()["encoder.stages.0.0.weight"]
+    w_ft = ft.state_dict()["encoder.stages.0.0.weight"]
+    assert torch.allclose(w_src, w_ft, atol=1e-6)  # lr ~0: the weights are the initial ones
+    # Different class count: the classifier is skipped, everything else loads.
+    from perception.models import get_model
+    from perception.train.loop import init_from_model_folder
+
+    loaded, skipped = init_from_model_folder(get_model("segnet_basic", num_classes=5), model_dir)
+    assert sorted(skipped) == ["classifier.bias", "classifier.weight"] and loaded > 0
+    with pytest.raises(ValueError, match="no tensor"):
+        init_from_model_folder(get_model("segnet", num_classes=5), model_dir)

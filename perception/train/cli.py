@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute batch-norm statistics over the training set at the end")
     p.add_argument("--encoder-weights", help="local torchvision vgg16_bn weights to initialise SegNet's encoder")
+    p.add_argument("--init-weights", metavar="MODEL_DIR",
+                   help="start from a model folder's weights (fine-tuning, e.g. another dataset or a Bayesian "
+                        "variant of the same architecture); tensors whose names or shapes differ are skipped")
     p.add_argument("--model-kwargs", type=json.loads, help='JSON of extra builder arguments, e.g. \'{"lrn": true}\'')
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--num-workers", type=int)

@@ -45,6 +45,7 @@ class TrainConfig:
     val_every: int = 1
     bn_recalibrate: bool = False
     encoder_weights: str | None = None
+    init_weights: str | None = None  # a model folder to start from (fine-tuning); mismatched tensors are skipped
     seed: int = 0
     num_workers: int = 0
     cache: bool = True

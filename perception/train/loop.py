@@ -174,6 +174,27 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def init_from_model_folder(model: nn.Module, folder: str | Path) -> tuple[int, list[str]]:
+    """Copy the tensors of ``folder/weights.safetensors`` whose names and shapes match into ``model``.
+    Returns (number copied, names skipped)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / model_io.WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-weights: no {model_io.WEIGHTS_FILE} in {folder}")
+    source = load_file(str(path))
+    own = model.state_dict()
+    skipped = [k for k, v in source.items() if k not in own or own[k].shape != v.shape]
+    for k, v in source.items():
+        if k not in skipped:
+            own[k].copy_(v)
+    loaded = len(source) - len(skipped)
+    if loaded == 0:
+        raise ValueError(f"--init-weights: no tensor of {folder} fits {model_config(model)['name']}")
+    return loaded, skipped
+
+
+@torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, dataset, spec, *, device, amp: str = "off", progress: bool = True) -> None:
     """Recompute batch-norm running statistics as plain averages over ``dataset`` (no augmentation),
     as the reference implementation did before testing."""
@@ -229,6 +250,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
         if cfg.encoder_weights:
             kwargs["encoder_weights"] = cfg.encoder_weights
         model = get_model(cfg.model, num_classes=num_classes, **kwargs).to(device)
+        if cfg.init_weights and not resume:
+            loaded, skipped = init_from_model_folder(model, cfg.init_weights)
+            if info.is_main:
+                print(f"initialised {loaded} tensors from {cfg.init_weights}"
+                      + (f"; skipped {len(skipped)} that differ: {skipped[:4]}" if skipped else ""), flush=True)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         weights = _class_weights(cfg, train_set)
