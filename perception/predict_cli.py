@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 __all__ = ["build_parser", "main", "expand_images"]
 
@@ -48,7 +47,7 @@ def expand_images(items: list[str]) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .backends import load_backend
-    from .postprocess import colorize, draw_legend, overlay, palette_lut, uncertainty_to_bgr
+    from .postprocess import classes_present, colorize, draw_legend, overlay, palette_lut, uncertainty_to_bgr
 
     try:
         images = expand_images(args.images)
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         color = colorize(labels, lut)
         over = overlay(frame, color, args.alpha)
         if not args.no_legend:
-            draw_legend(over, backend.classes, backend.palette, present=np.unique(labels), in_place=True)
+            draw_legend(over, backend.classes, backend.palette, present=classes_present(labels, len(backend.classes)), in_place=True)
         stem = path.stem
         cv2.imwrite(str(out / f"{stem}_mask.png"), color)
         cv2.imwrite(str(out / f"{stem}_overlay.png"), over)

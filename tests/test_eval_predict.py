@@ -90,3 +90,22 @@ def test_mc_dropout_eval_and_uncertainty_maps(toy_bayesian_model, tmp_path, caps
     assert predict_main([str(img), "--model", str(model_dir), "--out", str(out), "--uncertainty"]) == 0
     heat = cv2.imread(str(out / f"{img.stem}_uncertainty.png"))
     assert heat is not None and heat.shape[:2] == (48, 64)
+
+
+def test_postprocess_helpers():
+    import numpy as np
+
+    from perception.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut
+
+    labels = np.array([[0, 2], [2, 11]], np.uint8)  # 11 = void, beyond the palette
+    lut = palette_lut([(255, 0, 0), (0, 255, 0), (0, 0, 255)])
+    color = colorize(labels, lut)
+    assert color[0, 0].tolist() == [0, 0, 255] and color[0, 1].tolist() == [255, 0, 0]  # BGR
+    assert color[1, 1].tolist() == [0, 0, 0]
+    assert classes_present(labels, 3).tolist() == [0, 2]
+    frame = np.full((2, 2, 3), 100, np.uint8)
+    assert overlay(frame, color, 0.0).tolist() == frame.tolist()
+    assert overlay(frame, color, 1.0).tolist() == color.tolist()
+    big = np.zeros((120, 160, 3), np.uint8)
+    out = draw_legend(big, ["a", "b", "c"], [(255, 0, 0), (0, 255, 0), (0, 0, 255)], present=[0, 2])
+    assert out is not big and out.any() and not big.any()  # drawn on a copy unless in_place

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import Backend
-from ..postprocess import colorize, draw_legend, overlay, palette_lut
+from ..postprocess import classes_present, colorize, draw_legend, overlay, palette_lut
 from ..protocol import FRAME_STREAMS, SCHEMA_VERSION, image_header, encode_image
 from .publisher import Publisher
 from .sources import Frame, Source, SourceError
@@ -194,7 +194,7 @@ class Node:
         if "overlay" in wanted:
             over = overlay(frame.image, color, self.s.overlay_alpha)
             if self.s.legend:
-                draw_legend(over, self.backend.classes, self.backend.palette, present=np.unique(labels), in_place=True)
+                draw_legend(over, self.backend.classes, self.backend.palette, present=classes_present(labels, len(self.backend.classes)), in_place=True)
             outputs["overlay"] = (over, enc)
         if "uncertainty" in wanted and res.uncertainty is not None:
             outputs["uncertainty"] = (res.uncertainty[0].astype(np.float32), "32FC1")
