@@ -126,11 +126,40 @@ def test_strip_refuses_used_trailing_params():
 def _fake_tensorrt(monkeypatch):
     """Minimal stand-ins for `tensorrt` and `tensorrt.plugin`, recording what is registered. Shape
     expressions are plain ints here: the plugin code must only use + * // on them."""
-    reg: dict = {"register": {}, "autotune": {}, "aot_impl": {}, "impl": {}}
+    import inspect
+    import typing
+
+    reg: dict = {"register": {}, "autotune": {}, "aot_impl": {}, "impl": {}, "schema": {}}
+
+    def validate(kind, pid, fn):
+        # The checks tensorrt.plugin itself makes (its _validate module): live annotation classes,
+        # mandatory annotations on register, a 4-tuple return annotation on aot_impl, and the
+        # argument schema (the registered inputs, then outputs, then stream/tactic).
+        sig = inspect.signature(fn)
+        names = list(sig.parameters)
+        if kind == "register":
+            for p in sig.parameters.values():
+                assert p.annotation is not inspect.Parameter.empty, "register args need annotations"
+                assert issubclass(p.annotation, Desc), p.annotation  # a string annotation raises here
+            ret = sig.return_annotation
+            args = typing.get_args(ret) if typing.get_origin(ret) is tuple else (ret,)
+            assert all(issubclass(a, Desc) for a in args), ret
+            reg["schema"][pid] = names
+            return
+        tail = {"autotune": ["outputs"], "aot_impl": ["outputs", "tactic"], "impl": ["outputs", "stream"]}[kind]
+        assert names == reg["schema"][pid] + tail, (kind, names)
+        for p in sig.parameters.values():
+            if p.annotation is not inspect.Parameter.empty and p.name == "outputs":
+                assert all(isinstance(a, type) for a in typing.get_args(p.annotation)), p.annotation
+        if kind == "aot_impl":
+            ret = sig.return_annotation
+            assert ret is not inspect.Parameter.empty, "aot_impl needs a return annotation"
+            assert typing.get_origin(ret) is tuple and len(typing.get_args(ret)) == 4, ret
 
     def deco(kind):
         def outer(pid):
             def inner(fn):
+                validate(kind, pid, fn)
                 reg[kind][pid] = fn
                 return fn
             return inner
@@ -179,7 +208,7 @@ def test_plugin_definitions_shapes_types_and_aot_launch(monkeypatch):
     monkeypatch.setattr(P, "_registered", False)
     monkeypatch.setenv("SEGNET_SM_ARCH", "sm_90")
     P.register_plugins()
-    for kind in ("register", "autotune", "aot_impl", "impl"):
+    for kind in ("register", "autotune", "aot_impl", "impl", "schema"):
         assert set(reg[kind]) == {"segnet::MaxPoolArgmax", "segnet::MaxUnpool2d"}, kind
 
     x = Desc([2, 64, 45, 61], trt.float16)

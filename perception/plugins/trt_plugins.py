@@ -13,10 +13,10 @@ rules it uses (output shapes, scalar argument order, grid size) live in ``kernel
 machines without TensorRT.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: tensorrt.plugin inspects the decorated functions'
+# annotations as live classes (issubclass(annotation, TensorDesc)); strings would break registration.
 import os
-from typing import Any
+from typing import Any, Tuple, Union
 
 from ..models.unpool_ops import PLUGIN_DOMAIN, POOL_OP, UNPOOL_OP
 from . import kernels as K
@@ -66,7 +66,7 @@ def _dtype_name(trt: Any, dtype: Any) -> str:
     raise TypeError(f"unsupported plugin data type {dtype}")
 
 
-def _ptx_for(kernel: str, dtype: str) -> tuple[bytes, bytes, "K.CompiledKernel"]:
+def _ptx_for(kernel: str, dtype: str) -> Tuple[bytes, bytes, K.CompiledKernel]:
     ck = K.compile_ptx(kernel, dtype=dtype, arch=current_sm_arch())
     ptx = K.strip_unused_trailing_params(ck.ptx, ck.name, len(K.KERNEL_SIGNATURES[kernel]))
     return ck.name.encode(), ptx.encode(), ck
@@ -94,8 +94,12 @@ def register_plugins() -> None:
 
     # --- MaxPoolArgmax ------------------------------------------------------------------------
 
+    # Annotations follow tensorrt.plugin's validation: register needs them on every argument and on the
+    # return; aot_impl needs a return annotation; elsewhere they are optional and left out.
+    AotResult = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
+
     @trtp.register(POOL_PLUGIN_ID)
-    def _pool_desc(x: trtp.TensorDesc) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+    def _pool_desc(x: trtp.TensorDesc) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         values = x.like()
         values.shape_expr[2] = (x.shape_expr[2] + 1) // 2
         values.shape_expr[3] = (x.shape_expr[3] + 1) // 2
@@ -103,17 +107,17 @@ def register_plugins() -> None:
         return values, indices
 
     @trtp.autotune(POOL_PLUGIN_ID)
-    def _pool_autotune(x: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc, ...]) -> list[trtp.AutoTuneCombination]:
+    def _pool_autotune(x, outputs):
         return [trtp.AutoTuneCombination(AUTOTUNE_TYPES[POOL_PLUGIN_ID], "LINEAR")]
 
     @trtp.aot_impl(POOL_PLUGIN_ID)
-    def _pool_aot(x: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc, ...], tactic: int):
+    def _pool_aot(x, outputs, tactic) -> AotResult:
         s = x.shape_expr
         return _aot_result(trtp, "pool_argmax_kernel", _dtype_name(trt, x.dtype),
                            K.pool_scalar_args(s[0], s[1], s[2], s[3]))
 
     @trtp.impl(POOL_PLUGIN_ID)
-    def _pool_impl(x: trtp.Tensor, outputs: tuple[trtp.Tensor, ...], stream: int) -> None:
+    def _pool_impl(x, outputs, stream) -> None:
         import torch
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
@@ -128,20 +132,17 @@ def register_plugins() -> None:
         return like.like()
 
     @trtp.autotune(UNPOOL_PLUGIN_ID)
-    def _unpool_autotune(values: trtp.TensorDesc, indices: trtp.TensorDesc, like: trtp.TensorDesc,
-                         outputs: tuple[trtp.TensorDesc, ...]) -> list[trtp.AutoTuneCombination]:
+    def _unpool_autotune(values, indices, like, outputs):
         return [trtp.AutoTuneCombination(AUTOTUNE_TYPES[UNPOOL_PLUGIN_ID], "LINEAR")]
 
     @trtp.aot_impl(UNPOOL_PLUGIN_ID)
-    def _unpool_aot(values: trtp.TensorDesc, indices: trtp.TensorDesc, like: trtp.TensorDesc,
-                    outputs: tuple[trtp.TensorDesc, ...], tactic: int):
+    def _unpool_aot(values, indices, like, outputs, tactic) -> AotResult:
         s = like.shape_expr
         return _aot_result(trtp, "unpool_kernel", _dtype_name(trt, values.dtype),
                            K.unpool_scalar_args(s[0], s[1], s[2], s[3]))
 
     @trtp.impl(UNPOOL_PLUGIN_ID)
-    def _unpool_impl(values: trtp.Tensor, indices: trtp.Tensor, like: trtp.Tensor,
-                     outputs: tuple[trtp.Tensor, ...], stream: int) -> None:
+    def _unpool_impl(values, indices, like, outputs, stream) -> None:
         import torch
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
