@@ -63,7 +63,11 @@ class OnnxRuntimeBackend(Backend):
     def _infer(self, frames: np.ndarray, *, probs: bool, uncertainty: bool) -> InferenceResult:
         batch = self.static_batch
         chunks = [frames] if batch is None else [frames[i : i + batch] for i in range(0, len(frames), batch)]
-        want = [n for n in ("labels", "probs", "logits") if n in self.output_names]
+        # Ask only for what is needed: ONNX Runtime then skips the softmax (or argmax) branch.
+        available = [n for n in ("labels", "probs", "logits") if n in self.output_names]
+        want = ["labels"] if "labels" in available else available[:1]
+        if probs:
+            want += [n for n in ("probs", "logits") if n in available][:1]
         labels, prob_list = [], []
         for chunk in chunks:
             n = len(chunk)
