@@ -67,7 +67,7 @@ class OnnxRuntimeBackend(Backend):
         available = [n for n in ("labels", "probs", "logits") if n in self.output_names]
         want = ["labels"] if "labels" in available else available[:1]
         if probs:
-            want += [n for n in ("probs", "logits") if n in available][:1]
+            want += [n for n in ("probs", "logits") if n in available and n not in want][:1]
         labels, prob_list = [], []
         for chunk in chunks:
             n = len(chunk)
