@@ -20,8 +20,12 @@ class OnnxRuntimeBackend(Backend):
     ) -> None:
         import onnxruntime as ort
 
+        import onnx
+
         path = Path(path)
         super().__init__(read_card_from_onnx(path))
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        self.precision = meta.get("segnet.precision", "fp32")
         so = ort.SessionOptions()
         so.graph_optimization_level = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -36,8 +40,12 @@ class OnnxRuntimeBackend(Backend):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError("device cuda requested but onnxruntime has no CUDAExecutionProvider")
             providers.insert(0, "CUDAExecutionProvider")
+        # int8 graphs: ONNX Runtime's NHWC rewrite of QLinearConv has to transpose around our NCHW-only
+        # MaxPool/MaxUnpool (indices), which costs more than it gains (about 8% of the frame time on
+        # the project's Zen 4 CPU, tools/benchmark.py); keep those graphs in NCHW.
+        disabled = ["NhwcTransformer"] if self.precision == "int8" else []
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
+            self.session = ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled)
         except Exception as e:  # ORT raises its own exception types
             raise ValueError(f"ONNX Runtime cannot load {path}: {e}") from None
         inp = self.session.get_inputs()[0]
