@@ -50,6 +50,10 @@ class Publisher:
                 raise PublisherError(f"endpoint {endpoint} is already in use") from None
             raise PublisherError(f"cannot bind {endpoint}: {e}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # One poller for the life of the socket: poll() runs on every loop iteration of the node.
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self.prefixes: set[bytes] = set()  # active subscription prefixes
         self.peers = 0  # connected subscriber sockets
         self.subscribe_events = 0
@@ -60,9 +64,7 @@ class Publisher:
 
     def poll(self, timeout_ms: int = 0) -> None:
         """Process pending subscription and connection events (waiting up to ``timeout_ms`` for one)."""
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        poller = self._poller
         events = dict(poller.poll(timeout_ms))
         while events:
             if self.sock in events:
