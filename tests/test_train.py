@@ -106,6 +106,10 @@ def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # The shipped card names the command that started the run, and the resumes after it.
+    training = json.loads((out / "final" / "model.json").read_text())["training"]
+    assert "--resume" not in training["command"] and training["command"].startswith("perception-train ")
+    assert len(training["resumed_with"]) == 1 and "--resume" in training["resumed_with"][0]
 
 
 def test_resume_without_checkpoint_is_an_error(toy_data, tmp_path, capsys):

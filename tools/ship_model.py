@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--status", default="final", help="'final', or e.g. 'in progress (epoch 12 of 120)'")
+    p.add_argument(
+        "--training-command",
+        help="the command that started the run, for a run whose checkpoints predate recording it "
+        "(the resume command the card holds then moves to 'resumed_with')",
+    )
     return p
 
 
@@ -44,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     card = model.card
     dest = Path(args.dest)
     card.id = dest.name
+    if args.training_command and args.training_command != card.training.get("command"):
+        resumed = list(card.training.get("resumed_with", []))
+        if card.training.get("command"):
+            resumed.insert(0, card.training["command"])
+        card.training["command"] = args.training_command
+        card.training["resumed_with"] = resumed
     ds = open_dataset(args.data, args.split, transform=ToTensors())
     m = evaluate(model, ds, card.input, amp="off", progress=True)
     keys = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou", "per_class_bf")
@@ -94,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         str(t.get("command")),
         "```",
         "",
+        *(
+            ["The run was stopped and continued (same config, exact resume) with:", "", "```bash",
+             *t["resumed_with"], "```", ""]
+            if t.get("resumed_with") else []
+        ),
         f"Machine: {t.get('machine', {}).get('cpu')} ({t.get('machine', {}).get('cpu_count')} cores), "
         f"torch {t.get('machine', {}).get('torch')}; epochs completed: {t.get('epoch')}; date {t.get('date')}.",
         "",

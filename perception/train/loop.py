@@ -14,7 +14,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,8 @@ class _State:
     step: int = 0
     best_miou: float = -1.0
     best_epoch: int = -1
+    command: str = ""  # the command that started the run; a resumed run's card still names it
+    resumed_with: list[str] = field(default_factory=list)
 
 
 def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, command, device, state) -> model_io.ModelCard:
@@ -144,7 +146,8 @@ def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, comma
         input=spec,
         ignore_index=dataset.ignore_index,
         training={
-            "command": command,
+            "command": state.command or command,
+            **({"resumed_with": list(state.resumed_with)} if state.resumed_with else {}),
             "config": cfg.to_dict(),
             "data": str(cfg.data),
             "train_split": cfg.train_split,
@@ -283,7 +286,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
             optimizer, lambda step: _lr_factor(cfg, step, steps_per_epoch)
         )
 
-        state = _State()
+        state = _State(command=command)
         if resume:
             ck = load_checkpoint(ckpt_path)
             if ck.get("version") != CHECKPOINT_VERSION:
@@ -294,6 +297,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             state = _State(**ck["state"])
+            if state.command:  # checkpoints written before the field existed have none
+                state.resumed_with.append(command)
             restore_rng_state(ck["rng"])
             if info.is_main:
                 _truncate_history(out / "metrics.jsonl", state.epoch)
