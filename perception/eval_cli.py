@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics here as JSON")
     p.add_argument("--save-predictions", metavar="DIR", help="one uint8 label PNG per image (class ids), same name")
     p.add_argument("--mc-samples", type=int, help="Monte-Carlo dropout samples (Bayesian models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = evaluate(
             model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
-            mc_samples=args.mc_samples, progress=not args.no_progress,
+            mc_samples=args.mc_samples, seed=args.seed, progress=not args.no_progress,
             on_prediction=save_prediction if save_dir is not None else None,
             channels_last=torch.device(args.device).type == "cpu",
         )
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "split": args.split,
             "images": len(dataset),
             "mc_samples": args.mc_samples,
+            **({"seed": args.seed} if args.mc_samples else {}),
             "precision": args.precision,
             **{k: result[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")},
             "per_class": {

@@ -61,26 +61,34 @@ def evaluate(
     progress: bool = True,
     on_prediction: Callable[[int, np.ndarray], None] | None = None,
     channels_last: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Predict every image of ``dataset`` (items: uint8 3xHxW tensor, int64 HxW tensor) and score it.
 
     ``on_prediction(index, labels_uint8)`` is called per image (e.g. to save predictions).
+    With ``mc_samples``, the dropout masks are drawn from ``seed`` (the caller's random state is
+    restored afterwards), so a Monte-Carlo evaluation reproduces exactly.
     """
     from tqdm.auto import tqdm
 
     metrics = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, boundary=boundary)
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
-    try:
-        for i in tqdm(range(len(dataset)), desc="eval", unit="img", disable=not progress, leave=False):
-            img, lab = dataset[i]
-            labels, _ = predict_labels(
-                model, img[None], spec, amp=amp, mc_samples=mc_samples, channels_last=channels_last
-            )
-            pred = labels[0].cpu().numpy().astype(np.uint8)
-            metrics.update(pred, lab.numpy())
-            if on_prediction is not None:
-                on_prediction(i, pred)
-    finally:
-        model.train(was_training)
+    # fork_rng restores the caller's random state; only MC dropout draws random numbers here.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=bool(mc_samples)):
+        if mc_samples:
+            torch.manual_seed(seed)
+        try:
+            for i in tqdm(range(len(dataset)), desc="eval", unit="img", disable=not progress, leave=False):
+                img, lab = dataset[i]
+                labels, _ = predict_labels(
+                    model, img[None], spec, amp=amp, mc_samples=mc_samples, channels_last=channels_last
+                )
+                pred = labels[0].cpu().numpy().astype(np.uint8)
+                metrics.update(pred, lab.numpy())
+                if on_prediction is not None:
+                    on_prediction(i, pred)
+        finally:
+            model.train(was_training)
     return metrics.compute()

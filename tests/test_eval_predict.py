@@ -85,6 +85,19 @@ def test_mc_dropout_eval_and_uncertainty_maps(toy_bayesian_model, tmp_path, caps
     doc = json.loads(out_json.read_text())
     assert doc["mc_samples"] == 3 and 0.0 <= doc["miou"] <= 1.0
     assert "3 MC samples" in capsys.readouterr().out
+    # Same seed, same dropout masks: the MC evaluation reproduces exactly.
+    again = tmp_path / "mc_again.json"
+    assert eval_main(["--model", str(model_dir), "--data", str(data), "--split", "val", "--mc-samples", "3",
+                      "--json", str(again), "--no-progress"]) == 0
+    assert json.loads(again.read_text())["confusion"] == doc["confusion"] and doc["seed"] == 0
+    # ... and evaluate() leaves its caller's random state as it found it.
+    from perception.data.transforms import ToTensors
+    from perception.evaluate import evaluate
+
+    model = load(model_dir)
+    rng_before = torch.random.get_rng_state()
+    evaluate(model, open_dataset(data, "val", transform=ToTensors()), model.card.input, mc_samples=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
     out = tmp_path / "pred"
     img = sorted((data / "val" / "images").iterdir())[0]
     assert predict_main([str(img), "--model", str(model_dir), "--out", str(out), "--uncertainty"]) == 0
