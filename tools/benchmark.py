@@ -9,6 +9,9 @@ fp32 measured in the same run (machines are shared and noisy: compare ratios, no
 Each backend runs in its own process (clean thread pools, its own peak memory). Per backend: warm-up,
 ``--runs`` timed calls of ``backend.infer`` on a batch of uint8 BGR frames (preprocessing included),
 median and p95 latency, frames/s, peak RSS, and, with ``--data``, val mIoU at native resolution.
+``--rounds`` repeats the whole sequence of backends (interleaved, so a slow drift of a shared machine
+hits all of them alike); each row reports medians over rounds and the median (and range) of the
+per-round ratios against that round's PyTorch fp32 baseline.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="run every backend this many times, interleaved, each in a fresh process; ratios are "
+                   "taken within a round (against that round's baseline) so slow drifts of a shared machine cancel")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     p.add_argument("--data", help="dataset folder: also measure mIoU on --split")
     p.add_argument("--split", default="val")
@@ -145,6 +151,23 @@ def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.
         queue.put({"backend": name, "error": f"{type(e).__name__}: {e}"})
 
 
+def _merge_rounds(name: str, per_round: list[dict], baseline: list[dict]) -> dict:
+    """One row per backend: medians over rounds, and the ratio against the same round's baseline."""
+    errors = [r["error"] for r in per_round if "error" in r]
+    if errors:
+        return {"backend": name, "error": errors[0]}
+    res = dict(per_round[0])
+    for key in ("median_ms", "p95_ms", "fps"):
+        res[key] = float(np.median([r[key] for r in per_round]))
+    res["peak_mb"] = max(r["peak_mb"] for r in per_round)
+    res["round_median_ms"] = [r["median_ms"] for r in per_round]
+    ratios = [b["median_ms"] / r["median_ms"] for r, b in zip(per_round, baseline) if "error" not in b]
+    if ratios:
+        res["ratio_vs_torch_fp32"] = float(np.median(ratios))
+        res["ratio_range"] = [min(ratios), max(ratios)]
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
@@ -164,22 +187,26 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         cfg = {"size": size, "batch": args.batch, "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
                "data": args.data, "split": args.split}
-        for name in names:
-            onnx_path = prepare(name, model, work, calib)
-            q = ctx.Queue()
-            proc = ctx.Process(target=run_one, args=(name, str(model), onnx_path, cfg, q))
-            proc.start()
-            res = q.get()
-            proc.join()
-            results.append(res)
-            print(f"  {name}: " + (res.get("error") or f"{res['median_ms']:.1f} ms"), file=sys.stderr, flush=True)
-    base = next((r for r in results if r["backend"] == BASELINE and "error" not in r), None)
-    for r in results:
-        if base and "error" not in r:
-            r["ratio_vs_torch_fp32"] = base["median_ms"] / r["median_ms"]
+        onnx_paths = {name: prepare(name, model, work, calib) for name in names}
+        rounds: list[dict[str, dict]] = []
+        for k in range(args.rounds):
+            # mIoU does not depend on timing: measured in the first round only.
+            round_cfg = cfg if k == 0 else {**cfg, "data": None}
+            got = {}
+            for name in names:
+                q = ctx.Queue()
+                proc = ctx.Process(target=run_one, args=(name, str(model), onnx_paths[name], round_cfg, q))
+                proc.start()
+                got[name] = q.get()
+                proc.join()
+                res = got[name]
+                print(f"  round {k + 1}/{args.rounds} {name}: " + (res.get("error") or f"{res['median_ms']:.1f} ms"),
+                      file=sys.stderr, flush=True)
+            rounds.append(got)
+    results = [_merge_rounds(name, [r[name] for r in rounds], [r[BASELINE] for r in rounds]) for name in names]
     doc = {"machine": machine(), "model": str(model), "batch": args.batch,
-           "size": list(size) if size else None, "runs": args.runs, "results": results}
-    hdr = f"{'backend':26s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'val mIoU':>9s} {'x torch':>8s}"
+           "size": list(size) if size else None, "runs": args.runs, "rounds": args.rounds, "results": results}
+    hdr = f"{'backend':26s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'val mIoU':>9s} {'x torch':>8s} {'(range)':>12s}"
     print(hdr)
     for r in results:
         if "error" in r:
@@ -187,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         miou = f"{100 * r['val_miou']:.2f}" if "val_miou" in r else "-"
         print(f"{r['backend']:26s} {r['median_ms']:10.1f} {r['p95_ms']:8.1f} {r['fps']:7.2f} {r['peak_mb']:8.0f} "
-              f"{miou:>9s} {r.get('ratio_vs_torch_fp32', float('nan')):8.2f}")
+              f"{miou:>9s} {r.get('ratio_vs_torch_fp32', float('nan')):8.2f} "
+              + ("{:>12s}".format("%.2f-%.2f" % tuple(r["ratio_range"])) if "ratio_range" in r else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
