@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--status", default="final", help="'final', or e.g. 'in progress (epoch 12 of 120)'")
+    p.add_argument("--try-bn-recalibration", action="store_true",
+                   help="also recompute batch-norm statistics over the training split (no augmentation) and keep "
+                   "them if that scores a higher mIoU on --split (the selection split)")
     p.add_argument("--mc-samples", type=int, help="also measure Monte-Carlo dropout (Bayesian models), seed 0")
     p.add_argument(
         "--training-command",
@@ -61,6 +64,22 @@ def main(argv: list[str] | None = None) -> int:
         card.training["resumed_with"] = resumed
     ds = open_dataset(args.data, args.split, transform=ToTensors())
     m = evaluate(model, ds, card.input, amp="off", progress=True)
+    if args.try_bn_recalibration:
+        import copy
+
+        from perception.train.loop import recalibrate_batch_norm
+
+        recal = copy.deepcopy(model)
+        train_set = open_dataset(args.data, card.training.get("train_split", "train"), transform=ToTensors())
+        recalibrate_batch_norm(recal, train_set, card.input, device="cpu", amp="off", progress=True)
+        m_recal = evaluate(recal, ds, card.input, amp="off", progress=True)
+        keep = m_recal["miou"] > m["miou"]
+        print(f"batch-norm recalibration: {args.split} mIoU {m['miou']:.4f} -> {m_recal['miou']:.4f} "
+              f"({'kept' if keep else 'not kept'})", file=sys.stderr)
+        card.training["bn_recalibration_tried"] = {"miou_before": m["miou"], "miou_after": m_recal["miou"]}
+        if keep:
+            model, m = recal, m_recal
+            card.training["bn_recalibrated"] = True
     keys = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou", "per_class_bf")
     card.metrics = {args.split: {k: m[k] for k in keys}}
     mc = None
