@@ -122,3 +122,30 @@ def test_postprocess_helpers():
     big = np.zeros((120, 160, 3), np.uint8)
     out = draw_legend(big, ["a", "b", "c"], [(255, 0, 0), (0, 255, 0), (0, 0, 255)], present=[0, 2])
     assert out is not big and out.any() and not big.any()  # drawn on a copy unless in_place
+
+
+def test_ship_model_card_is_reproduced_by_perception_eval(toy_bayesian_model, tmp_path, capsys):
+    """tools/ship_model.py measures the card's numbers; perception-eval must print the same ones."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("ship_model", Path(__file__).parents[1] / "tools" / "ship_model.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    data, model_dir = toy_bayesian_model
+    dest = tmp_path / "models" / "toy_shipped"
+    assert ship.main([str(model_dir), str(dest), "--data", str(data), "--mc-samples", "2", "--try-bn-recalibration",
+                      "--training-command", "perception-train --model bayesian_segnet_basic"]) == 0
+    card = json.loads((dest / "model.json").read_text())
+    assert card["id"] == "toy_shipped" and set(card["metrics"]) == {"val", "val_mc2"}
+    assert card["training"]["command"] == "perception-train --model bayesian_segnet_basic"
+    assert "miou_after" in card["training"]["bn_recalibration_tried"]
+    readme = (dest / "README.md").read_text()
+    assert "MC dropout 2 samples" in readme and "perception-eval --model" in readme
+    for extra, key in (([], "val"), (["--mc-samples", "2"], "val_mc2")):
+        out = tmp_path / f"{key}.json"
+        assert eval_main(["--model", str(dest), "--data", str(data), "--split", "val", "--json", str(out),
+                          "--no-progress", *extra]) == 0
+        doc = json.loads(out.read_text())
+        for k in ("global_accuracy", "class_accuracy", "miou", "bf"):
+            assert doc[k] == pytest.approx(card["metrics"][key][k], abs=1e-12), (key, k)

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         card.training["command"] = args.training_command
         card.training["resumed_with"] = resumed
     ds = open_dataset(args.data, args.split, transform=ToTensors())
-    m = evaluate(model, ds, card.input, amp="off", progress=True)
+    # channels_last as perception-eval uses on a CPU: dropout masks are drawn in memory order, so the
+    # MC numbers reproduce only with the same layout.
+    m = evaluate(model, ds, card.input, amp="off", progress=True, channels_last=True)
     if args.try_bn_recalibration:
         import copy
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         recal = copy.deepcopy(model)
         train_set = open_dataset(args.data, card.training.get("train_split", "train"), transform=ToTensors())
         recalibrate_batch_norm(recal, train_set, card.input, device="cpu", amp="off", progress=True)
-        m_recal = evaluate(recal, ds, card.input, amp="off", progress=True)
+        m_recal = evaluate(recal, ds, card.input, amp="off", progress=True, channels_last=True)
         keep = m_recal["miou"] > m["miou"]
         print(f"batch-norm recalibration: {args.split} mIoU {m['miou']:.4f} -> {m_recal['miou']:.4f} "
               f"({'kept' if keep else 'not kept'})", file=sys.stderr)
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     card.metrics = {args.split: {k: m[k] for k in keys}}
     mc = None
     if args.mc_samples:
-        mc = evaluate(model, ds, card.input, amp="off", mc_samples=args.mc_samples, seed=0, progress=True)
+        mc = evaluate(model, ds, card.input, amp="off", mc_samples=args.mc_samples, seed=0, progress=True,
+                      channels_last=True)
         card.metrics[f"{args.split}_mc{args.mc_samples}"] = {k: mc[k] for k in keys}
     card.extra["status"] = args.status
     card.extra["eval_command"] = f"perception-eval --model {dest} --data {args.data} --split {args.split}"
