@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         card.metrics[f"{args.split}_mc{args.mc_samples}"] = {k: mc[k] for k in keys}
     card.extra["status"] = args.status
     card.extra["eval_command"] = f"perception-eval --model {dest} --data {args.data} --split {args.split}"
+    run_dir = Path(args.source).resolve().parent  # runs/NAME/final -> runs/NAME (history, curves)
+    history = []
+    if (run_dir / "metrics.jsonl").is_file():
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        card.training["train_hours"] = round(sum(r.get("epoch_seconds", 0.0) for r in history) / 3600, 3)
     save(model, dest, card)
     arch = card.architecture["name"]
     paper = PAPER_TEST.get(arch)
@@ -148,12 +154,19 @@ def main(argv: list[str] | None = None) -> int:
             if t.get("resumed_with") else []
         ),
         f"Machine: {t.get('machine', {}).get('cpu')} ({t.get('machine', {}).get('cpu_count')} cores), "
-        f"torch {t.get('machine', {}).get('torch')}; epochs completed: {t.get('epoch')}; date {t.get('date')}.",
+        f"torch {t.get('machine', {}).get('torch')}; weights from epoch {t.get('epoch')} (best val mIoU); "
+        f"date {t.get('date')}.",
         "",
         "Input: uint8 frames; the model card (`model.json`) gives the colour order, normalisation and",
         "input size. Load with `perception.models.load(folder)`.",
         "",
     ]
+    if history:
+        lines += [f"Training time: {card.training['train_hours']:.2f} h for {len(history)} epochs (sum of epoch "
+                  "times, validation not included), on the machine above.", ""]
+    if (run_dir / "curves.png").is_file():
+        shutil.copyfile(run_dir / "curves.png", dest / "training_curves.png")
+        lines += ["![training curves](training_curves.png)", ""]
     (dest / "README.md").write_text("\n".join(lines))
     print(json.dumps({k: m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")}, indent=2))
     return 0
