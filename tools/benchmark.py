@@ -110,6 +110,18 @@ def prepare(name: str, model: Path, work: Path, calib: str | None) -> str | None
     return str(path)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across
+    exec, so a spawned worker would report its parent's peak (e.g. from int8 calibration)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.Queue) -> None:
     try:
         from perception.backends import load_backend
@@ -145,7 +157,7 @@ def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.
             r = m.compute()
             res["val_miou"] = r["miou"]
             res["val_global_accuracy"] = r["global_accuracy"]
-        res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        res["peak_mb"] = _peak_rss_mb()
         queue.put(res)
     except BaseException as e:  # report, don't hang the parent
         queue.put({"backend": name, "error": f"{type(e).__name__}: {e}"})
