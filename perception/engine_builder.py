@@ -92,12 +92,6 @@ def _export(model: Path, args, onnx_path: Path, log) -> tuple[Path, dict[str, An
     return onnx_path, card.to_dict()
 
 
-def _onnx_metadata(onnx_path: Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-
-
 def _check_onnx(onnx_path: Path, unpool: str, log) -> None:
     from .export.check import plugin_nodes, tensorrt_problems
 
@@ -132,6 +126,7 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
     trt = _require_tensorrt_and_gpu()
     import torch
 
+    from .export.onnx import read_onnx_metadata
     from .plugins.trt_plugins import current_sm_arch, register_plugins
 
     register_plugins()
@@ -182,7 +177,7 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
         "palette": card["palette"],
         "model_card": card,
         "source_onnx_sha256": sha256_file(onnx_path),
-        "source_model_sha256": _onnx_metadata(onnx_path).get("segnet.source_sha256"),
+        "source_model_sha256": read_onnx_metadata(onnx_path).get("segnet.source_sha256"),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     sc = atomic_write_bytes(sidecar_path(out), (json.dumps(sidecar, indent=2) + "\n").encode())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.onnx import read_card_from_onnx
+from ..export.onnx import read_card_from_onnx, read_onnx_metadata
 from .base import Backend, InferenceResult
 
 __all__ = ["OnnxRuntimeBackend"]
@@ -20,11 +20,9 @@ class OnnxRuntimeBackend(Backend):
     ) -> None:
         import onnxruntime as ort
 
-        import onnx
-
         path = Path(path)
-        super().__init__(read_card_from_onnx(path))
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        meta = read_onnx_metadata(path)  # parsed once: the card and the precision both live there
+        super().__init__(read_card_from_onnx(path, meta))
         self.precision = meta.get("segnet.precision", "fp32")
         so = ort.SessionOptions()
         so.graph_optimization_level = {

@@ -46,6 +46,7 @@ __all__ = [
     "UNPOOL_FORMS",
     "OUTPUTS",
     "read_card_from_onnx",
+    "read_onnx_metadata",
     "METADATA_CARD_KEY",
 ]
 
@@ -247,12 +248,16 @@ def export_onnx(model_dir: str | Path, out: str | Path, options: ExportOptions |
     return out
 
 
-def read_card_from_onnx(path: str | Path) -> ModelCard:
-    """The model card embedded by :func:`export_onnx` (reads only the metadata, not the weights)."""
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (external weight files are not read)."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    meta = {p.key: p.value for p in proto.metadata_props}
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def read_card_from_onnx(path: str | Path, meta: dict[str, str] | None = None) -> ModelCard:
+    """The model card embedded by :func:`export_onnx`; pass ``meta`` when it was already read."""
+    meta = read_onnx_metadata(path) if meta is None else meta
     if METADATA_CARD_KEY not in meta:
         raise ValueError(f"{path} was not exported by segnet-perception (no {METADATA_CARD_KEY} metadata)")
     return ModelCard.from_dict(json.loads(meta[METADATA_CARD_KEY]))
