@@ -19,7 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-eval", description=__doc__)
     p.add_argument("--model", required=True, help="model folder (weights.safetensors + model.json)")
     p.add_argument("--data", required=True, help="dataset folder (CamVid or folder layout)")
-    p.add_argument("--split", default="val", help="split to evaluate (test, val, ...)")
+    p.add_argument("--split", default="val", help="split to evaluate (test, val, ...); '+' joins splits (train+val)")
+    p.add_argument("--groups", metavar="GROUP[,GROUP]",
+                   help="only the frames of these drives, e.g. 0006R0 (a drive held out of training)")
+    p.add_argument("--group-pattern", metavar="REGEX", help="regex whose first group is an image's drive "
+                                                            "(default '^(.+?)_': CamVid's prefix)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="test-time augmentation: 'flip' averages the logits of the image and its mirror")
     p.add_argument("--json", help="write the metrics here as JSON")
     p.add_argument("--save-predictions", metavar="DIR", help="one uint8 label PNG per image (class ids), same name")
     p.add_argument("--mc-samples", type=int, help="Monte-Carlo dropout samples (Bayesian models)")
@@ -54,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         model = load(args.model, map_location=args.device)
         if args.mc_samples and not has_dropout(model):
             raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
-        dataset = open_dataset(args.data, args.split, transform=ToTensors())
+        groups = [g for g in args.groups.split(",") if g] if args.groups else None
+        dataset = open_dataset(args.data, args.split, transform=ToTensors(), groups=groups,
+                               group_pattern=args.group_pattern)
         if list(dataset.classes) != list(model.card.classes):
             raise ValueError(f"dataset classes {list(dataset.classes)} differ from the model's {model.card.classes}")
         save_dir = Path(args.save_predictions) if args.save_predictions else None
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = evaluate(
             model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
-            mc_samples=args.mc_samples, seed=args.seed, progress=not args.no_progress,
+            mc_samples=args.mc_samples, seed=args.seed, progress=not args.no_progress, tta=args.tta,
             on_prediction=save_prediction if save_dir is not None else None,
             channels_last=torch.device(args.device).type == "cpu",
         )
@@ -79,15 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"perception-eval: error: {e}", file=sys.stderr)
         return 2
     classes = list(dataset.classes)
-    print(f"{model.card.id} on {args.data} [{args.split}], {len(dataset)} images"
-          + (f", {args.mc_samples} MC samples" if args.mc_samples else ""))
+    print(f"{model.card.id} on {args.data} [{args.split}{' ' + args.groups if args.groups else ''}], {len(dataset)} images"
+          + (f", {args.mc_samples} MC samples" if args.mc_samples else "") + (", flip TTA" if args.tta == "flip" else ""))
     print(format_table(result, classes))
     if args.json:
         doc = {
             "model": model.card.id,
             "data": str(args.data),
             "split": args.split,
+            **({"groups": groups} if groups else {}),
             "images": len(dataset),
+            "tta": args.tta,
             "mc_samples": args.mc_samples,
             **({"seed": args.seed} if args.mc_samples else {}),
             "precision": args.precision,

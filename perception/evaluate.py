@@ -16,7 +16,9 @@ from .metrics import SegmentationMetrics
 from .models.bayesian import mc_dropout_predict
 from .models.io import InputSpec
 
-__all__ = ["autocast_context", "predict_labels", "evaluate"]
+__all__ = ["autocast_context", "predict_labels", "evaluate", "TTA_MODES"]
+
+TTA_MODES = ("none", "flip")
 
 
 def autocast_context(device: torch.device | str, amp: str):
@@ -36,18 +38,34 @@ def predict_labels(
     amp: str = "off",
     mc_samples: int | None = None,
     channels_last: bool = False,
+    tta: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 (N, 3, H, W) RGB batch -> (labels (N, H, W) int64, uncertainty (N, H, W) or None)."""
+    """uint8 (N, 3, H, W) RGB batch -> (labels (N, H, W) int64, uncertainty (N, H, W) or None).
+
+    ``tta="flip"`` averages the logits of each image and its mirror image (mirrored back); with MC
+    dropout, the mean probabilities of the two are averaged.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     device = next(model.parameters()).device
     x = normalize(images_u8.to(device), spec)
+    if tta == "flip":
+        x = torch.cat([x, x.flip(-1)])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    n = images_u8.shape[0]
     with autocast_context(device, amp):
         if mc_samples:
             pred = mc_dropout_predict(model, x, samples=mc_samples)
-            return pred.labels, pred.uncertainty
+            if tta != "flip":
+                return pred.labels, pred.uncertainty
+            probs = (pred.probs[:n] + pred.probs[n:].flip(-1)) / 2
+            return probs.argmax(1), (pred.uncertainty[:n] + pred.uncertainty[n:].flip(-1)) / 2
         model.eval()
-        return model(x).argmax(1), None
+        logits = model(x).float()
+        if tta == "flip":
+            logits = (logits[:n] + logits[n:].flip(-1)) / 2
+        return logits.argmax(1), None
 
 
 def evaluate(
@@ -62,6 +80,7 @@ def evaluate(
     on_prediction: Callable[[int, np.ndarray], None] | None = None,
     channels_last: bool = False,
     seed: int = 0,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Predict every image of ``dataset`` (items: uint8 3xHxW tensor, int64 HxW tensor) and score it.
 
@@ -83,7 +102,7 @@ def evaluate(
             for i in tqdm(range(len(dataset)), desc="eval", unit="img", disable=not progress, leave=False):
                 img, lab = dataset[i]
                 labels, _ = predict_labels(
-                    model, img[None], spec, amp=amp, mc_samples=mc_samples, channels_last=channels_last
+                    model, img[None], spec, amp=amp, mc_samples=mc_samples, channels_last=channels_last, tta=tta
                 )
                 pred = labels[0].cpu().numpy().astype(np.uint8)
                 metrics.update(pred, lab.numpy())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,23 @@ class SegmentationListDataset(Dataset):
     def names(self) -> list[str]:
         return [p[0].name for p in self.pairs]
 
+    def with_pairs(self, pairs: Sequence[tuple[Path, Path]], *, transform: Transform | None | str = "same"):
+        """The same dataset (classes, palette, ignore index, caching) over other file pairs."""
+        other = copy.copy(self)
+        other.pairs = [(Path(a), Path(b)) for a, b in pairs]
+        if not other.pairs:
+            raise ValueError("dataset has no images")
+        if transform != "same":
+            other.transform = transform
+        other._cache = {} if self._cache is not None else None
+        return other
+
+    def preload(self) -> None:
+        """Decode every pair into the cache now (before a DataLoader forks its workers)."""
+        if self._cache is not None:
+            for i in range(len(self)):
+                self.load(i)
+
 
 def read_class_file(path: str | Path) -> tuple[list[str], list[tuple[int, int, int]] | None]:
     """``classes.txt``: one class per line in label order, ``Name`` or ``Name R G B``; '#' comments."""
@@ -200,8 +218,43 @@ class FolderDataset(SegmentationListDataset):
         self.split = split
 
 
-def open_dataset(root: str | Path, split: str, *, transform: Transform | None = None, cache: bool = False):
-    """CamVid-layout (``root/<split>.txt``) or folder-layout (``root/<split>/images``) dataset."""
+def open_dataset(
+    root: str | Path,
+    split: str,
+    *,
+    transform: Transform | None = None,
+    cache: bool = False,
+    groups: Sequence[str] | None = None,
+    exclude_groups: Sequence[str] | None = None,
+    group_pattern: str | None = None,
+):
+    """CamVid-layout (``root/<split>.txt``) or folder-layout (``root/<split>/images``) dataset.
+
+    ``split`` may join several splits with ``+`` (``train+val``). ``groups`` keeps only the frames of
+    those groups (drives), ``exclude_groups`` drops them (see :mod:`perception.data.splits`).
+    """
+    from .splits import DEFAULT_GROUP_PATTERN, split_pairs_by_group
+
+    parts = [p for p in str(split).split("+") if p]
+    if not parts:
+        raise ValueError(f"empty split name {split!r}")
+    sets = [_open_one(root, p, transform=transform, cache=cache) for p in parts]
+    dataset = sets[0]
+    if len(sets) > 1:
+        for other, name in zip(sets[1:], parts[1:]):
+            if other.classes != dataset.classes or other.ignore_index != dataset.ignore_index:
+                raise ValueError(f"split {name!r} has other classes than {parts[0]!r}")
+        dataset = dataset.with_pairs([pair for s in sets for pair in s.pairs])
+        dataset.split = "+".join(parts)
+    pattern = group_pattern or DEFAULT_GROUP_PATTERN
+    if groups:
+        dataset = dataset.with_pairs(split_pairs_by_group(dataset.pairs, holdout=list(groups), pattern=pattern)[1])
+    if exclude_groups:
+        dataset = dataset.with_pairs(split_pairs_by_group(dataset.pairs, holdout=list(exclude_groups), pattern=pattern)[0])
+    return dataset
+
+
+def _open_one(root: str | Path, split: str, *, transform: Transform | None, cache: bool):
     from .camvid import CamVid
 
     root = Path(root)

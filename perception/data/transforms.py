@@ -31,7 +31,11 @@ class ToTensors:
 
 class TrainAugment:
     """Random scale jitter, random crop (padding with ``ignore_index`` where the scaled image is smaller),
-    horizontal flip and photometric jitter (brightness, contrast, saturation).
+    horizontal flip, photometric jitter (brightness, contrast, saturation), and the changes of light and
+    sensor that separate one drive from another: gamma (dusk), hue, blur and noise.
+
+    Each change draws random numbers only when it is enabled, so adding an option leaves the random
+    stream (and a resumed run) of configurations without it unchanged.
 
     ``rng`` is a numpy Generator; the training loop re-seeds it per epoch so resumed runs replay the
     same augmentations.
@@ -44,13 +48,20 @@ class TrainAugment:
         scale: tuple[float, float] = (1.0, 1.0),
         hflip: bool = True,
         color_jitter: float = 0.0,
+        gamma: tuple[float, float] = (1.0, 1.0),
+        hue: float = 0.0,
+        blur: float = 0.0,
+        noise: float = 0.0,
         ignore_index: int = 255,
         seed: int = 0,
     ) -> None:
         if scale[0] <= 0 or scale[0] > scale[1]:
             raise ValueError(f"bad scale range {scale}")
-        self.crop, self.scale, self.hflip = crop, scale, hflip
+        if gamma[0] <= 0 or gamma[0] > gamma[1]:
+            raise ValueError(f"bad gamma range {gamma}")
+        self.crop, self.scale, self.hflip = crop, tuple(scale), hflip
         self.color_jitter, self.ignore_index = color_jitter, ignore_index
+        self.gamma, self.hue, self.blur, self.noise = tuple(gamma), hue, blur, noise
         self.rng = np.random.default_rng(seed)
 
     def reseed(self, seed: int) -> None:
@@ -78,6 +89,22 @@ class TrainAugment:
             img, lab = img[:, ::-1], lab[:, ::-1]
         if self.color_jitter > 0:
             img = self._jitter(img, rng)
+        if self.gamma != (1.0, 1.0):
+            g = float(np.exp(rng.uniform(np.log(self.gamma[0]), np.log(self.gamma[1]))))
+            lut = np.clip(255.0 * (np.arange(256) / 255.0) ** g + 0.5, 0, 255).astype(np.uint8)
+            img = cv2.LUT(np.ascontiguousarray(img), lut)
+        if self.hue > 0:
+            shift = int(round(rng.uniform(-self.hue, self.hue) / 2))  # OpenCV hue is 0-179 (2 degrees a step)
+            if shift:
+                hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HSV)
+                hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+                img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if self.blur > 0 and rng.random() < self.blur:
+            img = cv2.GaussianBlur(np.ascontiguousarray(img), (0, 0), float(rng.uniform(0.3, 1.5)))
+        if self.noise > 0:
+            std = float(rng.uniform(0, self.noise))
+            noisy = img.astype(np.float32) + rng.standard_normal(img.shape, dtype=np.float32) * std
+            img = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
         return to_tensors(img, lab)
 
     def _jitter(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -14,7 +14,9 @@ from torch import nn
 from ..fileio import atomic_write_bytes, sha256_file
 from .registry import get_model, model_config
 
-__all__ = ["ModelCard", "InputSpec", "save", "load", "load_card", "WEIGHTS_FILE", "CARD_FILE", "weights_sha256"]
+__all__ = [
+    "ModelCard", "InputSpec", "save", "load", "load_card", "cast_floating", "WEIGHTS_FILE", "CARD_FILE", "weights_sha256",
+]
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model.json"
@@ -78,8 +80,12 @@ class ModelCard:
         return cls(**d)
 
 
-def save(model: nn.Module, directory: str | Path, card: ModelCard) -> Path:
-    """Write ``weights.safetensors`` and ``model.json`` into ``directory`` (each atomically)."""
+def save(model: nn.Module, directory: str | Path, card: ModelCard, *, weights_dtype: torch.dtype | None = None) -> Path:
+    """Write ``weights.safetensors`` and ``model.json`` into ``directory`` (each atomically).
+
+    ``weights_dtype`` (e.g. ``torch.float16``) stores floating-point tensors at that precision, halving a
+    large model's file; :func:`load` upcasts them into the model's fp32 parameters.
+    """
     from safetensors.torch import save as st_save
 
     model = getattr(model, "module", model)
@@ -89,9 +95,28 @@ def save(model: nn.Module, directory: str | Path, card: ModelCard) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if weights_dtype is not None:
+        state = cast_floating(state, weights_dtype)
+        card.training["weights_dtype"] = str(weights_dtype).removeprefix("torch.")
     atomic_write_bytes(directory / WEIGHTS_FILE, st_save(state, metadata={"format": "pt", "model_id": card.id}))
     atomic_write_bytes(directory / CARD_FILE, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
     return directory
+
+
+def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors cast to ``dtype``; integer tensors (batch-norm counters) unchanged.
+
+    Raises ValueError where a value would not survive the cast (overflow to infinity).
+    """
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point():
+            cast = v.to(dtype)
+            if not torch.isfinite(cast).all() and torch.isfinite(v).all():
+                raise ValueError(f"{k} does not fit {dtype} (largest magnitude {v.abs().max().item():.3g})")
+            v = cast
+        out[k] = v.contiguous()
+    return out
 
 
 def load_card(directory: str | Path) -> ModelCard:

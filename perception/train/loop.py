@@ -126,6 +126,78 @@ def _epoch_seed(cfg: TrainConfig, epoch: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
 
 
+def _holds_out(cfg: TrainConfig) -> bool:
+    return bool(cfg.holdout) or cfg.holdout_list is not None
+
+
+def _selection_name(cfg: TrainConfig) -> str:
+    """The metrics key of the selection set: ``holdout_0006R0`` for held-out drives, else the split's name."""
+    if cfg.holdout:
+        return "holdout_" + "+".join(cfg.holdout)
+    if cfg.holdout_list is not None:
+        return "holdout_" + Path(cfg.holdout_list).stem
+    return str(cfg.val_split)
+
+
+def _open_splits(cfg: TrainConfig, aug: TrainAugment):
+    """(training set, selection set or None, {name: report-only set}).
+
+    With held-out drives, the selection set is their frames (taken out of ``train_split``) and
+    ``val_split`` is reported at the end only where none of its images were trained on.
+    """
+    from ..data.splits import split_pairs_by_group
+
+    train_set = open_dataset(cfg.data, cfg.train_split, transform=aug, cache=cfg.cache)
+    aug.ignore_index = train_set.ignore_index if train_set.ignore_index is not None else 255
+    report: dict[str, Any] = {}
+    if not _holds_out(cfg):
+        val_set = open_dataset(cfg.data, cfg.val_split, transform=ToTensors(), cache=cfg.cache) if cfg.val_split else None
+        return train_set, val_set, report
+    kept, held = split_pairs_by_group(
+        train_set.pairs, holdout=cfg.holdout or (), holdout_list=cfg.holdout_list, pattern=cfg.group_pattern
+    )
+    if not kept:
+        raise ValueError(f"holding out {_selection_name(cfg)} leaves no training images in {cfg.train_split!r}")
+    if not held:
+        raise ValueError(f"{_selection_name(cfg)} holds out no image of {cfg.train_split!r}")
+    val_set = train_set.with_pairs(held, transform=ToTensors())
+    train_set = train_set.with_pairs(kept)
+    if cfg.val_split:
+        extra = open_dataset(cfg.data, cfg.val_split, transform=ToTensors(), cache=False)
+        trained = {img.resolve() for img, _ in kept}
+        if not any(img.resolve() in trained for img, _ in extra.pairs):
+            report[cfg.val_split] = extra
+        else:
+            print(f"note: {cfg.val_split!r} is part of the training images; it is not reported", flush=True)
+    return train_set, val_set, report
+
+
+def _choose_epochs(cfg: TrainConfig, state: _State, elapsed: float, epoch_seconds: float, val_set, model, spec, info) -> None:
+    """Fix ``cfg.epochs`` (at most its current value) so the run ends within ``cfg.time_budget_s``.
+
+    ``epoch_seconds`` is one epoch's whole cost (training, checkpoint, plot); a tenth of the budget is
+    kept back for what the estimate misses (machines shared with other runs slow down unevenly).
+    """
+    val_seconds = 0.0
+    if val_set is not None and info.is_main:
+        t0 = time.time()
+        evaluate(model, val_set, spec, amp=cfg.amp, progress=False, channels_last=cfg.channels_last)
+        val_seconds = time.time() - t0
+    per_epoch = epoch_seconds + val_seconds / max(1, cfg.val_every)
+    left = 0.9 * cfg.time_budget_s - elapsed - val_seconds * 2  # the final fp32 evaluations
+    chosen = max(state.epoch + 1, min(cfg.epochs, state.epoch + int(left // max(per_epoch, 1e-6))))
+    if info.enabled:  # rank 0 alone validated: its choice holds for every rank
+        t = torch.tensor([chosen], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.broadcast(t, src=0)
+        chosen = int(t.item())
+    state.time_budget_s = cfg.time_budget_s
+    if info.is_main:
+        print(f"time budget {cfg.time_budget_s:.0f} s: {epoch_seconds:.1f} s/epoch + {val_seconds:.1f} s/validation "
+              f"-> {chosen} epochs (of at most {cfg.epochs})", flush=True)
+    cfg.epochs = chosen
+    cfg.time_budget_s = None  # chosen once; a resumed run keeps the chosen number
+
+
 @dataclass
 class _State:
     epoch: int = 0  # epochs completed
@@ -134,6 +206,7 @@ class _State:
     best_epoch: int = -1
     command: str = ""  # the command that started the run; a resumed run's card still names it
     resumed_with: list[str] = field(default_factory=list)
+    time_budget_s: float | None = None  # set where the number of epochs was chosen to fit a time budget
 
 
 def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, command, device, state) -> model_io.ModelCard:
@@ -151,12 +224,15 @@ def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, comma
             "config": cfg.to_dict(),
             "data": str(cfg.data),
             "train_split": cfg.train_split,
+            **({"holdout": list(cfg.holdout or []), "holdout_list": cfg.holdout_list} if _holds_out(cfg) else {}),
+            "selection": _selection_name(cfg) if (_holds_out(cfg) or cfg.val_split) else None,
             "train_images": len(dataset),
             "epoch": state.epoch,
+            **({"epochs_chosen_for_time_budget_s": state.time_budget_s} if state.time_budget_s else {}),
             "machine": machine_description(device),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
-        metrics={f"{cfg.val_split}": _summary(metrics)} if metrics else {},
+        metrics={_selection_name(cfg): _summary(metrics)} if metrics else {},
     )
 
 
@@ -240,10 +316,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-        aug = TrainAugment(crop=cfg.crop, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter)
-        train_set = open_dataset(cfg.data, cfg.train_split, transform=aug, cache=cfg.cache)
-        aug.ignore_index = train_set.ignore_index if train_set.ignore_index is not None else 255
-        val_set = open_dataset(cfg.data, cfg.val_split, transform=ToTensors(), cache=cfg.cache) if cfg.val_split else None
+        aug = TrainAugment(
+            crop=cfg.crop, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter, gamma=cfg.gamma,
+            hue=cfg.hue, blur=cfg.blur, noise=cfg.noise,
+        )
+        train_set, val_set, report_sets = _open_splits(cfg, aug)
+        if info.is_main:
+            print(f"training on {len(train_set)} images ({cfg.train_split}"
+                  + (f" without {_selection_name(cfg)}" if _holds_out(cfg) else "") + ")"
+                  + (f"; selecting on {_selection_name(cfg)} ({len(val_set)} images)" if val_set is not None else "")
+                  + "".join(f"; reporting {k} ({len(v)} images)" for k, v in report_sets.items()), flush=True)
         num_classes = train_set.num_classes
         first_img, _ = train_set.load(0)
         spec = model_io.InputSpec(height=first_img.shape[0], width=first_img.shape[1])
@@ -265,9 +347,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
             None if weights is None else torch.as_tensor(weights, dtype=torch.float32),
             ignore_index=train_set.ignore_index if train_set.ignore_index is not None else -100,
             normalization=cfg.loss_normalization,
+            label_smoothing=cfg.label_smoothing,
         ).to(device)
         optimizer = _optimizer(cfg, model)
 
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop and validation sizes
+        if cfg.cache:
+            train_set.preload()  # decoded once, before DataLoader workers fork (they share the pages)
         sampler = DistributedSampler(
             train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
@@ -311,7 +398,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
             )
 
         history_path = out / "metrics.jsonl"
-        for epoch in range(state.epoch, cfg.epochs):
+        run_started = time.time()
+        bookkeeping_seconds = 0.0  # checkpoint + plot of the last epoch: part of an epoch's cost
+        epoch = state.epoch
+        while epoch < cfg.epochs:
             seed = _epoch_seed(cfg, epoch, info.rank)
             torch.manual_seed(seed)
             np.random.seed(seed)
@@ -361,6 +451,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
                 "epoch_seconds": round(time.time() - t0, 2),
             }
 
+            if cfg.time_budget_s is not None and state.epoch >= max(1, math.ceil(cfg.warmup_epochs)):
+                # The lr of the warmup epochs does not depend on the total, so choosing the total now
+                # trains exactly as a run started with --epochs <chosen> would.
+                _choose_epochs(cfg, state, time.time() - run_started, record["epoch_seconds"] + bookkeeping_seconds,
+                               val_set, model, spec, info)
+                if info.is_main:
+                    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             is_last = state.epoch == cfg.epochs
             if info.is_main and val_set is not None and (state.epoch % cfg.val_every == 0 or is_last):
                 m = evaluate(model, val_set, spec, amp=cfg.amp, progress=progress, channels_last=cfg.channels_last)
@@ -377,6 +474,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
                     flush=True,
                 )
             if info.is_main:
+                t_book = time.time()
                 with open(history_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 atomic_torch_save(
@@ -396,29 +494,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
                     plot_history(history_path, out / "curves.png")
                 except Exception as e:  # a plot must never kill a long run
                     print(f"warning: could not plot training curves: {e}", file=sys.stderr)
+                bookkeeping_seconds = time.time() - t_book
             if info.enabled:
                 torch.distributed.barrier()
+            epoch = state.epoch
 
         summary: dict[str, Any] = {"out": str(out), "epochs": state.epoch, "best_epoch": state.best_epoch,
                                    "best_val_miou": state.best_miou}
-        if info.is_main and val_set is not None and (out / BEST_DIR).is_dir():
-            final = model_io.load(out / BEST_DIR, map_location=str(device))
+        if info.is_main:
+            if val_set is not None and (out / BEST_DIR).is_dir():
+                final = model_io.load(out / BEST_DIR, map_location=str(device))
+            else:  # nothing to select on (e.g. a final run on all the data): the last epoch ships
+                final = model
+                final.card = _make_card(cfg, model, train_set, spec, None, command, device, state)
             if cfg.bn_recalibrate:
-                recal_set = open_dataset(cfg.data, cfg.train_split, transform=ToTensors(), cache=False)
-                recalibrate_batch_norm(final, recal_set, spec, device=device, amp="off", progress=progress)
-            m = evaluate(final, val_set, spec, amp="off", progress=progress)
+                recalibrate_batch_norm(final, train_set.with_pairs(train_set.pairs, transform=ToTensors()), spec,
+                                       device=device, amp="off", progress=progress)
             card = final.card
-            card.metrics = {cfg.val_split: _summary(m)}
+            card.metrics = {}
+            for name, dataset in ([(_selection_name(cfg), val_set)] if val_set is not None else []) + list(report_sets.items()):
+                m = evaluate(final, dataset, spec, amp="off", progress=progress)
+                card.metrics[name] = _summary(m)
+                print(
+                    f"final ({FINAL_DIR}/, fp32{', BN recalibrated' if cfg.bn_recalibrate else ''}): {name} "
+                    f"G {m['global_accuracy']:.4f} C {m['class_accuracy']:.4f} mIoU {m['miou']:.4f} BF {m['bf']:.4f}",
+                    flush=True,
+                )
             card.training["bn_recalibrated"] = cfg.bn_recalibrate
             card.training["evaluated_precision"] = "fp32"
             model_io.save(final, out / FINAL_DIR, card)
-            summary["final_val"] = _summary(m)
+            if val_set is not None:
+                summary["final_val"] = card.metrics[_selection_name(cfg)]
+            summary["final_metrics"] = card.metrics
+            summary["training_seconds"] = round(time.time() - run_started, 1)
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            print(
-                f"final ({FINAL_DIR}/, fp32{', BN recalibrated' if cfg.bn_recalibrate else ''}): "
-                f"val G {m['global_accuracy']:.4f} C {m['class_accuracy']:.4f} mIoU {m['miou']:.4f} BF {m['bf']:.4f}",
-                flush=True,
-            )
         return summary
     finally:
         cleanup_distributed()

@@ -16,7 +16,12 @@ __all__ = ["SegmentationLoss"]
 
 class SegmentationLoss(nn.Module):
     def __init__(
-        self, weight: Tensor | None = None, *, ignore_index: int = -100, normalization: str = "valid_pixels"
+        self,
+        weight: Tensor | None = None,
+        *,
+        ignore_index: int = -100,
+        normalization: str = "valid_pixels",
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if normalization not in ("valid_pixels", "weights"):
@@ -24,11 +29,17 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
         self.ignore_index = ignore_index
         self.normalization = normalization
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits = logits.float()  # the loss in fp32 even under autocast
         if self.normalization == "weights":
-            return F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index)
-        total = F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index, reduction="sum")
+            return F.cross_entropy(
+                logits, target, weight=self.weight, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing
+            )
+        total = F.cross_entropy(
+            logits, target, weight=self.weight, ignore_index=self.ignore_index, reduction="sum",
+            label_smoothing=self.label_smoothing,
+        )
         valid = (target != self.ignore_index).sum().clamp_min(1)
         return total / valid
