@@ -17,7 +17,9 @@ __all__ = ["build_parser", "main", "format_table"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-eval", description=__doc__)
-    p.add_argument("--model", required=True, help="model folder (weights.safetensors + model.json)")
+    p.add_argument("--model", required=True,
+                   help="model folder (weights.safetensors + model.json), or what the node deploys: an .onnx "
+                        "(fp32, fp16, int8) or a TensorRT .engine, evaluated through the node's backend")
     p.add_argument("--data", required=True, help="dataset folder (CamVid or folder layout)")
     p.add_argument("--split", default="val", help="split to evaluate (test, val, ...); '+' joins splits (train+val)")
     p.add_argument("--groups", metavar="GROUP[,GROUP]",
@@ -53,11 +55,23 @@ def main(argv: list[str] | None = None) -> int:
 
         from .data.folder import open_dataset
         from .data.transforms import ToTensors
-        from .evaluate import evaluate
+        from .evaluate import evaluate, evaluate_backend
         from .models.bayesian import has_dropout
         from .models.io import load
 
-        model = load(args.model, map_location=args.device)
+        from .backends import backend_kind, load_backend
+
+        if not Path(args.model).exists():
+            raise FileNotFoundError(f"model not found: {args.model}")
+        backend = None
+        if backend_kind(args.model) != "torch":
+            if args.mc_samples or args.tta != "none" or args.precision != "fp32":
+                raise ValueError("--mc-samples, --tta and --precision apply to model folders; an exported model "
+                                 "runs as it was exported (export with --tta flip for flip TTA)")
+            backend = load_backend(args.model, device=args.device)
+            model = backend  # .card, for the checks and the report below
+        else:
+            model = load(args.model, map_location=args.device)
         if args.mc_samples and not has_dropout(model):
             raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
         groups = [g for g in args.groups.split(",") if g] if args.groups else None
@@ -77,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise OSError(f"could not encode {path}")
             atomic_write_bytes(path, buf.tobytes())
 
-        result = evaluate(
-            model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
-            mc_samples=args.mc_samples, seed=args.seed, progress=not args.no_progress, tta=args.tta,
-            on_prediction=save_prediction if save_dir is not None else None,
-            channels_last=torch.device(args.device).type == "cpu",
-        )
-    except (FileNotFoundError, ValueError, OSError) as e:
+        if backend is not None:
+            result = evaluate_backend(backend, dataset, progress=not args.no_progress,
+                                      on_prediction=save_prediction if save_dir is not None else None)
+        else:
+            result = evaluate(
+                model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
+                mc_samples=args.mc_samples, seed=args.seed, progress=not args.no_progress, tta=args.tta,
+                on_prediction=save_prediction if save_dir is not None else None,
+                channels_last=torch.device(args.device).type == "cpu",
+            )
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         print(f"perception-eval: error: {e}", file=sys.stderr)
         return 2
     classes = list(dataset.classes)
@@ -93,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "model": model.card.id,
+            "model_path": str(args.model),
+            "backend": backend.name if backend is not None else "torch",
             "data": str(args.data),
             "split": args.split,
             **({"groups": groups} if groups else {}),

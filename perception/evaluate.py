@@ -15,10 +15,9 @@ from .data.transforms import normalize
 from .metrics import SegmentationMetrics
 from .models.bayesian import mc_dropout_predict
 from .models.io import InputSpec
+from .models.tta import TTA_MODES, with_tta
 
-__all__ = ["autocast_context", "predict_labels", "evaluate", "TTA_MODES"]
-
-TTA_MODES = ("none", "flip")
+__all__ = ["autocast_context", "predict_labels", "evaluate", "evaluate_backend", "TTA_MODES"]
 
 
 def autocast_context(device: torch.device | str, amp: str):
@@ -42,30 +41,21 @@ def predict_labels(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 (N, 3, H, W) RGB batch -> (labels (N, H, W) int64, uncertainty (N, H, W) or None).
 
-    ``tta="flip"`` averages the logits of each image and its mirror image (mirrored back); with MC
-    dropout, the mean probabilities of the two are averaged.
+    ``tta="flip"`` averages the logits of each image and its mirror image (mirrored back), within
+    each Monte-Carlo sample when ``mc_samples`` is given.
     """
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
-    device = next(model.parameters()).device
-    x = normalize(images_u8.to(device), spec)
-    if tta == "flip":
-        x = torch.cat([x, x.flip(-1)])
+    net = with_tta(model, tta)
+    param = next(model.parameters())
+    x = normalize(images_u8.to(param.device), spec).to(param.dtype)
+    device = param.device
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    n = images_u8.shape[0]
     with autocast_context(device, amp):
         if mc_samples:
-            pred = mc_dropout_predict(model, x, samples=mc_samples)
-            if tta != "flip":
-                return pred.labels, pred.uncertainty
-            probs = (pred.probs[:n] + pred.probs[n:].flip(-1)) / 2
-            return probs.argmax(1), (pred.uncertainty[:n] + pred.uncertainty[n:].flip(-1)) / 2
+            pred = mc_dropout_predict(net, x, samples=mc_samples)
+            return pred.labels, pred.uncertainty
         model.eval()
-        logits = model(x).float()
-        if tta == "flip":
-            logits = (logits[:n] + logits[n:].flip(-1)) / 2
-        return logits.argmax(1), None
+        return net(x).argmax(1), None
 
 
 def evaluate(
@@ -110,4 +100,26 @@ def evaluate(
                     on_prediction(i, pred)
         finally:
             model.train(was_training)
+    return metrics.compute()
+
+
+def evaluate_backend(
+    backend,
+    dataset,
+    *,
+    boundary: bool = True,
+    progress: bool = True,
+    on_prediction: Callable[[int, np.ndarray], None] | None = None,
+) -> dict[str, Any]:
+    """Score an inference backend (what the node runs: an .onnx, an int8 .onnx, an engine) on
+    ``dataset``'s raw items (RGB uint8 image, labels), frames fed as BGR like a camera's."""
+    from tqdm.auto import tqdm
+
+    metrics = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, boundary=boundary)
+    for i in tqdm(range(len(dataset)), desc="eval", unit="img", disable=not progress, leave=False):
+        img, lab = dataset.load(i)
+        pred = backend.infer(np.ascontiguousarray(img[..., ::-1])[None]).labels[0]
+        metrics.update(pred, lab)
+        if on_prediction is not None:
+            on_prediction(i, pred)
     return metrics.compute()

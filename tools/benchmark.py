@@ -42,6 +42,9 @@ BACKENDS = {
     "onnxruntime-plugin": ("onnxruntime", {}, {"unpool": "plugin"}),
     "onnxruntime-int8": ("onnxruntime", {}, {"unpool": "onnx", "int8": True}),
     "onnxruntime-native-int8": ("onnxruntime", {}, {"unpool": "native", "int8": True}),
+    # flip test-time augmentation inside the graph: each frame and its mirror, logits averaged
+    "onnxruntime-flip": ("onnxruntime", {}, {"unpool": "onnx", "tta": "flip"}),
+    "onnxruntime-int8-flip": ("onnxruntime", {}, {"unpool": "onnx", "int8": True, "tta": "flip"}),
 }
 BASELINE = "torch"
 
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "taken within a round (against that round's baseline) so slow drifts of a shared machine cancel")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     p.add_argument("--data", help="dataset folder: also measure mIoU on --split")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="'+' joins splits (train+val)")
+    p.add_argument("--groups", help="only these drives of --split (e.g. 0006R0, a drive the model never saw)")
     p.add_argument("--calibration-data", default=None,
                    help="frames for int8 calibration (default: <data>/train when --data is given)")
     p.add_argument("--json", help="write results here")
@@ -98,7 +102,7 @@ def prepare(name: str, model: Path, work: Path, calib: str | None) -> str | None
     from perception.export.onnx import ExportOptions, export_onnx
 
     path = work / f"{name}.onnx"
-    export_onnx(model, path, ExportOptions(unpool=export["unpool"]))
+    export_onnx(model, path, ExportOptions(unpool=export["unpool"], tta=export.get("tta", "none")))
     if export.get("int8"):
         from perception.export.quantize import calibration_frames, quantize_int8
         from perception.models.io import load_card
@@ -147,14 +151,10 @@ def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.
                "p95_ms": float(np.percentile(t, 95)), "fps": float(args["batch"] * 1e3 / np.median(t))}
         if args["data"]:
             from perception.data.folder import open_dataset
-            from perception.metrics import SegmentationMetrics
+            from perception.evaluate import evaluate_backend
 
-            ds = open_dataset(args["data"], args["split"])
-            m = SegmentationMetrics(ds.num_classes, ds.ignore_index, boundary=False)
-            for i in range(len(ds)):
-                img, lab = ds.load(i)
-                m.update(backend.infer(np.ascontiguousarray(img[..., ::-1])[None]).labels[0], lab)
-            r = m.compute()
+            ds = open_dataset(args["data"], args["split"], groups=args["groups"])
+            r = evaluate_backend(backend, ds, boundary=False, progress=False)
             res["val_miou"] = r["miou"]
             res["val_global_accuracy"] = r["global_accuracy"]
         res["peak_mb"] = _peak_rss_mb()
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir) if args.work_dir else Path(tmpd)
         work.mkdir(parents=True, exist_ok=True)
         cfg = {"size": size, "batch": args.batch, "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
-               "data": args.data, "split": args.split}
+               "data": args.data, "split": args.split,
+               "groups": [g for g in args.groups.split(",") if g] if args.groups else None}
         onnx_paths = {name: prepare(name, model, work, calib) for name in names}
         rounds: list[dict[str, dict]] = []
         for k in range(args.rounds):
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [_merge_rounds(name, [r[name] for r in rounds], [r[BASELINE] for r in rounds]) for name in names]
     doc = {"machine": machine(), "model": str(model), "batch": args.batch,
            "size": list(size) if size else None, "runs": args.runs, "rounds": args.rounds, "results": results}
-    hdr = f"{'backend':26s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'val mIoU':>9s} {'x torch':>8s} {'(range)':>12s}"
+    hdr = f"{'backend':26s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'mIoU':>9s} {'x torch':>8s} {'(range)':>12s}"
     print(hdr)
     for r in results:
         if "error" in r:

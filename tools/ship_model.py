@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="trained model folder (e.g. runs/NAME/final)")
     p.add_argument("dest", help="models/<name>")
     p.add_argument("--data", required=True)
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="selection split to measure; '+' joins splits (train+val)")
+    p.add_argument("--groups", metavar="GROUP[,GROUP]",
+                   help="measure only these drives of --split (the drive held out of training, e.g. 0006R0)")
+    p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
+                   help="store the weights at this precision (float16 halves a large model; loading upcasts)")
     p.add_argument("--status", default="final", help="'final', or e.g. 'in progress (epoch 12 of 120)'")
     p.add_argument("--try-bn-recalibration", action="store_true",
                    help="also recompute batch-norm statistics over the training split (no augmentation) and keep "
@@ -63,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             resumed.insert(0, card.training["command"])
         card.training["command"] = args.training_command
         card.training["resumed_with"] = resumed
-    ds = open_dataset(args.data, args.split, transform=ToTensors())
+    groups = [g for g in args.groups.split(",") if g] if args.groups else None
+    ds = open_dataset(args.data, args.split, transform=ToTensors(), groups=groups)
+    split_name = "holdout_" + "+".join(groups) if groups else args.split
+    split_flags = f"--split {args.split}" + (f" --groups {args.groups}" if groups else "")
     # channels_last as perception-eval uses on a CPU: dropout masks are drawn in memory order, so the
     # MC numbers reproduce only with the same layout.
     m = evaluate(model, ds, card.input, amp="off", progress=True, channels_last=True)
@@ -84,20 +91,22 @@ def main(argv: list[str] | None = None) -> int:
             model, m = recal, m_recal
             card.training["bn_recalibrated"] = True
     keys = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou", "per_class_bf")
-    card.metrics = {args.split: {k: m[k] for k in keys}}
+    card.metrics = {split_name: {k: m[k] for k in keys}}
     mc = None
     if args.mc_samples:
         mc = evaluate(model, ds, card.input, amp="off", mc_samples=args.mc_samples, seed=0, progress=True,
                       channels_last=True)
-        card.metrics[f"{args.split}_mc{args.mc_samples}"] = {k: mc[k] for k in keys}
+        card.metrics[f"{split_name}_mc{args.mc_samples}"] = {k: mc[k] for k in keys}
     card.extra["status"] = args.status
-    card.extra["eval_command"] = f"perception-eval --model {dest} --data {args.data} --split {args.split}"
+    card.extra["eval_command"] = f"perception-eval --model {dest} --data {args.data} {split_flags}"
     run_dir = Path(args.source).resolve().parent  # runs/NAME/final -> runs/NAME (history, curves)
     history = []
     if (run_dir / "metrics.jsonl").is_file():
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         card.training["train_hours"] = round(sum(r.get("epoch_seconds", 0.0) for r in history) / 3600, 3)
-    save(model, dest, card)
+    import torch
+
+    save(model, dest, card, weights_dtype=torch.float16 if args.weights_dtype == "float16" else None)
     arch = card.architecture["name"]
     paper = PAPER_TEST.get(arch)
     t = card.training
@@ -105,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         f"# {card.id}",
         "",
         f"`{arch}` ({sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters) trained on the "
-        f"{t.get('train_images', '?')} CamVid training images; model selected on val by mIoU.",
+        f"{t.get('train_images', '?')} CamVid images of split `{t.get('train_split', 'train')}`"
+        + (f" without drive(s) {', '.join(t['holdout'])}" if t.get("holdout") else "")
+        + f"; model selected on {split_name} by mIoU.",
         "",
         f"Status: **{args.status}**.",
         "",
@@ -113,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| split | G | C | mIoU | BF |",
         "|---|---|---|---|---|",
-        f"| {args.split} (measured) | {100 * m['global_accuracy']:.1f} | {100 * m['class_accuracy']:.1f} | "
+        f"| {split_name} (measured) | {100 * m['global_accuracy']:.1f} | {100 * m['class_accuracy']:.1f} | "
         f"{100 * m['miou']:.1f} | {100 * m['bf']:.1f} |",
     ]
     if mc is not None:
         lines.append(
-            f"| {args.split}, MC dropout {args.mc_samples} samples (measured) | {100 * mc['global_accuracy']:.1f} | "
+            f"| {split_name}, MC dropout {args.mc_samples} samples (measured) | {100 * mc['global_accuracy']:.1f} | "
             f"{100 * mc['class_accuracy']:.1f} | {100 * mc['miou']:.1f} | {100 * mc['bf']:.1f} |"
         )
     if paper:
@@ -129,10 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += [
         "",
-        "Val shares a driving sequence with train, so val scores run above test; the test split is not in",
-        "this repository and is evaluated independently.",
+        *(["A held-out drive is a road the model never saw in training: the honest proxy for a new road.",
+            "The test split is not in this repository and is evaluated independently."] if groups else
+          ["Val shares a driving sequence with train, so val scores run above test; the test split is not in",
+           "this repository and is evaluated independently."]),
         "",
-        "Per-class accuracy on " + args.split + ": "
+        "Per-class accuracy on " + split_name + ": "
         + ", ".join(f"{c} {100 * v:.1f}" for c, v in zip(card.classes, m["per_class_accuracy"])),
         "",
         "## Reproduce",
@@ -153,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
              *t["resumed_with"], "```", ""]
             if t.get("resumed_with") else []
         ),
-        f"Machine: {t.get('machine', {}).get('cpu')} ({t.get('machine', {}).get('cpu_count')} cores), "
-        f"torch {t.get('machine', {}).get('torch')}; weights from epoch {t.get('epoch')} (best val mIoU); "
-        f"date {t.get('date')}.",
+        f"Machine: {t.get('machine', {}).get('gpu', t.get('machine', {}).get('cpu'))} "
+        f"({t.get('machine', {}).get('cpu_count')} CPU cores), torch {t.get('machine', {}).get('torch')}; "
+        f"weights from epoch {t.get('epoch')} of {t.get('config', {}).get('epochs')} (best {t.get('selection') or 'val'} "
+        f"mIoU); date {t.get('date')}.",
         "",
         "Input: uint8 frames; the model card (`model.json`) gives the colour order, normalisation and",
         "input size. Load with `perception.models.load(folder)`.",
@@ -163,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if history:
         lines += [f"Training time: {card.training['train_hours']:.2f} h for {len(history)} epochs (sum of epoch "
-                  "times, validation not included), on the machine above.", ""]
+                  "times, validation not included), on the machine above"
+                  + (" while it trained other runs beside this one." if t.get("machine", {}).get("gpu") else "."), ""]
+        if "weights_dtype" in card.training:
+            lines += [f"Weights stored as {card.training['weights_dtype']} (upcast to float32 on load); the "
+                      "numbers above are measured from the stored weights.", ""]
     if (run_dir / "curves.png").is_file():
         shutil.copyfile(run_dir / "curves.png", dest / "training_curves.png")
         lines += ["![training curves](training_curves.png)", ""]

@@ -11,6 +11,7 @@ from ..data.transforms import normalize
 from ..evaluate import autocast_context
 from ..models.bayesian import has_dropout, mc_dropout_predict
 from ..models.io import load
+from ..models.tta import with_tta
 from .base import Backend, InferenceResult
 
 __all__ = ["TorchBackend"]
@@ -23,7 +24,7 @@ class TorchBackend(Backend):
 
     def __init__(
         self, model_dir: str | Path, *, device: str = "cpu", precision: str = "fp32", mc_samples: int = 8,
-        threads: int | None = None, channels_last: bool = False,
+        threads: int | None = None, channels_last: bool = False, tta: str = "none",
     ) -> None:
         if precision not in _AMP:
             raise ValueError(f"precision must be one of {sorted(_AMP)}, got {precision!r}")
@@ -42,6 +43,8 @@ class TorchBackend(Backend):
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.tta = tta
+        self.net = with_tta(self.model, tta)  # the model itself, or the mirror-averaging wrapper
 
     @torch.inference_mode()
     def _infer(self, frames: np.ndarray, *, probs: bool, uncertainty: bool) -> InferenceResult:
@@ -52,9 +55,9 @@ class TorchBackend(Backend):
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, _AMP[self.precision]):
             if uncertainty and self.bayesian:
-                pred = mc_dropout_predict(self.model, x, samples=self.mc_samples)
+                pred = mc_dropout_predict(self.net, x, samples=self.mc_samples)
                 p, unc = pred.probs, pred.uncertainty.float().cpu().numpy()
             else:
-                p, unc = torch.softmax(self.model(x).float(), dim=1), None
+                p, unc = torch.softmax(self.net(x).float(), dim=1), None
         labels = p.argmax(1).to(torch.uint8).cpu().numpy()
         return InferenceResult(labels, p.float().cpu().numpy() if probs else None, unc)

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_batch, default=1, help="N or 'dynamic' (default 1)")
     p.add_argument("--size", type=parse_size, default=None, help="HxW or 'dynamic' (default: the model's input size)")
     p.add_argument("--outputs", default="labels", help="comma list of labels,probs,logits (default labels)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="'flip': the graph averages the logits of each frame and its mirror (about 2x the compute)")
     p.add_argument("--fp16", action="store_true", help="float16 compute graph (TensorRT 11 takes precision from types)")
     p.add_argument("--int8", action="store_true",
                    help="int8 static quantization for ONNX Runtime CPU (needs --calibration-data)")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         dynamic_size = args.size == "dynamic"
         opts = ExportOptions(
             unpool=args.unpool, opset=args.opset, batch=args.batch, size=None if dynamic_size else args.size,
-            dynamic_size=dynamic_size, outputs=outputs, fp16=args.fp16,
+            dynamic_size=dynamic_size, outputs=outputs, fp16=args.fp16, tta=args.tta,
         )
         if args.int8 and (args.fp16 or not args.calibration_data):
             raise ValueError("--int8 needs --calibration-data and cannot be combined with --fp16")

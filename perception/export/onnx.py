@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..fileio import atomic_write_bytes
 from ..models.io import InputSpec, ModelCard, load, weights_sha256
+from ..models.tta import TTA_MODES, with_tta
 from ..models.unpool import set_unpool_impl, static_shapes
 from ..models.unpool_ops import (
     PLUGIN_DOMAIN,
@@ -65,6 +66,7 @@ class ExportOptions:
     dynamic_size: bool = False
     outputs: tuple[str, ...] = ("labels",)
     fp16: bool = False
+    tta: str = "none"  # "flip": the graph averages the logits of each frame and its mirror
     # plugin form: mark the custom-op nodes ``aot=1`` so TensorRT's parser uses the plugins' ahead-of-time
     # (PTX) implementations and the engine runs without Python.
     plugin_aot: bool = True
@@ -75,6 +77,8 @@ class ExportOptions:
         bad = [o for o in self.outputs if o not in OUTPUTS]
         if bad or not self.outputs:
             raise ValueError(f"outputs must be a non-empty subset of {OUTPUTS}, got {self.outputs}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {TTA_MODES}, got {self.tta!r}")
         if self.batch is not None and self.batch < 1:
             raise ValueError("batch must be >= 1 (or dynamic)")
         if self.size is not None and min(self.size) < 32:
@@ -189,6 +193,7 @@ def _card_metadata(card: ModelCard, source_sha: str, opts: ExportOptions) -> dic
         "segnet.source_sha256": source_sha,
         "segnet.unpool": opts.unpool,
         "segnet.precision": "fp16" if opts.fp16 else "fp32",
+        "segnet.tta": opts.tta,
         "segnet.input": "image: uint8 NHWC BGR",
     }
 
@@ -208,7 +213,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, options: ExportOptions |
     # Tracing runs the network once; fp16 convolutions are very slow on CPUs, so trace those on a GPU
     # when there is one (the exported graph is the same).
     device = "cuda" if opts.fp16 and torch.cuda.is_available() else "cpu"
-    wrapper = FrameModel(net.to(dtype), card.input, tuple(opts.outputs), dtype).eval().to(device)
+    wrapper = FrameModel(with_tta(net.to(dtype), opts.tta), card.input, tuple(opts.outputs), dtype).eval().to(device)
 
     h, w = opts.size or (card.input.height, card.input.width)
     if opts.dynamic_size:

@@ -25,8 +25,10 @@ def verify_against_torch(model_dir: str | Path, onnx_path: str | Path, frame: np
     from ..backends.onnxruntime import OnnxRuntimeBackend
     from ..backends.torch import TorchBackend
 
+    from .onnx import read_onnx_metadata
+
     ort_b = OnnxRuntimeBackend(onnx_path)
-    torch_b = TorchBackend(model_dir)
+    torch_b = TorchBackend(model_dir, tta=read_onnx_metadata(onnx_path).get("segnet.tta", "none"))
     if frame is None:
         frame = synthetic_frame(torch_b.card.input.height, torch_b.card.input.width)
     want_probs = "probs" in ort_b.output_names

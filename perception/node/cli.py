@@ -31,6 +31,7 @@ class NodeConfig:
     backend: str = "auto"  # auto | tensorrt | onnxruntime | torch
     device: str = "cpu"
     precision: str = "fp32"  # torch backend: fp32 | bf16 | fp16
+    tta: str = "none"  # none | flip (average each frame's logits with its mirror's; about 2x the compute)
     threads: int | None = None
     publish: str = "tcp://127.0.0.1:5555"
     namespace: str = "segnet"
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"))
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="torch backend precision")
+    p.add_argument("--tta", choices=("none", "flip"),
+                   help="flip: average each frame's logits with its mirror's (about 2x the compute; see docs/benchmarks.md)")
     p.add_argument("--threads", type=int, help="inference threads")
     p.add_argument("--publish", help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
     p.add_argument("--namespace", help="topic prefix (default segnet)")
@@ -124,7 +127,7 @@ def _parse_resize(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def _cached_onnx(model_dir: Path) -> Path:
+def _cached_onnx(model_dir: Path, tta: str = "none") -> Path:
     """Export a model folder once to ONNX (native unpooling) and reuse it: keyed by the weights' hash."""
     import os
 
@@ -134,9 +137,9 @@ def _cached_onnx(model_dir: Path) -> Path:
     sha = weights_sha256(model_dir)
     card_sha = hashlib.sha256((model_dir / "model.json").read_bytes()).hexdigest()[:8]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segnet-perception" / "onnx"
-    path = cache / f"{model_dir.name}-{sha[:16]}-{card_sha}-native.onnx"
+    path = cache / f"{model_dir.name}-{sha[:16]}-{card_sha}-native{'-' + tta if tta != 'none' else ''}.onnx"
     if not path.is_file():
-        export_onnx(model_dir, path, ExportOptions(unpool="native", outputs=("labels",)))
+        export_onnx(model_dir, path, ExportOptions(unpool="native", outputs=("labels",), tta=tta))
     return path
 
 
@@ -187,13 +190,20 @@ def resolve_backend(cfg: NodeConfig):
             backend = "torch" if bayes else "onnxruntime"
     if backend == "tensorrt" and kind != "tensorrt":
         raise ValueError(f"--backend tensorrt needs an .engine file (build one with tools/build_engine.py), got {model}")
+    if cfg.tta not in ("none", "flip"):
+        raise ValueError(f"--tta must be none or flip, got {cfg.tta!r}")
+    if cfg.tta != "none" and kind != "torch":
+        from ..export.onnx import read_onnx_metadata
+
+        if kind != "onnxruntime" or read_onnx_metadata(model).get("segnet.tta", "none") != cfg.tta:
+            raise ValueError(f"--tta {cfg.tta} needs a model folder, or an .onnx exported with --tta {cfg.tta}")
     if backend == "onnxruntime" and kind == "torch":
-        model = _cached_onnx(model)
+        model = _cached_onnx(model, cfg.tta)
     elif backend == "torch" and kind != "torch":
         raise ValueError(f"--backend torch needs a model folder, got {model}")
     opts: dict[str, Any] = {}
     if backend == "torch":
-        opts = {"precision": cfg.precision, "mc_samples": cfg.mc_samples, "threads": cfg.threads}
+        opts = {"precision": cfg.precision, "mc_samples": cfg.mc_samples, "threads": cfg.threads, "tta": cfg.tta}
     elif backend == "onnxruntime":
         opts = {"threads": cfg.threads}
     return load_backend(model, backend=backend, device=cfg.device, **opts)

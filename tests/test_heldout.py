@@ -1,0 +1,332 @@
+"""Held-out-drive selection, the robust recipe's augmentations, time-budgeted runs, flip TTA, fp16 model
+folders and the sweep tools."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import make_toy_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _drive_dataset(root: Path, drives=(("d1", 6), ("d2", 4), ("d3", 3)), size=(48, 64)) -> Path:
+    """A CamVid-layout list dataset (``train.txt``) whose frame names carry the drive: ``d1_0003.png``."""
+    toy = make_toy_dataset(root / "toy", n_train=sum(n for _, n in drives), n_val=2, size=size)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    src = sorted((toy / "train" / "images").iterdir())
+    lines, i = [], 0
+    for drive, n in drives:
+        for k in range(n):
+            name = f"{drive}_{k:04d}.png"
+            (root / "images" / name).write_bytes(src[i].read_bytes())
+            (root / "labels" / name).write_bytes((toy / "train" / "labels" / src[i].name).read_bytes())
+            lines.append(f"images/{name} labels/{name}\n")
+            i += 1
+    (root / "train.txt").write_text("".join(lines[:-2]))
+    (root / "val.txt").write_text("".join(lines[-2:]))  # the last two frames of d3
+    (root / "classes.txt").write_text((toy / "classes.txt").read_text())
+    return root
+
+
+def test_group_of_and_split_by_group(tmp_path):
+    from perception.data.splits import group_counts, group_of, split_pairs_by_group
+
+    assert group_of("0006R0_f02310.png") == "0006R0"
+    assert group_of("/x/y/Seq05VD_f00000.png") == "Seq05VD"
+    assert group_of("cam-left-0001.png", r"^(cam-\w+)-") == "cam-left"
+    with pytest.raises(ValueError, match="does not match"):
+        group_of("nounderscore.png")
+    with pytest.raises(ValueError, match="capture group"):
+        group_of("a_b.png", r"^a_")
+    pairs = [(Path(f"{d}_{i}.png"), Path(f"l{d}{i}.png")) for d, n in (("A", 3), ("B", 2), ("C", 1)) for i in range(n)]
+    assert group_counts(pairs) == {"A": 3, "B": 2, "C": 1}
+    kept, held = split_pairs_by_group(pairs, holdout=["B"])
+    assert [p[0].name for p in held] == ["B_0.png", "B_1.png"]
+    assert len(kept) == 4 and all(not p[0].name.startswith("B") for p in kept)
+    with pytest.raises(ValueError, match=r"not in the data; groups \(frames\): A \(3\), B \(2\), C \(1\)"):
+        split_pairs_by_group(pairs, holdout=["Z"])
+    names = tmp_path / "held.txt"
+    names.write_text("# frames of a new road\nimages/A_1.png\nC_0.png  extra-column-ignored\n\n")
+    kept, held = split_pairs_by_group(pairs, holdout_list=names)
+    assert sorted(p[0].name for p in held) == ["A_1.png", "C_0.png"]
+    names.write_text("Q_9.png\n")
+    with pytest.raises(ValueError, match="not in the data"):
+        split_pairs_by_group(pairs, holdout_list=names)
+
+
+def test_open_dataset_joins_splits_and_selects_groups(tmp_path):
+    from perception.data import open_dataset
+
+    root = _drive_dataset(tmp_path / "drives")
+    both = open_dataset(root, "train+val")
+    assert len(both) == 13 and both.classes == open_dataset(root, "train").classes
+    assert len(open_dataset(root, "train+val", groups=["d3"])) == 3
+    assert len(open_dataset(root, "train", groups=["d3"])) == 1
+    assert len(open_dataset(root, "train+val", exclude_groups=["d1", "d2"])) == 3
+    with pytest.raises(ValueError, match="not in the data"):
+        open_dataset(root, "train", groups=["d9"])
+
+
+def test_train_holds_out_a_drive_and_reports_val_only_if_unseen(tmp_path, capsys):
+    from perception.train.cli import main as train_main
+
+    root = _drive_dataset(tmp_path / "drives")
+    common = ["--model", "segnet_basic", "--data", str(root), "--epochs", "2", "--crop", "32x48", "--batch-size", "2",
+              "--no-progress", "--amp", "off", "--holdout", "d2"]
+    out = tmp_path / "run"
+    assert train_main([*common, "--out", str(out)]) == 0
+    card = json.loads((out / "final" / "model.json").read_text())
+    # train.txt minus d2 trains; d2's frames select; val (two d3 frames never trained on) is reported.
+    assert card["training"]["train_images"] == 11 - 4
+    assert card["training"]["holdout"] == ["d2"] and card["training"]["selection"] == "holdout_d2"
+    assert set(card["metrics"]) == {"holdout_d2", "val"}
+    # The card's held-out numbers are what perception-eval measures on that drive.
+    from perception.eval_cli import main as eval_main
+
+    js = tmp_path / "eval.json"
+    assert eval_main(["--model", str(out / "final"), "--data", str(root), "--split", "train", "--groups", "d2",
+                      "--json", str(js), "--no-progress"]) == 0
+    ev = json.loads(js.read_text())
+    assert ev["images"] == 4 and ev["groups"] == ["d2"]
+    assert ev["miou"] == pytest.approx(card["metrics"]["holdout_d2"]["miou"], abs=1e-12)
+
+    # Training on train+val: val is trained on, so it is not reported.
+    out2 = tmp_path / "run2"
+    assert train_main([*common, "--train-split", "train+val", "--out", str(out2)]) == 0
+    card2 = json.loads((out2 / "final" / "model.json").read_text())
+    assert card2["training"]["train_images"] == 13 - 4 and set(card2["metrics"]) == {"holdout_d2"}
+    assert "'val' is part of the training images" in capsys.readouterr().out
+
+
+def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
+    from perception.models import io as model_io
+    from perception.train.cli import main as train_main
+
+    root = _drive_dataset(tmp_path / "drives")
+    out = tmp_path / "run"
+    assert train_main(["--model", "segnet_basic", "--data", str(root), "--train-split", "train+val", "--val-split",
+                       "none", "--epochs", "1", "--crop", "32x48", "--batch-size", "4", "--no-progress", "--amp", "off",
+                       "--out", str(out)]) == 0
+    final = model_io.load(out / "final")
+    last = torch.load(out / "last.pt", weights_only=True)["model"]
+    for k, v in final.state_dict().items():
+        assert torch.equal(v, last[k]), k
+    assert final.card.metrics == {} and final.card.training["train_images"] == 13
+
+
+def test_time_budget_chooses_epochs_once_and_resume_keeps_them(tmp_path, capsys):
+    from perception.train.cli import main as train_main
+
+    data = make_toy_dataset(tmp_path / "toy")
+    out = tmp_path / "run"
+    # A budget far too small for more epochs: the run stops right after its warmup epoch.
+    args = ["--model", "segnet_basic", "--data", str(data), "--epochs", "50", "--warmup-epochs", "1", "--crop", "32x48",
+            "--batch-size", "4", "--no-progress", "--amp", "off", "--out", str(out)]
+    assert train_main([*args, "--time-budget", "0.001"]) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["epochs"] == 2 and cfg["time_budget_s"] is None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    card = json.loads((out / "final" / "model.json").read_text())
+    assert card["training"]["epochs_chosen_for_time_budget_s"] == 0.001
+    assert "-> 2 epochs (of at most 50)" in capsys.readouterr().out
+
+
+def test_robust_augmentations_are_seeded_and_leave_old_streams_alone():
+    from perception.data.transforms import TrainAugment
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    lab = rng.integers(0, 5, (60, 80), dtype=np.uint8)
+    old = TrainAugment(crop=(32, 48), scale=(0.75, 1.5), color_jitter=0.3, seed=5)
+    same = TrainAugment(crop=(32, 48), scale=(0.75, 1.5), color_jitter=0.3, gamma=(1.0, 1.0), hue=0, blur=0, noise=0, seed=5)
+    for _ in range(3):
+        a, b = old(img, lab), same(img, lab)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    robust = dict(crop=(32, 48), scale=(0.5, 2.0), color_jitter=0.4, gamma=(0.5, 2.0), hue=10.0, blur=0.5, noise=8.0)
+    r1, r2 = TrainAugment(**robust, seed=3), TrainAugment(**robust, seed=3)
+    for _ in range(3):
+        a, b = r1(img, lab), r2(img, lab)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert a[0].dtype == torch.uint8 and a[0].shape == (3, 32, 48)
+
+
+def test_gamma_and_hue_against_independent_references():
+    from perception.data.transforms import TrainAugment
+
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    lab = np.zeros((16, 16), np.uint8)
+    aug = TrainAugment(crop=None, hflip=False, gamma=(2.0, 2.0), seed=0)
+    out = aug(img, lab)[0].numpy().transpose(1, 2, 0)
+    np.testing.assert_array_equal(out, np.round(255 * (img / 255.0) ** 2.0).astype(np.uint8))
+    # A hue shift of +120 degrees turns pure red into pure green (and green into blue).
+    prim = np.zeros((4, 4, 3), np.uint8)
+    prim[:2, :, 0] = 255
+    prim[2:, :, 1] = 255
+    aug = TrainAugment(crop=None, hflip=False, hue=120.0, seed=0)
+    aug.rng = type("R", (), {"uniform": staticmethod(lambda lo, hi: 120.0), "random": staticmethod(lambda: 1.0)})()
+    out = aug(prim, np.zeros((4, 4), np.uint8))[0].numpy().transpose(1, 2, 0)
+    np.testing.assert_array_equal(out[:2].reshape(-1, 3), np.tile([0, 255, 0], (8, 1)))
+    np.testing.assert_array_equal(out[2:].reshape(-1, 3), np.tile([0, 0, 255], (8, 1)))
+
+
+def test_label_smoothing_matches_pytorch():
+    import torch.nn.functional as F
+
+    from perception.train.loss import SegmentationLoss
+
+    logits = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    target = torch.randint(0, 4, (2, 5, 6))
+    target[0, 0, 0] = 255
+    loss = SegmentationLoss(None, ignore_index=255, normalization="weights", label_smoothing=0.1)(logits, target)
+    ref = F.cross_entropy(logits, target, ignore_index=255, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    # Hand case, one pixel, two classes: (1 - eps) * CE(true) + eps * mean over classes of CE.
+    lg = torch.tensor([[[[2.0]], [[0.0]]]], dtype=torch.float64)
+    lp = torch.log_softmax(lg[0, :, 0, 0], 0)
+    expected = -(0.9 * lp[0] + 0.1 * lp.mean())
+    got = SegmentationLoss(None, label_smoothing=0.1)(lg, torch.zeros(1, 1, 1, dtype=torch.long))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)  # the loss runs in fp32
+
+
+def test_flip_tta_averages_the_logits_of_the_mirror(toy_model):
+    from perception.data.transforms import normalize
+    from perception.evaluate import predict_labels
+    from perception.models import io as model_io
+
+    model = model_io.load(toy_model[1]).double()
+    spec = model.card.input
+    imgs = torch.randint(0, 256, (2, 3, 48, 64), dtype=torch.uint8)
+    labels, _ = predict_labels(model, imgs, spec, tta="flip")
+    x = normalize(imgs, spec).double()
+    with torch.no_grad():
+        ref = (model(x) + model(x.flip(-1)).flip(-1)).argmax(1)
+    assert torch.equal(labels, ref)
+    # A mirror-symmetric image gives a mirror-symmetric mask under flip TTA.
+    sym = torch.cat([imgs[..., :32], imgs[..., :32].flip(-1)], -1)
+    out, _ = predict_labels(model, sym, spec, tta="flip")
+    assert torch.equal(out, out.flip(-1))
+    with pytest.raises(ValueError, match="tta"):
+        predict_labels(model, imgs, spec, tta="rotate")
+
+
+def test_fp16_model_folder_loads_into_fp32_and_predicts_alike(toy_model, tmp_path):
+    from perception.models import io as model_io
+
+    model = model_io.load(toy_model[1])
+    model_io.save(model, tmp_path / "half", model.card, weights_dtype=torch.float16)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "half" / model_io.WEIGHTS_FILE))
+    assert {v.dtype for v in stored.values()} <= {torch.float16, torch.int64}
+    assert (tmp_path / "half" / model_io.WEIGHTS_FILE).stat().st_size < 0.55 * (toy_model[1] / model_io.WEIGHTS_FILE).stat().st_size
+    half = model_io.load(tmp_path / "half")
+    assert half.card.training["weights_dtype"] == "float16"
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        a, b = model(x), half(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.99
+    with pytest.raises(ValueError, match="does not fit"):
+        model_io.cast_floating({"w": torch.tensor([1e6])}, torch.float16)
+
+
+def test_train_many_runs_a_sweep_and_tabulates_it(tmp_path):
+    data = make_toy_dataset(tmp_path / "toy")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "common": ["--data", str(data), "--epochs", "1", "--crop", "32x48", "--batch-size", "4", "--no-progress",
+                   "--amp", "off"],
+        "runs": {"plain": ["--model", "segnet_basic"], "smooth": ["--model", "segnet_basic", "--label-smoothing", "0.1"]},
+    }))
+    out = tmp_path / "runs"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "train_many.py"), str(sweep), "--out", str(out),
+                        "--threads", "1", "--", "--seed", "3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [row["run"] for row in rows] == ["plain", "smooth"] and all(row["rc"] == 0 for row in rows)
+    for row in rows:
+        card = json.loads((out / row["run"] / "final" / "model.json").read_text())
+        assert row["val mIoU"] == round(100 * card["metrics"]["val"]["miou"], 1)
+        assert card["training"]["config"]["seed"] == 3
+    assert "| plain |" in (out / "sweep.md").read_text()
+    # pack_runs: every run's logs, and fp16 model folders that perception loads.
+    packed = tmp_path / "packed"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "pack_runs.py"), str(out), str(packed), "--rank-by", "val",
+                        "--chunk-mib", "0.1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    parts = sorted(packed.glob("part.tar.*"))
+    assert len(parts) > 1
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        tar.extractall(unpacked, filter="data")
+    from perception.models import io as model_io
+
+    m = model_io.load(unpacked / "plain" / "model")
+    assert m.card.training["weights_dtype"] == "float16" and (unpacked / "plain.log").is_file()
+
+
+def test_flip_tta_in_the_exported_graph_and_the_node_backends(toy_model, tmp_path):
+    from perception.backends.onnxruntime import OnnxRuntimeBackend
+    from perception.backends.torch import TorchBackend
+    from perception.export.onnx import ExportOptions, export_onnx, read_onnx_metadata
+    from perception.export.verify import synthetic_frame
+    from perception.node.cli import NodeConfig, resolve_backend
+
+    path = export_onnx(toy_model[1], tmp_path / "tta.onnx", ExportOptions(tta="flip", size=(48, 64)))
+    assert read_onnx_metadata(path)["segnet.tta"] == "flip"
+    frames = np.stack([synthetic_frame(48, 64, seed=s) for s in range(2)])
+    ort_labels = np.concatenate([OnnxRuntimeBackend(path).infer(f[None]).labels for f in frames])
+    torch_tta = TorchBackend(toy_model[1], tta="flip").infer(frames).labels
+    plain = TorchBackend(toy_model[1]).infer(frames).labels
+    assert (ort_labels == torch_tta).mean() > 0.999
+    # What the flip TTA computes, from two plain passes: mean of the logits of the frame and its mirror.
+    from perception.models import io as model_io
+    from perception.data.transforms import normalize
+
+    model = model_io.load(toy_model[1])
+    x = normalize(torch.from_numpy(frames[..., ::-1].copy()).permute(0, 3, 1, 2), model.card.input)
+    with torch.no_grad():
+        ref = ((model(x) + model(x.flip(-1)).flip(-1)) / 2).argmax(1).numpy()
+    assert (torch_tta == ref).mean() > 0.999 and plain.shape == torch_tta.shape
+    # The node: a folder is exported with the TTA; an .onnx without it is refused with a clear error.
+    b = resolve_backend(NodeConfig(model=str(toy_model[1]), tta="flip", backend="onnxruntime"))
+    assert read_onnx_metadata(b.path)["segnet.tta"] == "flip"
+    plain_onnx = export_onnx(toy_model[1], tmp_path / "plain.onnx", ExportOptions(size=(48, 64)))
+    with pytest.raises(ValueError, match="exported with --tta flip"):
+        resolve_backend(NodeConfig(model=str(plain_onnx), tta="flip"))
+
+
+def test_eval_runs_an_exported_model_through_the_node_backend(toy_model, tmp_path, capsys):
+    from perception.eval_cli import main as eval_main
+    from perception.export.onnx import ExportOptions, export_onnx
+
+    data, folder = toy_model
+    onnx_path = export_onnx(folder, tmp_path / "m.onnx", ExportOptions())
+    a, b = tmp_path / "folder.json", tmp_path / "onnx.json"
+    assert eval_main(["--model", str(folder), "--data", str(data), "--json", str(a), "--no-progress"]) == 0
+    assert eval_main(["--model", str(onnx_path), "--data", str(data), "--json", str(b), "--no-progress",
+                      "--save-predictions", str(tmp_path / "pred")]) == 0
+    fa, fb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert fb["backend"] == "onnxruntime" and fa["backend"] == "torch"
+    assert fb["miou"] == pytest.approx(fa["miou"], abs=0.01)
+    assert len(list((tmp_path / "pred").glob("*.png"))) == fb["images"]
+    assert eval_main(["--model", str(onnx_path), "--data", str(data), "--tta", "flip"]) == 2
+    assert "export with --tta flip" in capsys.readouterr().err
