@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from perception.data.folder import open_dataset
-from perception.eval_cli import main as eval_main
+from perception.data.loading import open_dataset
+from perception.eval.cli import main as eval_main
 from perception.models import load
-from perception.predict_cli import main as predict_main
+from perception.inference.predict import main as predict_main
 
 
 def test_eval_json_and_predictions(toy_model, tmp_path, capsys):
@@ -92,7 +92,7 @@ def test_mc_dropout_eval_and_uncertainty_maps(toy_bayesian_model, tmp_path, caps
     assert json.loads(again.read_text())["confusion"] == doc["confusion"] and doc["seed"] == 0
     # ... and evaluate() leaves its caller's random state as it found it.
     from perception.data.transforms import ToTensors
-    from perception.evaluate import evaluate
+    from perception.eval.evaluate import evaluate
 
     model = load(model_dir)
     rng_before = torch.random.get_rng_state()
@@ -108,7 +108,7 @@ def test_mc_dropout_eval_and_uncertainty_maps(toy_bayesian_model, tmp_path, caps
 def test_postprocess_helpers():
     import numpy as np
 
-    from perception.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut
+    from perception.inference.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut
 
     labels = np.array([[0, 2], [2, 11]], np.uint8)  # 11 = void, beyond the palette
     lut = palette_lut([(255, 0, 0), (0, 255, 0), (0, 0, 255)])

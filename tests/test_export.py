@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from perception.backends import load_backend
+from perception.inference import load_backend
 from perception.export.check import op_histogram, plugin_nodes, tensorrt_problems
 from perception.export.cli import main as export_main
 from perception.export.onnx import ExportOptions, export_onnx, read_card_from_onnx

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 @pytest.mark.parametrize("hw", [(45, 60), (23, 31), (360, 480)])
 def test_triton_kernels_on_cuda(dtype, hw):
     pytest.importorskip("triton")
-    from perception.plugins import kernels as K
+    from perception.export.tensorrt import kernels as K
 
     x = torch.randint(0, 3, (2, 16, *hw), device="cuda").to(dtype)
     y, idx = K.max_pool_argmax(x)
@@ -49,7 +49,7 @@ def _one_plugin_onnx(path: Path, op: str, dtype):
 def test_one_plugin_engines_against_pytorch(op, dtype, tmp_path):
     import tensorrt as trt
 
-    from perception.plugins.trt_plugins import register_plugins
+    from perception.export.tensorrt.plugins import register_plugins
 
     register_plugins()
     _one_plugin_onnx(tmp_path / "p.onnx", op, dtype)
@@ -84,8 +84,8 @@ def test_one_plugin_engines_against_pytorch(op, dtype, tmp_path):
 def test_segnet_basic_engines_against_onnxruntime(unpool, precision, shipped_model, camvid_root, tmp_path):
     import cv2
 
-    from perception.backends import load_backend
-    from perception.engine_builder import main as build_main
+    from perception.inference import load_backend
+    from perception.export.tensorrt.builder import main as build_main
     from perception.export.onnx import ExportOptions, export_onnx
 
     eng = tmp_path / "m.engine"

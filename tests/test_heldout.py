@@ -92,7 +92,7 @@ def test_train_holds_out_a_drive_and_reports_val_only_if_unseen(tmp_path, capsys
     assert card["training"]["holdout"] == ["d2"] and card["training"]["selection"] == "holdout_d2"
     assert set(card["metrics"]) == {"holdout_d2", "val"}
     # The card's held-out numbers are what perception-eval measures on that drive.
-    from perception.eval_cli import main as eval_main
+    from perception.eval.cli import main as eval_main
 
     js = tmp_path / "eval.json"
     assert eval_main(["--model", str(out / "final"), "--data", str(root), "--split", "train", "--groups", "d2",
@@ -203,7 +203,7 @@ def test_label_smoothing_matches_pytorch():
 
 def test_flip_tta_averages_the_logits_of_the_mirror(toy_model):
     from perception.data.transforms import normalize
-    from perception.evaluate import predict_labels
+    from perception.eval.evaluate import predict_labels
     from perception.models import io as model_io
 
     model = model_io.load(toy_model[1]).double()
@@ -284,11 +284,11 @@ def test_train_many_runs_a_sweep_and_tabulates_it(tmp_path):
 
 
 def test_flip_tta_in_the_exported_graph_and_the_node_backends(toy_model, tmp_path):
-    from perception.backends.onnxruntime import OnnxRuntimeBackend
-    from perception.backends.torch import TorchBackend
+    from perception.inference.onnxruntime import OnnxRuntimeBackend
+    from perception.inference.torch import TorchBackend
     from perception.export.onnx import ExportOptions, export_onnx, read_onnx_metadata
     from perception.export.verify import synthetic_frame
-    from perception.node.cli import NodeConfig, resolve_backend
+    from perception.stream.node.cli import NodeConfig, resolve_backend
 
     path = export_onnx(toy_model[1], tmp_path / "tta.onnx", ExportOptions(tta="flip", size=(48, 64)))
     assert read_onnx_metadata(path)["segnet.tta"] == "flip"
@@ -315,7 +315,7 @@ def test_flip_tta_in_the_exported_graph_and_the_node_backends(toy_model, tmp_pat
 
 
 def test_eval_runs_an_exported_model_through_the_node_backend(toy_model, tmp_path, capsys):
-    from perception.eval_cli import main as eval_main
+    from perception.eval.cli import main as eval_main
     from perception.export.onnx import ExportOptions, export_onnx
 
     data, folder = toy_model

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from perception.metrics import BF_TOLERANCE, SegmentationMetrics, boundary_f1, mask_boundary
+from perception.eval.metrics import BF_TOLERANCE, SegmentationMetrics, boundary_f1, mask_boundary
 
 
 def test_confusion_metrics_hand_case():

@@ -14,12 +14,12 @@ import numpy as np
 import zmq
 
 from conftest import make_video
-from perception.backends import load_backend
-from perception.client import Subscriber
-from perception.node.cli import main as node_main
-from perception.node.pipeline import Node, NodeSettings
-from perception.node.publisher import Publisher
-from perception.node.sources import open_source
+from perception.inference import load_backend
+from perception.stream.client import Subscriber
+from perception.stream.node.cli import main as node_main
+from perception.stream.node.pipeline import Node, NodeSettings
+from perception.stream.publisher import Publisher
+from perception.stream.node.sources import open_source
 
 
 def _free_endpoint() -> str:
@@ -146,7 +146,7 @@ def test_uncertainty_stream_for_bayesian_model(toy_bayesian_model):
 
 
 def _node_cmd(*args):
-    return [sys.executable, "-m", "perception.node.cli", *args]
+    return [sys.executable, "-m", "perception.stream.node.cli", *args]
 
 
 def test_sigterm_mid_stream_exits_cleanly(toy_model):
@@ -204,8 +204,8 @@ def test_bad_inputs_fail_clearly(toy_model, tmp_path, capsys):
 
 
 def test_echo_and_record_cli(toy_model, tmp_path, capsys):
-    from perception.echo_cli import main as echo_main
-    from perception.record_cli import main as record_main
+    from perception.stream.echo import main as echo_main
+    from perception.stream.record import main as record_main
 
     _, model_dir = toy_model
     video = make_video(tmp_path / "v.avi", n=5)
@@ -244,7 +244,7 @@ def test_echo_and_record_cli(toy_model, tmp_path, capsys):
 def test_launch_configs_parse():
     from pathlib import Path
 
-    from perception.node.cli import build_parser, load_config
+    from perception.stream.node.cli import build_parser, load_config
 
     configs = sorted((Path(__file__).resolve().parents[1] / "launch").glob("*.yaml"))
     assert len(configs) >= 2
@@ -267,7 +267,7 @@ class _FastLiveSource:
         self.n = n
 
     def __iter__(self):
-        from perception.node.sources import Frame
+        from perception.stream.node.sources import Frame
 
         for i in range(self.n):
             time.sleep(0.002)
@@ -284,6 +284,7 @@ def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
     class SlowBackend:
         def __init__(self, inner):
             self.inner, self.name, self.card = inner, "slow", inner.card
+            self.capabilities = inner.capabilities
             self.palette, self.classes = inner.palette, inner.classes
 
         def infer(self, frames, **kw):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first built
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install '.[kernels]')")
 
-from perception.plugins import kernels as K  # noqa: E402
+from perception.export.tensorrt import kernels as K  # noqa: E402
 
 SIZES = [(1, 1), (2, 2), (3, 5), (45, 60), (23, 30), (12, 15), (7, 1)]
 
@@ -89,7 +89,7 @@ def _compile_in_subprocess(code: str) -> str:
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
 def test_ptx_for_each_target_assembles(arch, tmp_path):
     _compile_in_subprocess(
-        f"from perception.plugins.kernels import emit_ptx; emit_ptx({str(tmp_path)!r}, arch={arch!r})"
+        f"from perception.export.tensorrt.kernels import emit_ptx; emit_ptx({str(tmp_path)!r}, arch={arch!r})"
     )
     files = sorted(tmp_path.glob("*.ptx"))
     assert len(files) == 4
@@ -202,7 +202,7 @@ def _fake_tensorrt(monkeypatch):
 
 
 def test_plugin_definitions_shapes_types_and_aot_launch(monkeypatch):
-    from perception.plugins import trt_plugins as P
+    from perception.export.tensorrt import plugins as P
 
     reg, Desc, trt = _fake_tensorrt(monkeypatch)
     monkeypatch.setattr(P, "_registered", False)
@@ -236,7 +236,7 @@ def test_plugin_definitions_shapes_types_and_aot_launch(monkeypatch):
 
 
 def _ptx_for_via_subprocess(kernel, dtype):
-    code = (f"from perception.plugins import kernels as K; ck = K.compile_ptx({kernel!r}, dtype={dtype!r}, arch='sm_90');"
+    code = (f"from perception.export.tensorrt import kernels as K; ck = K.compile_ptx({kernel!r}, dtype={dtype!r}, arch='sm_90');"
             f"print(ck.name); print(ck.num_warps); print(ck.shared);"
             f"import sys; sys.stdout.write(K.strip_unused_trailing_params(ck.ptx, ck.name, "
             f"len(K.KERNEL_SIGNATURES[{kernel!r}])))")
@@ -247,7 +247,7 @@ def _ptx_for_via_subprocess(kernel, dtype):
 
 
 def test_register_without_tensorrt_fails_cleanly(monkeypatch):
-    from perception.plugins import trt_plugins as P
+    from perception.export.tensorrt import plugins as P
 
     monkeypatch.setattr(P, "_registered", False)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
@@ -284,8 +284,8 @@ def test_build_engine_without_tensorrt_exports_then_fails_clearly(shipped_model,
 
 
 def test_tensorrt_sidecar_check(tmp_path):
-    from perception.backends.tensorrt import check_sidecar
-    from perception.fileio import sha256_file as _sha256
+    from perception.inference.tensorrt import check_sidecar
+    from perception.core.fileio import sha256_file as _sha256
 
     eng = tmp_path / "m.engine"
     eng.write_bytes(b"engine bytes")
@@ -302,7 +302,7 @@ def test_tensorrt_sidecar_check(tmp_path):
 def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
     import json
 
-    from perception.backends import load_backend
+    from perception.inference import load_backend
     from perception.models.io import ModelCard
 
     eng = tmp_path / "m.engine"

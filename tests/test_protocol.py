@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from perception.protocol import (
+from perception.stream.protocol import (
     SCHEMA_VERSION,
     Limits,
     ProtocolError,
@@ -108,10 +108,10 @@ def test_docs_protocol_example_consumer_works(toy_model, tmp_path):
     import threading
     from pathlib import Path
 
-    from perception.backends import load_backend
-    from perception.node.pipeline import Node, NodeSettings
-    from perception.node.publisher import Publisher
-    from perception.node.sources import open_source
+    from perception.inference import load_backend
+    from perception.stream.node.pipeline import Node, NodeSettings
+    from perception.stream.publisher import Publisher
+    from perception.stream.node.sources import open_source
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
     code = re.search(r"## Example consumer.*?```python\n(.*?)```", doc, re.S).group(1)

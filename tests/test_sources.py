@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_video
-from perception.node.sources import SourceError, SourceOptions, open_source
+from perception.stream.node.sources import SourceError, SourceOptions, open_source
 
 
 def test_video_file_frames_and_options(tmp_path):
@@ -94,7 +94,7 @@ class _FlakyCapture:
 
 
 def test_live_source_reconnects_with_backoff_then_gives_up(monkeypatch):
-    from perception.node import sources as S
+    from perception.stream.node import sources as S
 
     _FlakyCapture.opens = 0
     monkeypatch.setattr(S.cv2, "VideoCapture", _FlakyCapture)
@@ -120,7 +120,7 @@ def test_live_source_reconnects_with_backoff_then_gives_up(monkeypatch):
 def test_stalled_is_reported(monkeypatch):
     import time
 
-    from perception.node import sources as S
+    from perception.stream.node import sources as S
 
     _FlakyCapture.opens = 0
     monkeypatch.setattr(S.cv2, "VideoCapture", _FlakyCapture)

@@ -108,7 +108,7 @@ def test_impl_registry_rejects_duplicates_and_unknown():
 @pytest.mark.parametrize("hw", SIZES)
 @pytest.mark.parametrize("kind", ["random", "ties"])
 def test_native_index_form_matches_torch_indices(hw, kind):
-    from perception.models.unpool_ops import pool_argmax_native, unpool_native
+    from perception.export.unpool_ops import pool_argmax_native, unpool_native
 
     shape = (2, 3, *hw)
     x = torch.randn(shape) if kind == "random" else _tied(shape)

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 BACKENDS = {
     # name: (kind, options, export options)
@@ -128,7 +126,7 @@ def _peak_rss_mb() -> float:
 
 def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.Queue) -> None:
     try:
-        from perception.backends import load_backend
+        from perception.inference import load_backend
 
         kind, opts, _ = BACKENDS[name]
         opts = dict(opts)
@@ -150,8 +148,8 @@ def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.
         res = {"backend": name, "onnx": onnx_path, "median_ms": float(np.median(t)),
                "p95_ms": float(np.percentile(t, 95)), "fps": float(args["batch"] * 1e3 / np.median(t))}
         if args["data"]:
-            from perception.data.folder import open_dataset
-            from perception.evaluate import evaluate_backend
+            from perception.data.loading import open_dataset
+            from perception.eval.scoring import evaluate_backend
 
             ds = open_dataset(args["data"], args["split"], groups=args["groups"])
             r = evaluate_backend(backend, ds, boundary=False, progress=False)

@@ -4,7 +4,7 @@
     python tools/benchmark_node.py --model models/segnet_basic_camvid --frames 60 [--json node.json]
 
 1. bare: the frames of a video decoded up front, then ``backend.infer`` one frame at a time.
-2. node: the same video through ``perception.node`` (capture thread, inference, colour/overlay
+2. node: the same video through ``perception.stream.node`` (capture thread, inference, colour/overlay
    post-processing for the subscribed streams, ZeroMQ publishing) with one subscriber to ``--streams``.
    Ratio = node fps / bare fps, measured in the same run (goal: >= 0.95).
 3. transport: 360x480 mono8 masks (and bgr8 overlays) from the Publisher to a Subscriber over
@@ -25,7 +25,6 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def make_video(path: Path, n: int, h: int, w: int, frames_dir: str | None) -> None:
@@ -43,7 +42,7 @@ def make_video(path: Path, n: int, h: int, w: int, frames_dir: str | None) -> No
 
 
 def bench_bare(backend, video: Path) -> dict:
-    from perception.node.sources import open_source
+    from perception.stream.node.sources import open_source
 
     frames = [f.image for f in open_source(str(video))]
     backend.infer(frames[0][None])  # warm-up
@@ -55,10 +54,10 @@ def bench_bare(backend, video: Path) -> dict:
 
 
 def bench_node(backend, video: Path, streams: list[str]) -> dict:
-    from perception.client import Subscriber
-    from perception.node.pipeline import Node, NodeSettings
-    from perception.node.publisher import Publisher
-    from perception.node.sources import open_source
+    from perception.stream.client import Subscriber
+    from perception.stream.node.pipeline import Node, NodeSettings
+    from perception.stream.publisher import Publisher
+    from perception.stream.node.sources import open_source
 
     pub = Publisher("tcp://127.0.0.1:*", "segnet", sndhwm=1000)
     node = Node(open_source(str(video)), backend, pub, NodeSettings(wait_for_subscribers=1, wait_timeout_s=30),
@@ -89,9 +88,9 @@ def bench_node(backend, video: Path, streams: list[str]) -> dict:
 
 
 def bench_transport(seconds: float = 2.0) -> list[dict]:
-    from perception.client import Subscriber
-    from perception.node.publisher import Publisher
-    from perception.protocol import image_header
+    from perception.stream.client import Subscriber
+    from perception.stream.publisher import Publisher
+    from perception.stream.protocol import image_header
 
     out = []
     for stream, shape, enc in (("mask", (360, 480), "mono8"), ("overlay", (360, 480, 3), "bgr8")):
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--streams", default="mask,color_mask,overlay")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    from perception.node.cli import NodeConfig, resolve_backend
+    from perception.stream.node.cli import NodeConfig, resolve_backend
     from perception.train.loop import machine_description
 
     backend = resolve_backend(NodeConfig(model=args.model, backend=args.backend))

@@ -9,11 +9,8 @@ then exits with status 3 and one line saying what is missing. See docs/tensorrt.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from perception.engine_builder import main  # noqa: E402
+from perception.export.tensorrt.builder import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _time_cuda(fn, runs=30, warmup=5):
@@ -45,7 +44,7 @@ def check_kernels(rows):
     import torch
     import torch.nn.functional as F
 
-    from perception.plugins import kernels as K
+    from perception.export.tensorrt import kernels as K
 
     for dtype in (torch.float32, torch.float16):
         for hw in ((45, 60), (23, 30), (360, 480), (7, 1)):
@@ -85,8 +84,8 @@ def check_tensorrt(rows, model: Path, work: Path):
         return
     import numpy as np
 
-    from perception.backends import load_backend
-    from perception.engine_builder import main as build_main
+    from perception.inference import load_backend
+    from perception.export.tensorrt.builder import main as build_main
     from perception.export.onnx import ExportOptions, export_onnx
     from perception.export.verify import synthetic_frame
 

@@ -15,13 +15,11 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from perception.data.folder import open_dataset  # noqa: E402
-from perception.data.transforms import ToTensors  # noqa: E402
-from perception.evaluate import evaluate  # noqa: E402
-from perception.models import load, save  # noqa: E402
+from perception.data.loading import open_dataset
+from perception.data.transforms import ToTensors
+from perception.eval.evaluate import evaluate
+from perception.models import load, save
 
 # SegNet paper, Table 1: SegNet-Basic on CamVid test, 360x480, median-frequency balancing. The Bayesian
 # variant is compared with the same row (the SegNet paper has no Bayesian SegNet-Basic row).

@@ -10,7 +10,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from torch.utils.data import Dataset
+
+
+from perception.core.classes import default_palette
 
 __all__ = [
     "read_image_rgb",
@@ -19,7 +21,6 @@ __all__ = [
     "parse_list_file",
     "FolderDataset",
     "read_class_file",
-    "open_dataset",
     "IMAGE_SUFFIXES",
 ]
 
@@ -77,7 +78,7 @@ def parse_list_file(list_file: str | Path, root: str | Path | None = None) -> li
     return pairs
 
 
-class SegmentationListDataset(Dataset):
+class SegmentationListDataset:  # a map-style dataset (DataLoader needs only __len__ and __getitem__)
     """(image, label) file pairs; items are (HxWx3 uint8 RGB, HxW uint8 labels) before ``transform``."""
 
     classes: tuple[str, ...] = ()
@@ -184,16 +185,6 @@ def read_class_file(path: str | Path) -> tuple[list[str], list[tuple[int, int, i
     return names, (colours or None)
 
 
-def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """Distinct colours for classes without a palette (golden-ratio hues)."""
-    out = []
-    for i in range(num_classes):
-        hue = int((i * 0.618033988749895 % 1.0) * 180)
-        hsv = np.uint8([[[hue, 200, 230]]])
-        out.append(tuple(int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]))
-    return out
-
-
 class FolderDataset(SegmentationListDataset):
     """A user dataset: ``root/<split>/images/*`` with ``root/<split>/labels/<stem>.png`` and
     ``root/classes.txt``. Label value ``ignore_index`` (default 255) is ignored."""
@@ -216,61 +207,3 @@ class FolderDataset(SegmentationListDataset):
             classes=classes, palette=palette or default_palette(len(classes)),
         )
         self.split = split
-
-
-def open_dataset(
-    root: str | Path,
-    split: str,
-    *,
-    transform: Transform | None = None,
-    cache: bool = False,
-    groups: Sequence[str] | None = None,
-    exclude_groups: Sequence[str] | None = None,
-    group_pattern: str | None = None,
-):
-    """CamVid-layout (``root/<split>.txt``) or folder-layout (``root/<split>/images``) dataset.
-
-    ``split`` may join several splits with ``+`` (``train+val``). ``groups`` keeps only the frames of
-    those groups (drives), ``exclude_groups`` drops them (see :mod:`perception.data.splits`).
-    """
-    from .splits import DEFAULT_GROUP_PATTERN, split_pairs_by_group
-
-    parts = [p for p in str(split).split("+") if p]
-    if not parts:
-        raise ValueError(f"empty split name {split!r}")
-    sets = [_open_one(root, p, transform=transform, cache=cache) for p in parts]
-    dataset = sets[0]
-    if len(sets) > 1:
-        for other, name in zip(sets[1:], parts[1:]):
-            if other.classes != dataset.classes or other.ignore_index != dataset.ignore_index:
-                raise ValueError(f"split {name!r} has other classes than {parts[0]!r}")
-        dataset = dataset.with_pairs([pair for s in sets for pair in s.pairs])
-        dataset.split = "+".join(parts)
-    pattern = group_pattern or DEFAULT_GROUP_PATTERN
-    if groups:
-        dataset = dataset.with_pairs(split_pairs_by_group(dataset.pairs, holdout=list(groups), pattern=pattern)[1])
-    if exclude_groups:
-        dataset = dataset.with_pairs(split_pairs_by_group(dataset.pairs, holdout=list(exclude_groups), pattern=pattern)[0])
-    return dataset
-
-
-def _open_one(root: str | Path, split: str, *, transform: Transform | None, cache: bool):
-    from .camvid import CamVid
-
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
-    if (root / f"{split}.txt").is_file():
-        if (root / "classes.txt").is_file():
-            classes, palette = read_class_file(root / "classes.txt")
-            return SegmentationListDataset(
-                parse_list_file(root / f"{split}.txt", root), num_classes=len(classes), ignore_index=255, transform=transform,
-                cache=cache, classes=classes, palette=palette or default_palette(len(classes)),
-            )
-        return CamVid(root, split, transform=transform, cache=cache)
-    if (root / split / "images").is_dir():
-        return FolderDataset(root, split, transform=transform, cache=cache)
-    raise FileNotFoundError(
-        f"no split {split!r} in {root}: expected {root / (split + '.txt')} (CamVid layout) "
-        f"or {root / split / 'images'} (folder layout)"
-    )

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.io import InputSpec
+from perception.core.card import InputSpec
 
 __all__ = ["TrainAugment", "ToTensors", "normalize", "to_tensors"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..models.unpool_ops import PLUGIN_DOMAIN, PLUGIN_VERSION, POOL_OP, UNPOOL_OP
-from .trt_ops import TENSORRT_SUPPORTED_OPS
+from perception.export.unpool_ops import PLUGIN_DOMAIN, PLUGIN_VERSION, POOL_OP, UNPOOL_OP
+from perception.export.trt_ops import TENSORRT_SUPPORTED_OPS
 
 __all__ = ["op_histogram", "tensorrt_problems", "plugin_nodes"]
 

@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .check import op_histogram, tensorrt_problems
-    from .onnx import ExportOptions, export_onnx
+    from perception.export.check import op_histogram, tensorrt_problems
+    from perception.export.onnx import ExportOptions, export_onnx
 
     try:
         outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         out = export_onnx(args.model, args.out, opts)
         check_frame = None
         if args.int8:
-            from ..models.io import load_card
-            from .quantize import calibration_frames, quantize_int8
+            from perception.core.card import load_card
+            from perception.export.quantize import calibration_frames, quantize_int8
 
             card = load_card(args.model)
             frames = calibration_frames(args.calibration_data, count=args.calibration_count,
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = tensorrt_problems(out)
         print("TensorRT parser check: " + ("ok" if not problems else f"{len(problems)} problems, e.g. {problems[0]}"))
     if not args.no_verify:
-        from .verify import verify_against_torch
+        from perception.export.verify import verify_against_torch
 
         r = verify_against_torch(args.model, out, frame=check_frame)
         print(f"ONNX Runtime vs PyTorch on a {'calibration' if check_frame is not None else 'synthetic'} frame: labels agree {100 * r['agreement']:.3f}%"

@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..fileio import atomic_write_bytes
-from ..models.io import InputSpec, ModelCard, load, weights_sha256
-from ..models.tta import TTA_MODES, with_tta
-from ..models.unpool import set_unpool_impl, static_shapes
-from ..models.unpool_ops import (
+from perception.core.fileio import atomic_write_bytes
+from perception.core.onnx_meta import METADATA_CARD_KEY, read_card_from_onnx, read_onnx_metadata  # noqa: F401 (re-exported)
+from perception.models.io import InputSpec, ModelCard, load, weights_sha256
+from perception.models.tta import TTA_MODES, with_tta
+from perception.models.unpool import set_unpool_impl, static_shapes
+from perception.export.unpool_ops import (
     PLUGIN_DOMAIN,
     POOL_OP,
     UNPOOL_OP,
@@ -54,7 +55,6 @@ __all__ = [
 UNPOOL_FORMS = {"native": "index_free", "plugin": "plugin", "onnx": "onnx"}
 OUTPUTS = ("labels", "probs", "logits")
 DEFAULT_OPSET = 17
-METADATA_CARD_KEY = "segnet.model_card"
 
 
 @dataclass
@@ -251,18 +251,3 @@ def export_onnx(model_dir: str | Path, out: str | Path, options: ExportOptions |
 
     out = atomic_write_bytes(out, proto.SerializeToString())
     return out
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (external weight files are not read)."""
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-def read_card_from_onnx(path: str | Path, meta: dict[str, str] | None = None) -> ModelCard:
-    """The model card embedded by :func:`export_onnx`; pass ``meta`` when it was already read."""
-    meta = read_onnx_metadata(path) if meta is None else meta
-    if METADATA_CARD_KEY not in meta:
-        raise ValueError(f"{path} was not exported by segnet-perception (no {METADATA_CARD_KEY} metadata)")
-    return ModelCard.from_dict(json.loads(meta[METADATA_CARD_KEY]))

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..fileio import atomic_write_bytes
+from perception.core.fileio import atomic_write_bytes
 
 __all__ = ["quantize_int8", "calibration_frames"]
 

@@ -22,19 +22,36 @@ def synthetic_frame(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def verify_against_torch(model_dir: str | Path, onnx_path: str | Path, frame: np.ndarray | None = None) -> dict[str, Any]:
-    from ..backends.onnxruntime import OnnxRuntimeBackend
-    from ..backends.torch import TorchBackend
+    """Run ``frame`` (BGR uint8; a synthetic one by default) through the exported graph in ONNX Runtime
+    and through the model folder in PyTorch (with the graph's TTA); returns the label agreement and,
+    where the graph outputs probabilities, their largest difference."""
+    import cv2
+    import onnxruntime as ort
+    import torch
 
-    from .onnx import read_onnx_metadata
+    from perception.core.onnx_meta import read_onnx_metadata
+    from perception.data.transforms import normalize
+    from perception.models.io import load
+    from perception.models.tta import with_tta
 
-    ort_b = OnnxRuntimeBackend(onnx_path)
-    torch_b = TorchBackend(model_dir, tta=read_onnx_metadata(onnx_path).get("segnet.tta", "none"))
+    model = load(model_dir)
+    spec = model.card.input
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    h, w = inp.shape[1], inp.shape[2]
     if frame is None:
-        frame = synthetic_frame(torch_b.card.input.height, torch_b.card.input.width)
-    want_probs = "probs" in ort_b.output_names
-    a = ort_b.infer(frame[None], probs=want_probs)
-    b = torch_b.infer(frame[None], probs=want_probs)
-    out = {"agreement": float((a.labels == b.labels).mean()), "max_prob_diff": None}
-    if want_probs:
-        out["max_prob_diff"] = float(np.abs(a.probs - b.probs).max())
+        frame = synthetic_frame(spec.height, spec.width)
+    if isinstance(h, int) and isinstance(w, int) and frame.shape[:2] != (h, w):
+        frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {inp.name: np.ascontiguousarray(frame[None])})))
+    net = with_tta(model, read_onnx_metadata(onnx_path).get("segnet.tta", "none"))
+    x = normalize(torch.from_numpy(np.ascontiguousarray(frame[..., ::-1])).permute(2, 0, 1)[None], spec)
+    with torch.no_grad():
+        probs = torch.softmax(net(x).float(), dim=1)
+    labels = probs.argmax(1).numpy()
+    ort_labels = got["labels"] if "labels" in got else got[names[0]].argmax(1)
+    out = {"agreement": float((ort_labels == labels).mean()), "max_prob_diff": None}
+    if "probs" in got:
+        out["max_prob_diff"] = float(np.abs(got["probs"] - probs.numpy()).max())
     return out

@@ -1,11 +1,10 @@
 """SegNet model zoo: every architecture is registered by name (``list_models()``, ``get_model()``)."""
 
-from . import fcn_basic, segnet, segnet_basic  # noqa: F401  (registers the architectures)
-from . import unpool_ops  # noqa: F401  (registers the 'plugin' and 'onnx' unpool forms)
-from .bayesian import MCPrediction, has_dropout, mc_dropout_predict
-from .io import InputSpec, ModelCard, load, load_card, save
-from .registry import get_model, list_models, model_config, register_model
-from .unpool import list_unpool_impls, set_unpool_impl
+from perception.models import fcn_basic, segnet, segnet_basic  # noqa: F401  (registers the architectures)
+from perception.models.bayesian import MCPrediction, has_dropout, mc_dropout_predict
+from perception.models.io import InputSpec, ModelCard, load, load_card, save
+from perception.models.registry import get_model, list_models, model_config, register_model
+from perception.models.unpool import list_unpool_impls, set_unpool_impl
 
 __all__ = [
     "get_model",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import register_model
-from .segnet_basic import WIDTH, BasicEncoder
+from perception.models.registry import register_model
+from perception.models.segnet_basic import WIDTH, BasicEncoder
 
 __all__ = ["FCNBasic", "bilinear_deconv_weight"]
 

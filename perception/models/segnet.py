@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .registry import register_model
-from .unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
+from perception.models.registry import register_model
+from perception.models.unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
 
 __all__ = ["ConvBNReLU", "EncoderStage", "DecoderStage", "SegNet", "load_vgg16_bn_encoder"]
 

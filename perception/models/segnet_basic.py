@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import register_model
-from .unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
+from perception.models.registry import register_model
+from perception.models.unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
 
 __all__ = ["BasicEncoder", "BasicDecoderStage", "SegNetBasic", "EncoderFeatures"]
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_bytes
+from perception.core.fileio import atomic_write_bytes
 
 __all__ = ["atomic_torch_save", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 

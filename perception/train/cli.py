@@ -12,8 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..models.registry import list_models
-from .config import RECIPES, build_config, parse_hw
+from perception.models.registry import list_models
+from perception.train.config import RECIPES, build_config, parse_hw
 
 __all__ = ["build_parser", "main"]
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     argv_list = sys.argv[1:] if argv is None else argv
     command = "perception-train " + " ".join(shlex.quote(a) for a in argv_list)
     try:
-        from .loop import train
+        from perception.train.loop import train
 
         cfg = build_config(yaml_file=config_file, overrides=overrides)
         train(cfg, resume=args.resume, command=command, progress=not args.no_progress)

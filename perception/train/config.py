@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..data.splits import DEFAULT_GROUP_PATTERN
+from perception.data.splits import DEFAULT_GROUP_PATTERN
 
 __all__ = ["TrainConfig", "RECIPES", "build_config", "parse_hw"]
 

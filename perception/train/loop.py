@@ -25,18 +25,20 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..data.camvid import CAMVID_REFERENCE_WEIGHTS
-from ..data.class_weights import median_frequency_weights
-from ..data.folder import default_palette, open_dataset
-from ..data.transforms import ToTensors, TrainAugment, normalize
-from ..evaluate import autocast_context, evaluate
-from ..models import io as model_io
-from ..models.registry import get_model, model_config
-from .checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
-from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
-from .loss import SegmentationLoss
-from .plots import plot_history
+from perception.core.classes import CAMVID_REFERENCE_WEIGHTS
+from perception.data.class_weights import median_frequency_weights
+from perception.core.classes import default_palette
+from perception.data.loading import open_dataset
+from perception.data.transforms import ToTensors, TrainAugment, normalize
+from perception.eval.evaluate import evaluate
+from perception.models.precision import autocast_context
+from perception.models import io as model_io
+from perception.models.registry import get_model, model_config
+from perception.train.checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
+from perception.train.config import TrainConfig
+from perception.train.distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
+from perception.train.loss import SegmentationLoss
+from perception.train.plots import plot_history
 
 __all__ = ["train", "machine_description", "resolve_device", "recalibrate_batch_norm", "LAST_CHECKPOINT"]
 
@@ -145,7 +147,7 @@ def _open_splits(cfg: TrainConfig, aug: TrainAugment):
     With held-out drives, the selection set is their frames (taken out of ``train_split``) and
     ``val_split`` is reported at the end only where none of its images were trained on.
     """
-    from ..data.splits import split_pairs_by_group
+    from perception.data.splits import split_pairs_by_group
 
     train_set = open_dataset(cfg.data, cfg.train_split, transform=aug, cache=cfg.cache)
     aug.ignore_index = train_set.ignore_index if train_set.ignore_index is not None else 255
@@ -240,8 +242,8 @@ def _truncate_history(path: Path, epochs_done: int) -> None:
     """Drop history rows of epochs after the checkpoint (a kill between the two writes re-runs that epoch)."""
     if not path.is_file():
         return
-    from ..fileio import atomic_write_bytes
-    from .plots import read_history
+    from perception.core.fileio import atomic_write_bytes
+    from perception.train.plots import read_history
 
     rows = [r for r in read_history(path) if r.get("epoch", 0) <= epochs_done]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())

@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..protocol import encode_header, encode_map, topic_for
+from perception.stream.protocol import encode_header, encode_map, topic_for
 
 __all__ = ["Publisher", "PublisherError"]
 

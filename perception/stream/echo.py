@@ -40,8 +40,8 @@ def summarize(msg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .cli_util import stop_on_signals
-    from .client import Subscriber
+    from perception.core.cli import stop_on_signals
+    from perception.stream.client import Subscriber
 
     stopped = stop_on_signals()
     arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import sha256_file
-from ..models.io import ModelCard
-from .base import Backend, InferenceResult
+from perception.core.fileio import sha256_file
+from perception.core.card import ModelCard
+from perception.inference.base import Backend, Capabilities, InferenceResult
 
 __all__ = ["TensorRTBackend", "check_sidecar"]
 
@@ -63,7 +63,7 @@ class TensorRTBackend(Backend):
             major, minor = dev.compute_capability()
             check_sidecar(path, sidecar, trt_version=trt.__version__, compute_capability=f"{major}.{minor}")
             if sidecar.get("unpool") == "plugin":
-                from ..plugins.trt_plugins import register_plugins
+                from perception.export.tensorrt.plugins import register_plugins
 
                 register_plugins()  # the Python impl needs them; AOT engines run without, harmlessly
             self._cuda, self._trt = cuda, trt
@@ -94,6 +94,10 @@ class TensorRTBackend(Backend):
 
     def _names(self) -> list[str]:
         return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(probs=any(n in self._names() for n in ("probs", "logits")), batch=self.input_shape[0])
 
     def network_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
         return (self.input_shape[1], self.input_shape[2])

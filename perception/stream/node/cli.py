@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -19,9 +18,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["NodeConfig", "build_parser", "main", "resolve_backend", "default_model_dir"]
+__all__ = ["NodeConfig", "build_parser", "main", "resolve_backend"]
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -53,14 +51,6 @@ class NodeConfig:
     log_period: float = 10.0  # seconds between status lines on stderr; 0 for none
     reconnect_attempts: int = 5
     stall_timeout: float = 5.0
-
-
-def default_model_dir() -> Path | None:
-    for base in (Path.cwd(), PACKAGE_ROOT):
-        d = base / "models" / "segnet_basic_camvid"
-        if (d / "model.json").is_file():
-            return d
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,94 +117,20 @@ def _parse_resize(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def _cached_onnx(model_dir: Path, tta: str = "none") -> Path:
-    """Export a model folder once to ONNX (native unpooling) and reuse it: keyed by the weights' hash."""
-    import os
-
-    from ..export.onnx import ExportOptions, export_onnx
-    from ..models.io import weights_sha256
-
-    sha = weights_sha256(model_dir)
-    card_sha = hashlib.sha256((model_dir / "model.json").read_bytes()).hexdigest()[:8]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segnet-perception" / "onnx"
-    path = cache / f"{model_dir.name}-{sha[:16]}-{card_sha}-native{'-' + tta if tta != 'none' else ''}.onnx"
-    if not path.is_file():
-        export_onnx(model_dir, path, ExportOptions(unpool="native", outputs=("labels",), tta=tta))
-    return path
-
-
-def _engine_in_folder(model: Path) -> Path | None:
-    """An engine built for this machine inside a model folder (``*.engine`` with a sidecar), if TensorRT
-    and a CUDA GPU are both here."""
-    engines = sorted(model.glob("*.engine"))
-    if not engines:
-        return None
-    try:
-        import tensorrt  # noqa: F401
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-    except ImportError:
-        return None
-    return next((e for e in engines if Path(str(e) + ".json").is_file()), None)
-
-
 def resolve_backend(cfg: NodeConfig):
-    """The backend ``cfg`` asks for: ``auto`` is TensorRT for an engine (given, or inside the model folder)
-    on a machine with TensorRT and a CUDA GPU, ONNX
-    Runtime otherwise (a model folder is exported to ONNX once and cached), and PyTorch for Bayesian
-    models (MC dropout needs the dropout layers an exported graph does not sample)."""
-    from ..backends import backend_kind, load_backend
-    from ..models.bayesian import has_dropout
+    """The backend the node config asks for (see :mod:`perception.inference.resolve`)."""
+    from perception.inference.resolve import resolve_backend as resolve
 
-    model = Path(cfg.model) if cfg.model else default_model_dir()
-    if model is None:
-        raise FileNotFoundError("no --model given and the shipped models/segnet_basic_camvid was not found")
-    if not model.exists():
-        raise FileNotFoundError(f"model not found: {model}")
-    kind = backend_kind(model)
-    backend = cfg.backend
-    if backend == "auto":
-        backend = kind
-        engine = _engine_in_folder(model) if kind == "torch" else None
-        if engine is not None:
-            model, kind, backend = engine, "tensorrt", "tensorrt"
-        elif kind == "torch":
-            from ..models.io import load_card
-            from ..models.registry import get_model
-
-            card = load_card(model)
-            arch = card.architecture
-            bayes = has_dropout(get_model(arch["name"], num_classes=arch["num_classes"], **arch.get("kwargs", {})))
-            backend = "torch" if bayes else "onnxruntime"
-    if backend == "tensorrt" and kind != "tensorrt":
-        raise ValueError(f"--backend tensorrt needs an .engine file (build one with tools/build_engine.py), got {model}")
-    if cfg.tta not in ("none", "flip"):
-        raise ValueError(f"--tta must be none or flip, got {cfg.tta!r}")
-    if cfg.tta != "none" and kind != "torch":
-        from ..export.onnx import read_onnx_metadata
-
-        if kind != "onnxruntime" or read_onnx_metadata(model).get("segnet.tta", "none") != cfg.tta:
-            raise ValueError(f"--tta {cfg.tta} needs a model folder, or an .onnx exported with --tta {cfg.tta}")
-    if backend == "onnxruntime" and kind == "torch":
-        model = _cached_onnx(model, cfg.tta)
-    elif backend == "torch" and kind != "torch":
-        raise ValueError(f"--backend torch needs a model folder, got {model}")
-    opts: dict[str, Any] = {}
-    if backend == "torch":
-        opts = {"precision": cfg.precision, "mc_samples": cfg.mc_samples, "threads": cfg.threads, "tta": cfg.tta}
-    elif backend == "onnxruntime":
-        opts = {"threads": cfg.threads}
-    return load_backend(model, backend=backend, device=cfg.device, **opts)
+    return resolve(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
+                   mc_samples=cfg.mc_samples, threads=cfg.threads, tta=cfg.tta)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..cli_util import stop_on_signals
-    from .pipeline import Node, NodeSettings
-    from .publisher import Publisher, PublisherError
-    from .sources import SourceError, SourceOptions, open_source
+    from perception.core.cli import stop_on_signals
+    from perception.stream.node.pipeline import Node, NodeSettings
+    from perception.stream.publisher import Publisher, PublisherError
+    from perception.stream.node.sources import SourceError, SourceOptions, open_source
 
     def fail(msg: str) -> int:
         print(f"perception-node: error: {msg}", file=sys.stderr)

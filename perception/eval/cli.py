@@ -10,9 +10,15 @@ from typing import Any
 
 import cv2
 
-from .fileio import atomic_write_bytes
+from perception.core.fileio import atomic_write_bytes
 
 __all__ = ["build_parser", "main", "format_table"]
+
+
+def _to_tensors():
+    from perception.data.transforms import ToTensors
+
+    return ToTensors()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,15 +57,9 @@ def format_table(result: dict[str, Any], classes: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import torch
-
-        from .data.folder import open_dataset
-        from .data.transforms import ToTensors
-        from .evaluate import evaluate, evaluate_backend
-        from .models.bayesian import has_dropout
-        from .models.io import load
-
-        from .backends import backend_kind, load_backend
+        from perception.data.loading import open_dataset
+        from perception.eval.scoring import evaluate_backend
+        from perception.inference import backend_kind, load_backend
 
         if not Path(args.model).exists():
             raise FileNotFoundError(f"model not found: {args.model}")
@@ -71,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             backend = load_backend(args.model, device=args.device)
             model = backend  # .card, for the checks and the report below
         else:
+            from perception.models.bayesian import has_dropout
+            from perception.models.io import load
+
             model = load(args.model, map_location=args.device)
         if args.mc_samples and not has_dropout(model):
             raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
         groups = [g for g in args.groups.split(",") if g] if args.groups else None
-        dataset = open_dataset(args.data, args.split, transform=ToTensors(), groups=groups,
+        dataset = open_dataset(args.data, args.split, transform=_to_tensors() if backend is None else None, groups=groups,
                                group_pattern=args.group_pattern)
         if list(dataset.classes) != list(model.card.classes):
             raise ValueError(f"dataset classes {list(dataset.classes)} differ from the model's {model.card.classes}")
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_backend(backend, dataset, progress=not args.no_progress,
                                       on_prediction=save_prediction if save_dir is not None else None)
         else:
+            import torch
+
+            from perception.eval.evaluate import evaluate
+
             result = evaluate(
                 model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
                 mc_samples=args.mc_samples, seed=args.seed, progress=not args.no_progress, tta=args.tta,

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import Backend
-from ..postprocess import classes_present, colorize, draw_legend, overlay, palette_lut
-from ..protocol import FRAME_STREAMS, SCHEMA_VERSION, image_header, encode_image
-from .publisher import Publisher
-from .sources import Frame, Source, SourceError
+from perception.inference.base import Backend
+from perception.inference.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut
+from perception.stream.protocol import FRAME_STREAMS, SCHEMA_VERSION, image_header, encode_image
+from perception.stream.publisher import Publisher
+from perception.stream.node.sources import Frame, Source, SourceError
 
 __all__ = ["NodeSettings", "Node", "LatencyWindow"]
 
@@ -82,7 +82,7 @@ class Node:
         self.model_id = model_id or backend.card.id
         self.log = log
         self.lut = palette_lut(backend.palette)
-        self.bayesian = bool(getattr(backend, "bayesian", False))
+        self.bayesian = backend.capabilities.uncertainty
         self.stop_event = threading.Event()
         self.counters = _Counters()
         self.latency = LatencyWindow()

@@ -18,8 +18,8 @@ machines without TensorRT.
 import os
 from typing import Any, Tuple, Union
 
-from ..models.unpool_ops import PLUGIN_DOMAIN, POOL_OP, UNPOOL_OP
-from . import kernels as K
+from perception.export.unpool_ops import PLUGIN_DOMAIN, POOL_OP, UNPOOL_OP
+from perception.export.tensorrt import kernels as K
 
 __all__ = ["register_plugins", "POOL_PLUGIN_ID", "UNPOOL_PLUGIN_ID", "current_sm_arch", "AUTOTUNE_TYPES"]
 

@@ -46,8 +46,8 @@ def expand_images(items: list[str]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .backends import load_backend
-    from .postprocess import classes_present, colorize, draw_legend, overlay, palette_lut, uncertainty_to_bgr
+    from perception.inference import load_backend
+    from perception.inference.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut, uncertainty_to_bgr
 
     try:
         images = expand_images(args.images)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.onnx import read_card_from_onnx, read_onnx_metadata
-from .base import Backend, InferenceResult
+from perception.core.onnx_meta import read_card_from_onnx, read_onnx_metadata
+from perception.inference.base import Backend, Capabilities, InferenceResult
 
 __all__ = ["OnnxRuntimeBackend"]
 
@@ -59,6 +59,10 @@ class OnnxRuntimeBackend(Backend):
     def static_batch(self) -> int | None:
         n = self.input_shape[0]
         return n if isinstance(n, int) else None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(probs="probs" in self.output_names or "logits" in self.output_names, batch=self.static_batch)
 
     def network_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
         h, w = self.input_shape[1], self.input_shape[2]

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.transforms import normalize
-from ..evaluate import autocast_context
-from ..models.bayesian import has_dropout, mc_dropout_predict
-from ..models.io import load
-from ..models.tta import with_tta
-from .base import Backend, InferenceResult
+from perception.data.transforms import normalize
+from perception.models.precision import autocast_context
+from perception.models.bayesian import has_dropout, mc_dropout_predict
+from perception.models.io import load
+from perception.models.tta import with_tta
+from perception.inference.base import Backend, Capabilities, InferenceResult
 
 __all__ = ["TorchBackend"]
 
@@ -45,6 +45,10 @@ class TorchBackend(Backend):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.tta = tta
         self.net = with_tta(self.model, tta)  # the model itself, or the mirror-averaging wrapper
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(uncertainty=self.bayesian)
 
     @torch.inference_mode()
     def _infer(self, frames: np.ndarray, *, probs: bool, uncertainty: bool) -> InferenceResult:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .unpool import Switches, UnpoolImpl, _windows, pad_to_even, register_unpool_impl
+from perception.models.unpool import Switches, UnpoolImpl, _windows, pad_to_even, register_unpool_impl
 
 __all__ = ["pool_argmax_native", "unpool_native", "PLUGIN_DOMAIN", "PLUGIN_VERSION", "POOL_OP", "UNPOOL_OP"]
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_bytes, sha256_file
+from perception.core.fileio import atomic_write_bytes, sha256_file
 
 __all__ = ["build_parser", "main", "MissingDependency", "sidecar_path", "SIDECAR_SCHEMA"]
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def emit_and_assemble_ptx(out_dir: Path, arch: str, log) -> list[Path]:
-    from .plugins.kernels import emit_ptx
+    from perception.export.tensorrt.kernels import emit_ptx
 
     paths = emit_ptx(out_dir, arch=arch)
     ptxas = shutil.which("ptxas")
@@ -76,7 +76,7 @@ def emit_and_assemble_ptx(out_dir: Path, arch: str, log) -> list[Path]:
 
 def _export(model: Path, args, onnx_path: Path, log) -> tuple[Path, dict[str, Any]]:
     """The ONNX to build from (a model folder is exported to ``onnx_path``), and its model card."""
-    from .export.onnx import ExportOptions, export_onnx, read_card_from_onnx
+    from perception.export.onnx import ExportOptions, export_onnx, read_card_from_onnx
 
     if model.is_dir():
         opts = ExportOptions(unpool=args.unpool, batch=args.batch, size=args.size, fp16=args.precision == "fp16",
@@ -93,7 +93,7 @@ def _export(model: Path, args, onnx_path: Path, log) -> tuple[Path, dict[str, An
 
 
 def _check_onnx(onnx_path: Path, unpool: str, log) -> None:
-    from .export.check import plugin_nodes, tensorrt_problems
+    from perception.export.check import plugin_nodes, tensorrt_problems
 
     problems = tensorrt_problems(onnx_path)
     if problems:
@@ -126,8 +126,8 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
     trt = _require_tensorrt_and_gpu()
     import torch
 
-    from .export.onnx import read_onnx_metadata
-    from .plugins.trt_plugins import current_sm_arch, register_plugins
+    from perception.export.onnx import read_onnx_metadata
+    from perception.export.tensorrt.plugins import current_sm_arch, register_plugins
 
     register_plugins()
     logger = trt.Logger(trt.Logger.WARNING)

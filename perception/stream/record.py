@@ -16,7 +16,7 @@ from pathlib import Path
 
 import cv2
 
-from .fileio import atomic_write_bytes
+from perception.core.fileio import atomic_write_bytes
 
 __all__ = ["build_parser", "main"]
 
@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .cli_util import stop_on_signals
-    from .client import Subscriber
+    from perception.core.cli import stop_on_signals
+    from perception.stream.client import Subscriber
 
     out = Path(args.out)
     (out / "mask").mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,18 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..models.io import ModelCard
+from perception.core.card import ModelCard
 
-__all__ = ["Backend", "InferenceResult", "resize_frames", "resize_labels"]
+__all__ = ["Backend", "Capabilities", "InferenceResult", "resize_frames", "resize_labels"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, declared by it (callers ask this instead of probing attributes)."""
+
+    uncertainty: bool = False  # per-pixel MC-dropout uncertainty (Bayesian models in PyTorch)
+    probs: bool = True  # class probabilities on request
+    batch: int | None = None  # the fixed batch the graph runs (frames are chunked and padded); None: any
 
 
 @dataclass
@@ -33,6 +42,10 @@ class Backend(ABC):
 
     def __init__(self, card: ModelCard) -> None:
         self.card = card
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
 
     @property
     def classes(self) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import Backend, InferenceResult
+from perception.inference.base import Backend, InferenceResult
 
 __all__ = ["Backend", "InferenceResult", "load_backend", "backend_kind"]
 
@@ -32,15 +32,15 @@ def load_backend(path: str | Path, *, backend: str | None = None, device: str = 
         raise FileNotFoundError(f"model not found: {path}")
     kind = backend or backend_kind(path)
     if kind == "torch":
-        from .torch import TorchBackend
+        from perception.inference.torch import TorchBackend
 
         return TorchBackend(path, device=device, **opts)
     if kind == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeBackend
+        from perception.inference.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(path, device=device, **opts)
     if kind == "tensorrt":
-        from .tensorrt import TensorRTBackend
+        from perception.inference.tensorrt import TensorRTBackend
 
         return TensorRTBackend(path, device=device, **opts)
     raise ValueError(f"backend {kind!r} is not available for {path}")

@@ -4,28 +4,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data.transforms import normalize
-from .metrics import SegmentationMetrics
-from .models.bayesian import mc_dropout_predict
-from .models.io import InputSpec
-from .models.tta import TTA_MODES, with_tta
+from perception.data.transforms import normalize
+from perception.eval.metrics import SegmentationMetrics
+from perception.models.bayesian import mc_dropout_predict
+from perception.core.card import InputSpec
+from perception.models.precision import autocast_context
+from perception.models.tta import TTA_MODES, with_tta
 
-__all__ = ["autocast_context", "predict_labels", "evaluate", "evaluate_backend", "TTA_MODES"]
-
-
-def autocast_context(device: torch.device | str, amp: str):
-    device = torch.device(device)
-    if amp == "off":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device.type, dtype=dtype)
+__all__ = ["autocast_context", "predict_labels", "evaluate", "TTA_MODES"]
 
 
 @torch.no_grad()
@@ -100,26 +92,4 @@ def evaluate(
                     on_prediction(i, pred)
         finally:
             model.train(was_training)
-    return metrics.compute()
-
-
-def evaluate_backend(
-    backend,
-    dataset,
-    *,
-    boundary: bool = True,
-    progress: bool = True,
-    on_prediction: Callable[[int, np.ndarray], None] | None = None,
-) -> dict[str, Any]:
-    """Score an inference backend (what the node runs: an .onnx, an int8 .onnx, an engine) on
-    ``dataset``'s raw items (RGB uint8 image, labels), frames fed as BGR like a camera's."""
-    from tqdm.auto import tqdm
-
-    metrics = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, boundary=boundary)
-    for i in tqdm(range(len(dataset)), desc="eval", unit="img", disable=not progress, leave=False):
-        img, lab = dataset.load(i)
-        pred = backend.infer(np.ascontiguousarray(img[..., ::-1])[None]).labels[0]
-        metrics.update(pred, lab)
-        if on_prediction is not None:
-            on_prediction(i, pred)
     return metrics.compute()

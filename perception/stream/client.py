@@ -1,6 +1,6 @@
 """Subscriber client for the perception node's streams.
 
-    from perception.client import Subscriber
+    from perception.stream.client import Subscriber
     with Subscriber("tcp://127.0.0.1:5555", topics=["segnet/mask"]) as sub:
         for msg in sub:
             labels = msg.data          # (H, W) uint8 class ids
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 
 import zmq
 
-from .protocol import DEFAULT_LIMITS, Limits, Message, ProtocolError, decode_message
+from perception.stream.protocol import DEFAULT_LIMITS, Limits, Message, ProtocolError, decode_message
 
 __all__ = ["Subscriber", "Message", "ProtocolError"]
 

@@ -1,0 +1,95 @@
+"""The model card (``model.json``): what a model is, how a frame becomes its input, what its outputs
+mean, and how it was trained and measured. Torch-free: runtimes that only run ONNX or TensorRT read it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ModelCard", "InputSpec", "load_card", "has_mc_dropout", "WEIGHTS_FILE", "CARD_FILE", "ONNX_FILE", "CARD_SCHEMA",
+]
+
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "model.json"
+ONNX_FILE = "model.onnx"  # the exported graph a torch-free runtime runs (labels out)
+CARD_SCHEMA = 1
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class InputSpec:
+    """How a frame becomes the model's input: ``(pixel[color_order] * scale - mean) / std``, NCHW float."""
+
+    color_order: str = "RGB"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    height: int = 360
+    width: int = 480
+
+    def __post_init__(self) -> None:
+        if self.color_order not in ("RGB", "BGR"):
+            raise ValueError(f"color_order must be RGB or BGR, got {self.color_order!r}")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+
+@dataclass
+class ModelCard:
+    id: str
+    architecture: dict[str, Any]  # {"name", "num_classes", "kwargs"}: what get_model needs
+    classes: list[str]
+    palette: list[list[int]]  # RGB per class
+    input: InputSpec = field(default_factory=InputSpec)
+    ignore_index: int | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema: int = CARD_SCHEMA
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, dict):
+            self.input = InputSpec(**self.input)
+        k = self.architecture.get("num_classes")
+        if k != len(self.classes) or k != len(self.palette):
+            raise ValueError(
+                f"model card is inconsistent: num_classes={k}, {len(self.classes)} class names, "
+                f"{len(self.palette)} palette entries"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+        if d.get("schema", CARD_SCHEMA) > CARD_SCHEMA:
+            raise ValueError(f"model card schema {d['schema']} is newer than this package supports ({CARD_SCHEMA})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            d = {k: v for k, v in d.items() if k in known} | {"extra": {**d.get("extra", {}), **{k: d[k] for k in unknown}}}
+        return cls(**d)
+
+
+def load_card(directory: str | Path) -> ModelCard:
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"not a model folder (no {CARD_FILE}): {directory}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return ModelCard.from_dict(data)
+
+
+
+def has_mc_dropout(card: ModelCard) -> bool:
+    """Whether the card's architecture samples dropout at test time (Bayesian SegNet variants), read
+    from the card alone (no model is built)."""
+    arch = card.architecture
+    return str(arch.get("name", "")).startswith("bayesian_") or float(arch.get("kwargs", {}).get("dropout", 0) or 0) > 0

@@ -1,0 +1,1 @@
+"""Evaluation: the paper's metrics (G, C, mIoU, BF), evaluate() and perception-eval."""

@@ -1,0 +1,145 @@
+"""From a model path to the backend that runs it: the one place that decides, for the node, the
+evaluator and the tools.
+
+* an ``.engine`` runs in TensorRT; an ``.onnx`` in ONNX Runtime;
+* a model folder runs, with ``backend="auto"``: in TensorRT where the folder holds an engine built
+  for this machine (TensorRT and a CUDA GPU present); in PyTorch where its model samples dropout at
+  test time (Bayesian SegNet: MC uncertainty) and PyTorch is installed; otherwise in ONNX Runtime on
+  the folder's shipped ``model.onnx`` (no PyTorch needed), or on an export cached per weights hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from perception.core.card import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, has_mc_dropout, load_card
+from perception.core.fileio import sha256_file
+from perception.core.onnx_meta import read_onnx_metadata
+from perception.inference import Backend, backend_kind, load_backend
+
+
+__all__ = ["resolve_backend", "default_model_dir", "folder_onnx", "DEFAULT_MODEL", "BACKENDS", "TTA_CHOICES"]
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout (models/ beside perception/)
+
+DEFAULT_MODEL = "segnet_basic_camvid"
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+TTA_CHOICES = ("none", "flip")
+
+
+def default_model_dir() -> Path | None:
+    """The shipped default model: ``models/segnet_basic_camvid`` in the working directory or beside the package."""
+    for base in (Path.cwd(), PACKAGE_ROOT):
+        d = base / "models" / DEFAULT_MODEL
+        if (d / CARD_FILE).is_file():
+            return d
+    return None
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _engine_in_folder(model: Path) -> Path | None:
+    """An engine built for this machine inside a model folder (``*.engine`` with its sidecar), if
+    TensorRT and a CUDA GPU are both here."""
+    engines = sorted(e for e in model.glob("*.engine") if Path(str(e) + ".json").is_file())
+    if not engines:
+        return None
+    try:
+        import pycuda.driver as cuda
+        import tensorrt  # noqa: F401
+
+        cuda.init()
+        if cuda.Device.count() == 0:
+            return None
+    except Exception:  # no TensorRT, no pycuda, or no driver: not this machine's engine
+        return None
+    return engines[0]
+
+
+def folder_onnx(model_dir: Path, tta: str = "none") -> Path:
+    """The ONNX graph of a model folder: its shipped ``model.onnx`` when it was exported from these
+    very weights with this TTA, else an export cached per weights hash (needs PyTorch)."""
+    shipped = model_dir / ONNX_FILE
+    weights = model_dir / WEIGHTS_FILE
+    sha = sha256_file(weights) if weights.is_file() else None
+    if shipped.is_file():
+        meta = read_onnx_metadata(shipped)
+        fresh = sha is None or meta.get("segnet.source_sha256") == sha
+        if fresh and meta.get("segnet.tta", "none") == tta:
+            return shipped
+        if not fresh:
+            print(f"warning: {shipped} was exported from other weights than {weights}; re-exporting", file=sys.stderr)
+    if sha is None:
+        raise FileNotFoundError(f"model folder {model_dir} has neither a usable {ONNX_FILE} nor {WEIGHTS_FILE}")
+    if not _torch_available():
+        raise RuntimeError(
+            f"{model_dir} needs an ONNX export ({'--tta ' + tta if tta != 'none' else 'no usable ' + ONNX_FILE}), "
+            "which needs PyTorch: pip install 'segnet-perception[train]', or pass an exported .onnx"
+        )
+    from perception.export.onnx import ExportOptions, export_onnx
+
+    card_sha = hashlib.sha256((model_dir / CARD_FILE).read_bytes()).hexdigest()[:8]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segnet-perception" / "onnx"
+    path = cache / f"{model_dir.name}-{sha[:16]}-{card_sha}-onnx{'-' + tta if tta != 'none' else ''}.onnx"
+    if not path.is_file():
+        export_onnx(model_dir, path, ExportOptions(unpool="onnx", outputs=("labels",), tta=tta))
+    return path
+
+
+def resolve_backend(
+    model: str | Path | None = None,
+    *,
+    backend: str = "auto",
+    device: str = "cpu",
+    precision: str = "fp32",
+    mc_samples: int = 8,
+    threads: int | None = None,
+    tta: str = "none",
+) -> Backend:
+    """The backend for ``model`` (default: the shipped model), as the module docstring says."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"--tta must be one of {TTA_CHOICES}, got {tta!r}")
+    path = Path(model) if model else default_model_dir()
+    if path is None:
+        raise FileNotFoundError(f"no --model given and the shipped models/{DEFAULT_MODEL} was not found")
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    kind = backend_kind(path)
+    if backend == "auto":
+        backend = kind
+        engine = _engine_in_folder(path) if kind == "torch" and tta == "none" else None
+        if engine is not None:
+            path, kind, backend = engine, "tensorrt", "tensorrt"
+        elif kind == "torch":
+            bayes = has_mc_dropout(load_card(path))
+            if bayes and not _torch_available():
+                print(f"warning: {path.name} samples dropout for its uncertainty, which needs PyTorch; running its "
+                      "exported graph without uncertainty", file=sys.stderr)
+            backend = "torch" if bayes and _torch_available() else "onnxruntime"
+    if backend == "tensorrt" and kind != "tensorrt":
+        raise ValueError(f"--backend tensorrt needs an .engine file (build one with tools/build_engine.py), got {path}")
+    if tta != "none" and kind != "torch":
+        if kind != "onnxruntime" or read_onnx_metadata(path).get("segnet.tta", "none") != tta:
+            raise ValueError(f"--tta {tta} needs a model folder, or an .onnx exported with --tta {tta}")
+    if backend == "onnxruntime" and kind == "torch":
+        path = folder_onnx(path, tta)
+    elif backend == "torch" and kind != "torch":
+        raise ValueError(f"--backend torch needs a model folder, got {path}")
+    opts: dict[str, Any] = {}
+    if backend == "torch":
+        opts = {"precision": precision, "mc_samples": mc_samples, "threads": threads, "tta": tta}
+    elif backend == "onnxruntime":
+        opts = {"threads": threads}
+    return load_backend(path, backend=backend, device=device, **opts)

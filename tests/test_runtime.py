@@ -1,0 +1,109 @@
+"""The torch-free runtime: the node runs a shipped model folder (its model.onnx) where PyTorch cannot be
+imported, and the shipped graphs are the shipped weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from perception.stream.client import Subscriber
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models"
+NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['safetensors'] = None; "
+
+
+def _free_endpoint() -> str:
+    s = zmq.Context.instance().socket(zmq.PUB)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    s.close(linger=0)
+    return f"tcp://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("name", ["segnet_basic_camvid", "bayesian_segnet_basic_camvid"])
+def test_shipped_onnx_is_exported_from_the_shipped_weights(name):
+    from perception.core.card import load_card
+    from perception.core.fileio import sha256_file
+    from perception.core.onnx_meta import read_card_from_onnx, read_onnx_metadata
+
+    folder = SHIPPED / name
+    meta = read_onnx_metadata(folder / "model.onnx")
+    assert meta["segnet.source_sha256"] == sha256_file(folder / "weights.safetensors"), "re-export model.onnx"
+    assert meta["segnet.tta"] == "none"
+    assert read_card_from_onnx(folder / "model.onnx").classes == load_card(folder).classes
+
+
+def test_shipped_onnx_predicts_what_the_weights_predict(camvid_root):
+    from perception.inference import load_backend
+    from perception.data.folder import read_image_rgb
+
+    img = read_image_rgb(sorted((camvid_root / "val").glob("*.png"))[0])
+    frame = np.ascontiguousarray(img[..., ::-1])[None]
+    folder = SHIPPED / "segnet_basic_camvid"
+    a = load_backend(folder / "model.onnx").infer(frame).labels
+    b = load_backend(folder, backend="torch").infer(frame).labels
+    assert (a == b).mean() > 0.999
+
+
+def test_node_runs_a_shipped_model_without_torch():
+    ep = _free_endpoint()
+    code = NO_TORCH + (
+        "from perception.stream.node.cli import main; "
+        f"sys.exit(main(['--source', 'synthetic://?width=480&height=360&frames=3', '--publish', '{ep}', "
+        "'--wait-for-subscribers', '1', '--wait-timeout', '60', '--log-period', '0']))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        masks = []
+        with Subscriber(ep, topics=["segnet/mask", "segnet/info"]) as sub:
+            info = None
+            while len(masks) < 3:
+                msg = sub.recv(timeout=90)
+                assert msg is not None, "the node published nothing"
+                if msg.topic.endswith("/mask"):
+                    masks.append(msg)
+                else:
+                    info = msg
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert all(m.data.shape == (360, 480) and m.data.dtype == np.uint8 for m in masks)
+        assert "onnxruntime backend" in err and "segnet_basic_camvid" in err
+        if info is not None:
+            assert info.data["classes"][0] == "Sky"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_folder_without_onnx_needs_torch_and_says_so(toy_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(toy_model[1], folder)
+    code = NO_TORCH + (
+        "from perception.inference.resolve import resolve_backend\n"
+        f"try:\n    resolve_backend({str(folder)!r})\nexcept RuntimeError as e:\n    print('ERR', e)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "ERR" in r.stdout and "segnet-perception[train]" in r.stdout, r.stdout + r.stderr
+
+
+def test_backends_declare_their_capabilities(toy_model, toy_bayesian_model, tmp_path):
+    from perception.export.onnx import ExportOptions, export_onnx
+    from perception.inference import load_backend
+
+    assert load_backend(toy_bayesian_model[1], backend="torch").capabilities.uncertainty
+    plain = load_backend(toy_model[1], backend="torch").capabilities
+    assert not plain.uncertainty and plain.probs and plain.batch is None
+    labels_only = export_onnx(toy_model[1], tmp_path / "a.onnx", ExportOptions(batch=2))
+    caps = load_backend(labels_only).capabilities
+    assert caps.batch == 2 and not caps.probs and not caps.uncertainty
+    with_probs = export_onnx(toy_model[1], tmp_path / "b.onnx", ExportOptions(outputs=("labels", "probs")))
+    assert load_backend(with_probs).capabilities.probs
