@@ -127,3 +127,132 @@ def test_docs_protocol_example_consumer_works(toy_model, tmp_path):
     assert r.returncode == 0, r.stderr
     shape, dtype, top = r.stdout.split(")")[0] + ")", r.stdout.split()[-2], int(r.stdout.split()[-1])
     assert shape == "(48, 64)" and dtype == "uint8" and 0 <= top < 3
+
+
+_STATS = {"v": 1, "seq": 0, "stamp_ns": 0, "frame_id": "f", "encoding": "msgpack"}
+
+
+@pytest.mark.parametrize(
+    "frames,match",
+    [
+        ([b"s/mask", encode_header(_hdr(encoding=["mono8"])), b"1234"], "'encoding' must be a string"),
+        ([b"s/mask", encode_header(_hdr(encoding={"a": 1})), b"1234"], "'encoding' must be a string"),
+        ([b"s/mask", encode_header(_hdr(latency_ms="fast")), b"1234"], "'latency_ms' must be a map"),
+        ([b"s/mask", encode_header(_hdr(latency_ms=[1, 2])), b"1234"], "'latency_ms' must be a map"),
+        ([b"s/mask", encode_header(_hdr(latency_ms={"infer": "x"})), b"1234"], "'latency_ms' must be a map"),
+        ([b"s/mask", encode_header(_hdr(seq=True)), b"1234"], "'seq' must be an integer"),
+        ([b"s/mask", encode_header(_hdr(frame_id=b"cam")), b"1234"], "malformed"),
+        ([b"s/mask", encode_header(_hdr(extra=b"\x00\x01")), b"1234"], "malformed"),
+        ([b"s/stats", encode_header(_STATS), encode_map({"fps": b"\x00"})], "malformed"),
+    ],
+)
+def test_malformed_header_values_are_rejected_not_crashing(frames, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode_message(frames)
+
+
+def _jpeg(h, w, **params):
+    import cv2
+
+    img = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    flags = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if params.get("progressive") else []
+    ok, buf = cv2.imencode(".jpg", img, flags)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("h,w,progressive", [(16, 24, False), (1, 1, False), (37, 101, True), (480, 640, False)])
+def test_jpeg_size_is_read_from_the_frame_header_as_opencv_decodes(h, w, progressive):
+    import cv2
+
+    from perception.stream.protocol import jpeg_size
+
+    data = _jpeg(h, w, progressive=progressive)
+    assert jpeg_size(data) == (h, w) == cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[:2]
+    assert jpeg_size(b"\x89PNG\r\n") is None and jpeg_size(b"\xff\xd8\xff\xd9") is None and jpeg_size(b"") is None
+
+
+def test_jpeg_bomb_is_rejected_before_decoding():
+    from perception.stream.protocol import jpeg_size
+
+    small = bytearray(_jpeg(16, 24))
+    # Rewrite the frame header to claim 16000 x 16000 pixels, as a decompression bomb would.
+    i = next(k for k in range(2, len(small) - 9) if small[k] == 0xFF and small[k + 1] in (0xC0, 0xC2))
+    small[i + 5 : i + 9] = (16000).to_bytes(2, "big") + (16000).to_bytes(2, "big")
+    bomb = bytes(small)
+    assert jpeg_size(bomb) == (16000, 16000)
+    h = image_header(seq=0, stamp_ns=0, frame_id="f", encoding="jpeg", height=16, width=24)
+    with pytest.raises(ProtocolError, match="JPEG payload is 16000x16000, header says 24x16"):
+        decode_message(_msg("s/overlay", h, bomb))
+    # An honest JPEG of another size than its header, and bytes that are no JPEG, are rejected too.
+    with pytest.raises(ProtocolError, match="header says 24x16"):
+        decode_message(_msg("s/overlay", h, _jpeg(20, 24)))
+    with pytest.raises(ProtocolError, match="no readable frame header"):
+        decode_message(_msg("s/overlay", h, b"not a jpeg"))
+
+
+def test_random_corruption_only_ever_raises_protocol_error():
+    """Thousands of byte-level corruptions of valid messages: decoding succeeds or raises ProtocolError."""
+    rng = np.random.default_rng(0)
+    img = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    valid = [
+        _msg("s/mask", image_header(seq=1, stamp_ns=2, frame_id="f", image=img, encoding="mono8",
+                                    latency_ms={"infer": 1.5}), encode_image(img, "mono8")),
+        _msg("s/overlay", image_header(seq=1, stamp_ns=2, frame_id="f", encoding="jpeg", height=8, width=8),
+             _jpeg(8, 8)),
+        _msg("s/stats", _STATS, encode_map({"fps": 3.5, "latency_ms": {"infer": {"p50": 3.0}}})),
+    ]
+    outcomes = {"ok": 0, "rejected": 0}
+    for trial in range(3000):
+        frames = [bytearray(f) for f in valid[trial % len(valid)]]
+        part = frames[rng.integers(0, 3)]
+        for _ in range(rng.integers(1, 4)):
+            if len(part) and rng.random() < 0.7:
+                part[rng.integers(0, len(part))] = rng.integers(0, 256)
+            elif rng.random() < 0.5:
+                del part[rng.integers(0, len(part) + 1):]
+            else:
+                part.extend(rng.integers(0, 256, rng.integers(1, 8), dtype=np.uint8).tobytes())
+        try:
+            decode_message([bytes(f) for f in frames])
+            outcomes["ok"] += 1
+        except ProtocolError:
+            outcomes["rejected"] += 1
+    assert outcomes["rejected"] > 500 and outcomes["ok"] > 100, outcomes
+
+
+def test_subscriber_skips_and_counts_what_a_rogue_publisher_sends():
+    import time
+
+    import zmq
+
+    from perception.stream.client import Subscriber
+
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    img = np.zeros((2, 2), np.uint8)
+    good = _msg("s/mask", image_header(seq=7, stamp_ns=1, frame_id="f", image=img, encoding="mono8"),
+                encode_image(img, "mono8"))
+    bad = [
+        [b"s/mask", encode_header(_hdr(encoding=["mono8"])), b"1234"],
+        [b"s/mask", encode_header(_hdr(latency_ms="slow")), b"1234"],
+        [b"s/mask", encode_header(_hdr(extra=b"\x00")), b"1234"],
+    ]
+    with Subscriber(f"tcp://127.0.0.1:{port}", topics=["s/mask"]) as sub:
+        try:
+            got = None
+            deadline = time.monotonic() + 20
+            while got is None and time.monotonic() < deadline:  # until the subscription has propagated
+                for frames in bad + [good]:
+                    pub.send_multipart(frames)
+                got = sub.recv(timeout=0.2)
+            assert got is not None and got.header["seq"] == 7
+            # Connected now: one more round of three bad messages and a good one, in order.
+            before = sub.errors
+            for frames in bad + [good]:
+                pub.send_multipart(frames)
+            again = sub.recv(timeout=10)
+            assert again is not None and again.header["seq"] == 7 and sub.errors - before == 3
+        finally:
+            pub.close(linger=0)

@@ -39,6 +39,7 @@ __all__ = [
     "image_header",
     "encode_image",
     "decode_message",
+    "jpeg_size",
 ]
 
 SCHEMA_VERSION = 1
@@ -97,7 +98,9 @@ def _unpack(data: bytes, limits: Limits) -> Any:
         return msgpack.unpackb(
             data, raw=False, strict_map_key=True, max_map_len=limits.max_map_len,
             max_array_len=limits.max_array_len, max_str_len=limits.max_str_len,
-            max_bin_len=limits.max_header_bytes, max_ext_len=0,
+            # Headers and maps carry no binary values (payloads travel in their own frame): a bin
+            # value is malformed, and would break every consumer that prints or re-encodes a header.
+            max_bin_len=0, max_ext_len=0,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as e:
         raise ProtocolError(f"malformed msgpack: {e}") from None
@@ -116,9 +119,69 @@ def decode_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any
     missing = [k for k in REQUIRED_HEADER_KEYS if k not in header]
     if missing:
         raise ProtocolError(f"header lacks {missing}")
-    if not isinstance(header["v"], int) or header["v"] > SCHEMA_VERSION:
+    if not _is_int(header["v"]) or header["v"] > SCHEMA_VERSION:
         raise ProtocolError(f"schema version {header['v']!r} is not supported (this side speaks {SCHEMA_VERSION})")
+    for key, ok, what in _HEADER_TYPES:
+        if key in header and not ok(header[key]):
+            raise ProtocolError(f"header field {key!r} must be {what}, got {type(header[key]).__name__}")
     return header
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(x, (int, float)) and not isinstance(x, bool) for k, x in v.items()
+    )
+
+
+# The types every consumer may rely on, checked where a key is present.
+_HEADER_TYPES = (
+    ("seq", _is_int, "an integer"),
+    ("stamp_ns", _is_int, "an integer"),
+    ("frame_id", lambda v: isinstance(v, str), "a string"),
+    ("encoding", lambda v: isinstance(v, str), "a string"),
+    ("height", _is_int, "an integer"),
+    ("width", _is_int, "an integer"),
+    ("step", _is_int, "an integer"),
+    ("latency_ms", _is_number_map, "a map of stage name to milliseconds"),
+    ("model_id", lambda v: isinstance(v, str), "a string"),
+)
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header (SOF), read without decoding; None when the data
+    is not a JPEG or has no frame header before its scan data."""
+    b = bytes(data[: 1 << 20]) if len(data) > 1 << 20 else bytes(data)  # the SOF sits near the start
+    if b[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        length = int.from_bytes(b[i + 2 : i + 4], "big")
+        if length < 2:
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 9 > len(b):
+                return None
+            return int.from_bytes(b[i + 5 : i + 7], "big"), int.from_bytes(b[i + 7 : i + 9], "big")
+        i += 2 + length
+    return None
 
 
 def encode_map(data: dict[str, Any]) -> bytes:
@@ -178,6 +241,11 @@ def _decode_image(header: dict[str, Any], payload: memoryview | bytes, limits: L
             return bytes(payload)
         import cv2
 
+        # Check the JPEG's own size before decoding: a small header over a huge JPEG is a decompression bomb.
+        size = jpeg_size(payload)
+        if size != (h, w):
+            raise ProtocolError(f"JPEG payload is {size[1]}x{size[0]}, header says {w}x{h}" if size
+                                else "JPEG payload has no readable frame header")
         img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
         if img is None or img.shape[:2] != (h, w):
             raise ProtocolError("JPEG payload does not decode to the header's size")

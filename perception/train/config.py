@@ -110,30 +110,21 @@ RECIPES: dict[str, dict[str, Any]] = {
         "epochs": 100,
         "val_every": 2,
     },
-    # The cpu recipe aimed at roads never seen (chosen on a held-out drive, docs/training.md): wider scale
-    # range, lighting changes (gamma for dusk, hue), blur and sensor noise; softened class weights.
-    "robust": {
-        "optimizer": "adamw",
-        "lr": 2e-3,
-        "weight_decay": 0.01,
-        "schedule": "cosine",
-        "warmup_epochs": 2.0,
-        "class_weights": "median",
-        "class_weight_power": 0.5,
-        "loss_normalization": "valid_pixels",
-        "crop": (240, 320),
-        "scale": (0.5, 2.0),
-        "color_jitter": 0.4,
-        "gamma": (0.5, 2.0),
-        "hue": 10.0,
-        "blur": 0.3,
-        "noise": 8.0,
-        "batch_size": 8,
-        "amp": "bf16",
-        "channels_last": True,
-        "epochs": 120,
-        "val_every": 2,
-    },
+}
+# The cpu recipe aimed at roads never seen: wider scale range, lighting changes (gamma for dusk, hue),
+# blur and sensor noise, softened class weights. Measured on the held-out drive 0006R0 it scored below
+# `cpu` at ~80 epochs (docs/training.md); kept to compare against on longer schedules.
+RECIPES["robust"] = {
+    **RECIPES["cpu"],
+    "weight_decay": 0.01,
+    "class_weight_power": 0.5,
+    "scale": (0.5, 2.0),
+    "color_jitter": 0.4,
+    "gamma": (0.5, 2.0),
+    "hue": 10.0,
+    "blur": 0.3,
+    "noise": 8.0,
+    "epochs": 120,
 }
 PAPER_SEGNET_LR = 0.001  # the paper's lr for the VGG16 SegNet
 
