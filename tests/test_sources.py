@@ -20,7 +20,7 @@ def test_video_file_frames_and_options(tmp_path):
     assert len(list(open_source(str(path), SourceOptions(max_frames=4)))) == 4
     looped = list(open_source(str(path), SourceOptions(loop=True, max_frames=20)))
     assert len(looped) == 20
-    resized = next(iter(open_source(f"file://{path}", SourceOptions(resize=(32, 24)))))
+    resized = next(iter(open_source(f"file://{path}", SourceOptions(resize=(24, 32)))))
     assert resized.image.shape == (24, 32, 3)
 
 

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from perception.core.sizes import parse_hw
+
 __all__ = ["build_parser", "main", "parse_batch", "parse_size"]
 
 
@@ -23,15 +25,10 @@ def parse_batch(text: str) -> int | None:
 
 
 def parse_size(text: str) -> tuple[int, int] | str:
-    if text == "dynamic":
-        return "dynamic"
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must be HxW or 'dynamic', got {text!r}") from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError("--size must be at least 32x32")
-    return h, w
+        return parse_hw(text, option="--size", minimum=32, keep_words=("dynamic",))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

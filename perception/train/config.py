@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from perception.core import sizes
 from perception.data.splits import DEFAULT_GROUP_PATTERN
 
 __all__ = ["TrainConfig", "RECIPES", "build_config", "parse_hw"]
@@ -130,21 +131,13 @@ PAPER_SEGNET_LR = 0.001  # the paper's lr for the VGG16 SegNet
 
 
 def parse_hw(text: str | None) -> tuple[int, int] | None:
-    """``"240x320"`` -> (240, 320); ``"none"``/``"full"`` -> None."""
-    if text is None or str(text).lower() in ("none", "full", ""):
-        return None
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"expected HxW (e.g. 240x320), got {text!r}") from None
-    if h < 32 or w < 32:
-        raise ValueError(f"crop {h}x{w} is too small: SegNet needs at least 32x32")
-    return h, w
+    """The crop: ``"240x320"`` -> (240, 320); ``"none"``/``"full"`` -> None (whole images)."""
+    return sizes.parse_hw(text, option="crop", minimum=32, none_words=("none", "full"))
 
 
 def _coerce(key: str, value: Any) -> Any:
     if key == "crop":
-        return parse_hw(value) if isinstance(value, str) or value is None else tuple(value)
+        return parse_hw(value)
     if key == "holdout" and isinstance(value, str):
         return [g for g in value.split(",") if g] or None
     if key in ("scale", "gamma") and value is not None:

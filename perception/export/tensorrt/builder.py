@@ -33,11 +33,12 @@ def sidecar_path(engine: str | Path) -> Path:
 
 
 def _parse_hw(text: str) -> tuple[int, int]:
+    from perception.core.sizes import parse_hw
+
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, got {text!r}") from None
-    return h, w
+        return parse_hw(text, option="--size", minimum=32)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from perception.core.sizes import parse_hw
+
 __all__ = ["NodeConfig", "build_parser", "main", "resolve_backend"]
 
 
@@ -36,7 +38,7 @@ class NodeConfig:
     frame_id: str = "camera"
     loop: bool = False
     realtime: bool = False
-    resize: str | None = None  # WxH
+    resize: str | None = None  # HxW, like every size in this project
     skip: int = 0
     max_frames: int | None = None
     image_encoding: str = "bgr8"
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None, help="restart files at the end")
     p.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None,
                    help="pace files at their native frame rate (default: as fast as possible)")
-    p.add_argument("--resize", help="resize frames to WxH before anything else")
+    p.add_argument("--resize", help="resize frames to HxW (height x width, e.g. 360x480) before anything else")
     p.add_argument("--skip", type=int, help="drop N frames after each one kept")
     p.add_argument("--max-frames", type=int)
     p.add_argument("--image-encoding", choices=("bgr8", "jpeg"), help="for color_mask and overlay")
@@ -107,16 +109,6 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
     return NodeConfig(**values)
 
 
-def _parse_resize(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    try:
-        w, h = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--resize must be WxH, got {text!r}") from None
-    return w, h
-
-
 def resolve_backend(cfg: NodeConfig):
     """The backend the node config asks for (see :mod:`perception.inference.resolve`)."""
     from perception.inference.resolve import resolve_backend as resolve
@@ -148,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print("effective config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr, flush=True)
     try:
         source = open_source(cfg.source, SourceOptions(
-            loop=cfg.loop, realtime=cfg.realtime, resize=_parse_resize(cfg.resize), skip=cfg.skip,
+            loop=cfg.loop, realtime=cfg.realtime, resize=parse_hw(cfg.resize, option="--resize"), skip=cfg.skip,
             max_frames=cfg.max_frames, reconnect_attempts=cfg.reconnect_attempts, stall_timeout_s=cfg.stall_timeout,
         ))
     except (SourceError, ValueError) as e:

@@ -58,7 +58,7 @@ class Frame:
 class SourceOptions:
     loop: bool = False  # files: start again at the end
     realtime: bool = False  # files: pace at the native frame rate
-    resize: tuple[int, int] | None = None  # (width, height)
+    resize: tuple[int, int] | None = None  # (height, width)
     skip: int = 0  # drop this many frames after each one kept
     max_frames: int | None = None
     reconnect_attempts: int = 5  # live sources
@@ -117,8 +117,8 @@ class Source(ABC):
                     img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
                 elif img.shape[2] == 4:
                     img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-                if o.resize is not None and (img.shape[1], img.shape[0]) != tuple(o.resize):
-                    img = cv2.resize(img, tuple(o.resize), interpolation=cv2.INTER_AREA)
+                if o.resize is not None and img.shape[:2] != tuple(o.resize):
+                    img = cv2.resize(img, (o.resize[1], o.resize[0]), interpolation=cv2.INTER_AREA)
                 yield Frame(np.ascontiguousarray(img), kept, stamp, index)
                 kept += 1
         finally:

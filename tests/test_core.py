@@ -1,0 +1,39 @@
+"""The torch-free core: one size parser (HxW everywhere) whose errors name the option."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_video
+from perception.core.sizes import parse_hw
+
+
+@pytest.mark.parametrize("value,expected", [("360x480", (360, 480)), ("24X32", (24, 32)), ((5, 7), (5, 7)),
+                                            ([5, 7], (5, 7)), (None, None)])
+def test_parse_hw(value, expected):
+    assert parse_hw(value, option="--size") == expected
+
+
+def test_parse_hw_words_and_errors():
+    assert parse_hw("none", option="--crop", none_words=("none", "full")) is None
+    assert parse_hw("dynamic", option="--size", keep_words=("dynamic",)) == "dynamic"
+    for bad in ("480", "10x", "axb", "1x2x3", "lots"):
+        with pytest.raises(ValueError, match=r"^--resize must be HxW \(height x width"):
+            parse_hw(bad, option="--resize")
+    for small in ("0x0", "-10x10"):
+        with pytest.raises(ValueError, match="--resize .* is too small"):
+            parse_hw(small, option="--resize")
+    with pytest.raises(ValueError, match="crop 16x16 is too small: both sides must be at least 32"):
+        parse_hw("16x16", option="crop", minimum=32)
+
+
+def test_every_cli_reads_sizes_as_height_by_width(tmp_path, capsys, toy_model):
+    from perception.export.cli import parse_size
+    from perception.stream.node.cli import main as node_main
+    from perception.train.config import build_config
+
+    assert build_config(overrides={"crop": "240x320"}).crop == (240, 320)
+    assert parse_size("360x480") == (360, 480)
+    video = make_video(tmp_path / "v.avi", n=2)
+    assert node_main(["--source", str(video), "--model", str(toy_model[1]), "--resize", "0x0"]) == 2
+    assert "--resize 0x0 is too small" in capsys.readouterr().err
