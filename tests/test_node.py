@@ -3,6 +3,7 @@ headers, slow subscribers, signals, and clear failures."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -315,3 +316,26 @@ def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and len(seqs) < 200
     status = [l for l in logs if " fps" in l]
     assert status and "dropped" in status[-1] and "source" in status[-1]
+
+
+def test_echo_exits_on_the_nodes_final_stats_and_refuses_bad_endpoints(toy_model, capsys):
+    from perception.stream.echo import main as echo_main
+
+    _, model_dir = toy_model
+    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=3", model_dir)
+    ec = {}
+    # No --count and a long --timeout: only the node's final stats can end it in time.
+    et = threading.Thread(target=lambda: ec.setdefault("rc", echo_main([pub.endpoint, "--timeout", "120", "--json"])))
+    et.start()
+    t.start()
+    t.join(timeout=60)
+    et.join(timeout=30)
+    pub.close()
+    assert not et.is_alive() and ec.get("rc") == 0 and result.get("rc") == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sum(m["topic"] == "segnet/mask" for m in out) == 3
+    assert out[-1]["topic"] == "segnet/stats" and out[-1]["data"]["final"] is True
+    for bad in ("foo", "tcp://nohost", "bogus://x"):
+        assert echo_main([bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("perception-echo: error: cannot connect to"), err

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="exit with status 1 if nothing arrives for this many seconds")
     p.add_argument("--rate-only", action="store_true", help="print only the per-topic rates, once a second")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--stay", action="store_true",
+                   help="keep listening after the node's final stats (default: exit 0 when the node says it is done)")
     return p
 
 
@@ -48,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     n = 0
     last_msg = time.monotonic()
     next_rate = time.monotonic() + 1.0
-    with Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False) as sub:
+    import zmq
+
+    try:
+        sub_ctx = Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False)
+    except zmq.ZMQError as e:
+        print(f"perception-echo: error: cannot connect to {args.endpoint!r} ({e}); expected e.g. "
+              "tcp://127.0.0.1:5555", file=sys.stderr)
+        return 2
+    with sub_ctx as sub:
         while not stopped.is_set() and (args.count is None or n < args.count):
             msg = sub.recv(timeout=0.2)
             now = time.monotonic()
@@ -65,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({"topic": msg.topic, "header": msg.header, "data": data}), flush=True)
                 elif not args.rate_only:
                     print(summarize(msg), flush=True)
+                if msg.stream == "stats" and isinstance(msg.data, dict) and msg.data.get("final") is True \
+                        and not args.stay:
+                    return 0  # the node has finished (its last stats message)
             if now >= next_rate and (args.rate_only or args.count is None):
                 next_rate = now + 1.0
                 rates = []
