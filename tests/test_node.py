@@ -339,3 +339,46 @@ def test_echo_exits_on_the_nodes_final_stats_and_refuses_bad_endpoints(toy_model
         assert echo_main([bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("perception-echo: error: cannot connect to"), err
+
+
+def test_options_are_validated_at_start_naming_the_option(tmp_path, capsys):
+    cases = [
+        (["--skip", "-1"], "--skip must be >= 0, got -1"),
+        (["--overlay-alpha", "2"], "--overlay-alpha must be in [0, 1], got 2.0"),
+        (["--max-frames", "-5"], "--max-frames must be >= 1, got -5"),
+        (["--stats-period", "-1"], "--stats-period must be > 0"),
+        (["--wait-timeout", "0"], "--wait-timeout must be > 0"),
+        (["--mc-samples", "0"], "--mc-samples must be >= 1"),
+        (["--resize", "0x0"], "--resize 0x0 is too small"),
+    ]
+    for argv, match in cases:
+        assert node_main(["--source", "synthetic://", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], (argv, err)
+    yaml_cases = [("skip: lots\n", "--skip must be an int, got 'lots'"),
+                  ("overlay_alpha: [1, 2]\n", "--overlay-alpha must be a float"),
+                  ("legend: 3\n", "--legend must be a bool"),
+                  ("skip: [unclosed\n", "is not valid YAML")]
+    for text, match in yaml_cases:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        assert node_main(["--source", "synthetic://", "--config", str(cfg)]) == 2, text
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], (text, err)
+
+
+def test_broken_model_files_are_one_line_errors(toy_model, tmp_path, capsys):
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(toy_model[1], truncated)
+    w = truncated / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    for model, backend in ((truncated, "torch"), (junk, "auto")):
+        rc = node_main(["--source", "synthetic://?frames=1", "--model", str(model), "--backend", backend,
+                        "--publish", _free_endpoint()])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err[-1].startswith("perception-node: error: model:"), err
+        assert "Traceback" not in "\n".join(err)

@@ -173,3 +173,13 @@ def test_init_weights_fine_tunes_from_a_model_folder(toy_model, tmp_path, capsys
     assert sorted(skipped) == ["classifier.bias", "classifier.weight"] and loaded > 0
     with pytest.raises(ValueError, match="no tensor"):
         init_from_model_folder(get_model("segnet", num_classes=5), model_dir)
+
+
+def test_bad_yaml_config_is_a_one_line_error(tmp_path, capsys):
+    from perception.train.cli import main as train_main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: [unclosed\n")
+    assert train_main(["--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not valid YAML" in err[0]

@@ -17,7 +17,11 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file (external weight files are not read)."""
     import onnx
 
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+        raise ValueError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def read_card_from_onnx(path: str | Path, meta: dict[str, str] | None = None) -> ModelCard:

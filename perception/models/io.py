@@ -69,7 +69,10 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> 
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"model folder {directory} has no {WEIGHTS_FILE}")
-    state = load_file(str(weights), device=str(map_location))
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -155,7 +155,10 @@ def build_config(
         path = Path(yaml_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        file_values = yaml.safe_load(path.read_text()) or {}
+        try:
+            file_values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(file_values, dict):
             raise ValueError(f"{path} must hold a mapping of option: value")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}

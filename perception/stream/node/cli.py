@@ -20,7 +20,7 @@ import yaml
 
 from perception.core.sizes import parse_hw
 
-__all__ = ["NodeConfig", "build_parser", "main", "resolve_backend"]
+__all__ = ["NodeConfig", "build_parser", "main", "resolve_backend", "validate_config"]
 
 
 
@@ -53,6 +53,57 @@ class NodeConfig:
     log_period: float = 10.0  # seconds between status lines on stderr; 0 for none
     reconnect_attempts: int = 5
     stall_timeout: float = 5.0
+
+
+# Allowed values, checked at start (with the types the dataclass declares) so that a bad option fails
+# before any source opens, naming the option: (check, what is allowed).
+_RANGES: dict[str, tuple[Any, str]] = {
+    "skip": (lambda v: v >= 0, ">= 0"),
+    "max_frames": (lambda v: v >= 1, ">= 1"),
+    "overlay_alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "wait_for_subscribers": (lambda v: v >= 0, ">= 0"),
+    "wait_timeout": (lambda v: v > 0, "> 0"),
+    "stats_period": (lambda v: v > 0, "> 0"),
+    "info_period": (lambda v: v > 0, "> 0"),
+    "mc_samples": (lambda v: v >= 1, ">= 1"),
+    "sndhwm": (lambda v: v >= 1, ">= 1"),
+    "log_period": (lambda v: v >= 0, ">= 0"),
+    "reconnect_attempts": (lambda v: v >= 0, ">= 0"),
+    "stall_timeout": (lambda v: v > 0, "> 0"),
+    "threads": (lambda v: v >= 1, ">= 1"),
+    "backend": (lambda v: v in ("auto", "tensorrt", "onnxruntime", "torch"), "auto, tensorrt, onnxruntime or torch"),
+    "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    "tta": (lambda v: v in ("none", "flip"), "none or flip"),
+    "image_encoding": (lambda v: v in ("bgr8", "jpeg"), "bgr8 or jpeg"),
+}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate_config(cfg: NodeConfig) -> NodeConfig:
+    """Check every value against its declared type and allowed range; ValueError names the option."""
+    for f in dataclasses.fields(NodeConfig):
+        value = getattr(cfg, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None:
+            if "None" not in kinds:
+                raise ValueError(f"{_option(f.name)} needs a value")
+            continue
+        ok = (("bool" in kinds and isinstance(value, bool))
+              or ("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
+              or ("float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
+              or ("str" in kinds and isinstance(value, str)))
+        if not ok:
+            expected = " or ".join(k for k in kinds if k != "None")
+            raise ValueError(f"{_option(f.name)} must be {'an' if expected[0] in 'aeiou' else 'a'} {expected}, "
+                             f"got {value!r}")
+        check = _RANGES.get(f.name)
+        if check is not None and not check[0](value):
+            raise ValueError(f"{_option(f.name)} must be {check[1]}, got {value!r}")
+    parse_hw(cfg.resize, option="--resize")
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +147,10 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of option: value")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
@@ -106,7 +160,7 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return NodeConfig(**values)
+    return validate_config(NodeConfig(**values))
 
 
 def resolve_backend(cfg: NodeConfig):
