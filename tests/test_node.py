@@ -382,3 +382,16 @@ def test_broken_model_files_are_one_line_errors(toy_model, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and err[-1].startswith("perception-node: error: model:"), err
         assert "Traceback" not in "\n".join(err)
+
+
+def test_frames_without_subscribers_are_skipped_and_counted_apart(toy_model):
+    _, model_dir = toy_model
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    # Nobody subscribes to a frame stream: every frame is read, none inferred.
+    node = Node(open_source("synthetic://?width=64&height=48&frames=7"), load_backend(model_dir, backend="torch"), pub,
+                NodeSettings(), log=lambda m: None)
+    assert node.run() == 0
+    st = node.stats()
+    pub.close()
+    assert st["frames_captured"] == 7 and st["frames_processed"] == 0
+    assert st["frames_skipped_no_subscribers"] == 7 and st["fps"] == 0.0

@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         publisher.close()
         backend.close()
     c = node.counters
-    print(f"done: {c.processed} frames processed, {c.dropped} dropped", file=sys.stderr, flush=True)
+    print(f"done: {c.processed} frames processed, {c.skipped} skipped without subscribers, {c.dropped} dropped",
+          file=sys.stderr, flush=True)
     return rc
 
 

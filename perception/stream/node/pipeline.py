@@ -64,7 +64,8 @@ class LatencyWindow:
 @dataclass
 class _Counters:
     captured: int = 0
-    processed: int = 0
+    processed: int = 0  # frames run through the model
+    skipped: int = 0  # frames read while nobody subscribed to a frame stream (not inferred)
     dropped: int = 0
     started: float = field(default_factory=time.monotonic)
     recent: deque = field(default_factory=lambda: deque(maxlen=120))  # completion times for fps
@@ -163,6 +164,7 @@ class Node:
             "fps": round(fps, 3),
             "frames_captured": c.captured,
             "frames_processed": c.processed,
+            "frames_skipped_no_subscribers": c.skipped,
             "frames_dropped": c.dropped,
             "latency_ms": self.latency.summary(),
             "source_state": state,
@@ -173,14 +175,15 @@ class Node:
 
     # -- per frame --------------------------------------------------------------------------------
 
-    def _process(self, frame: Frame) -> None:
+    def _process(self, frame: Frame) -> bool:
+        """Infer and publish what is subscribed; False (nothing inferred) when no frame stream is wanted."""
         wanted = [s for s in FRAME_STREAMS if self.pub.wants(s)]
         if "uncertainty" in wanted and not self.bayesian:
             wanted.remove("uncertainty")
         t0 = time.perf_counter()
         queue_ms = max(0.0, (time.time_ns() - frame.stamp_ns) / 1e6)
         if not wanted:
-            return
+            return False
         res = self.backend.infer(frame.image[None], uncertainty="uncertainty" in wanted)
         t1 = time.perf_counter()
         labels = res.labels[0]
@@ -211,6 +214,7 @@ class Node:
             self.latency.add(k.removesuffix("_ms"), v)
         self.latency.add("publish", (t3 - t2) * 1e3)
         self.latency.add("total", queue_ms + (t3 - t0) * 1e3)
+        return True
 
     # -- main loop --------------------------------------------------------------------------------
 
@@ -257,9 +261,11 @@ class Node:
                     continue
                 if item is _END:
                     break
-                self._process(item)
-                self.counters.processed += 1
-                self.counters.recent.append(time.monotonic())
+                if self._process(item):
+                    self.counters.processed += 1
+                    self.counters.recent.append(time.monotonic())
+                else:
+                    self.counters.skipped += 1
         finally:
             self.stop_event.set()
             capture.join(timeout=5)
