@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from perception.core import sizes
+from perception.core.config import load_yaml_options
 from perception.data.splits import DEFAULT_GROUP_PATTERN
 
 __all__ = ["TrainConfig", "RECIPES", "build_config", "parse_hw"]
@@ -152,15 +152,7 @@ def build_config(
     values: dict[str, Any] = {}
     file_values: dict[str, Any] = {}
     if yaml_file is not None:
-        path = Path(yaml_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            file_values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(file_values, dict):
-            raise ValueError(f"{path} must hold a mapping of option: value")
+        file_values = load_yaml_options(yaml_file)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     recipe = overrides.get("recipe") or file_values.get("recipe") or recipe or TrainConfig.recipe
     if recipe not in RECIPES:

@@ -13,11 +13,11 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from perception.core.config import load_yaml_options
 from perception.core.sizes import parse_hw
 
 __all__ = ["NodeConfig", "build_parser", "main", "resolve_backend", "validate_config"]
@@ -144,16 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> NodeConfig:
     values: dict[str, Any] = {}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a mapping of option: value")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update(load_yaml_options(args.config))
     skip = {"config", "print_config"}
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
     known = {f.name for f in dataclasses.fields(NodeConfig)}
