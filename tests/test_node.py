@@ -12,6 +12,7 @@ import time
 
 import cv2
 import numpy as np
+import pytest
 import zmq
 
 from conftest import make_video
@@ -395,3 +396,41 @@ def test_frames_without_subscribers_are_skipped_and_counted_apart(toy_model):
     pub.close()
     assert st["frames_captured"] == 7 and st["frames_processed"] == 0
     assert st["frames_skipped_no_subscribers"] == 7 and st["fps"] == 0.0
+
+
+def test_source_state_and_fps_tell_the_truth(toy_model, monkeypatch):
+    from perception.stream.node import pipeline as P
+    from perception.stream.node.sources import SourceOptions
+
+    _, model_dir = toy_model
+
+    class FakeSource:
+        state, reconnects, stalled_now, live = "streaming", 0, False, True
+
+        def stalled(self):
+            return self.stalled_now
+
+    src = FakeSource()
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    try:
+        node = Node(src, load_backend(model_dir, backend="torch"), pub, NodeSettings(), log=lambda m: None)
+        clock = [1000.0]
+        monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+        for state, stalled, expected in [("streaming", False, "streaming"), ("streaming", True, "stalled"),
+                                         ("reconnecting", True, "reconnecting"), ("failed", True, "failed"),
+                                         ("ended", True, "ended")]:
+            src.state, src.stalled_now = state, stalled
+            assert node.stats()["source_state"] == expected, (state, stalled)
+        # Ten frames at 2 fps, then nothing: fps is 2 while they arrive and falls to 0 once they stop.
+        node.counters.recent.extend(1000.0 + 0.5 * k for k in range(10))
+        clock[0] = 1004.5
+        assert node.stats()["fps"] == pytest.approx(2.0)
+        clock[0] = 1012.0  # 7.5 s after the last frame: falling
+        assert 0 < node.stats()["fps"] < 1.0
+        clock[0] = 1020.0
+        assert node.stats()["fps"] == 0.0
+    finally:
+        pub.close()
+    # --max-frames: the source ends, it does not stay "streaming".
+    source = open_source("synthetic://?width=32&height=32&frames=50", SourceOptions(max_frames=3))
+    assert len(list(source)) == 3 and source.state == "ended"

@@ -61,6 +61,9 @@ class LatencyWindow:
         return out
 
 
+FPS_WINDOW_S = 10.0
+
+
 @dataclass
 class _Counters:
     captured: int = 0
@@ -155,10 +158,14 @@ class Node:
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
-        recent = list(c.recent)
-        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        now = time.monotonic()
+        # Frames completed over the last FPS_WINDOW_S, measured up to now: a stalled source's fps
+        # falls to 0 instead of keeping its last value.
+        recent = [t for t in c.recent if now - t <= FPS_WINDOW_S]
+        fps = (len(recent) - 1) / (now - recent[0]) if len(recent) > 1 and now > recent[0] else 0.0
         state = self.source.state
-        if getattr(self.source, "stalled", None) and self.source.stalled():
+        # "stalled" refines "streaming" only: reconnecting, failed and ended say more.
+        if state == "streaming" and getattr(self.source, "stalled", None) and self.source.stalled():
             state = "stalled"
         return {
             "fps": round(fps, 3),

@@ -121,6 +121,7 @@ class Source(ABC):
                     img = cv2.resize(img, (o.resize[1], o.resize[0]), interpolation=cv2.INTER_AREA)
                 yield Frame(np.ascontiguousarray(img), kept, stamp, index)
                 kept += 1
+            self.state = "ended"  # --max-frames reached
         finally:
             self.close()
 
