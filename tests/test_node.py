@@ -434,3 +434,31 @@ def test_source_state_and_fps_tell_the_truth(toy_model, monkeypatch):
     # --max-frames: the source ends, it does not stay "streaming".
     source = open_source("synthetic://?width=32&height=32&frames=50", SourceOptions(max_frames=3))
     assert len(list(source)) == 3 and source.state == "ended"
+
+
+def test_node_never_sends_what_consumers_refuse(toy_model):
+    from perception.stream.protocol import Limits
+
+    _, model_dir = toy_model
+    # A limit between a 64x48 mask (3 KiB) and its bgr8 overlay (9 KiB): overlays are withheld, masks flow.
+    limits = Limits(max_message_bytes=6000)
+    pub = Publisher("tcp://127.0.0.1:*", "segnet", limits=limits)
+    logs = []
+    node = Node(open_source("synthetic://?width=64&height=48&frames=4"), load_backend(model_dir, backend="torch"), pub,
+                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=logs.append)
+    sub = Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/overlay"], limits=limits)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
+    t.start()
+    got = []
+    while len(got) < 4:
+        msg = sub.recv(timeout=30)
+        assert msg is not None, f"deaf after {len(got)} masks"
+        got.append(msg.topic)
+    t.join(timeout=30)
+    st = node.stats()
+    sub.close()
+    pub.close()
+    assert got == ["segnet/mask"] * 4 and result.get("rc") == 0
+    assert st["messages_oversize"] == 4 and pub.oversize == {"overlay": 4}
+    assert sum("overlay messages of" in m and "not sent" in m for m in logs) == 1

@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from perception.stream.protocol import encode_header, encode_map, topic_for
+from perception.stream.protocol import DEFAULT_LIMITS, Limits, encode_header, encode_map, topic_for
 
 __all__ = ["Publisher", "PublisherError"]
 
@@ -30,9 +30,15 @@ class PublisherError(RuntimeError):
 class Publisher:
     def __init__(
         self, endpoint: str, namespace: str, *, sndhwm: int = 8, linger_ms: int = 2000,
-        context: zmq.Context | None = None,
+        context: zmq.Context | None = None, limits: Limits = DEFAULT_LIMITS,
+        on_oversize=None,
     ) -> None:
         self.namespace = namespace
+        # Consumers refuse (and ZMQ_MAXMSGSIZE disconnects on) messages over limits.max_message_bytes:
+        # such a message is never sent, only counted; on_oversize(stream, nbytes) hears of it.
+        self.limits = limits
+        self.on_oversize = on_oversize
+        self.oversize: dict[str, int] = {}
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.XPUB)
         # Every subscribe message, duplicates included: each joining subscriber is seen.
@@ -127,8 +133,15 @@ class Publisher:
         """
         topic = topic_for(self.namespace, stream).encode()
         body = memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload
+        head = encode_header(header)
+        size = len(topic) + len(head) + body.nbytes if isinstance(body, memoryview) else len(topic) + len(head) + len(body)
+        if size > self.limits.max_message_bytes:
+            self.oversize[stream] = self.oversize.get(stream, 0) + 1
+            if self.on_oversize is not None:
+                self.on_oversize(stream, size)
+            return
         try:
-            self.sock.send_multipart([topic, encode_header(header), body], copy=False, flags=zmq.NOBLOCK)
+            self.sock.send_multipart([topic, head, body], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # XPUB drops at the high-water mark rather than raising; this is belt and braces
         self.sent[stream] = self.sent.get(stream, 0) + 1

@@ -93,6 +93,17 @@ class Node:
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=1 if source.live else max(1, self.s.queue_size))
         self._capture_done = threading.Event()
+        self._oversize_warned: set[str] = set()
+        if getattr(publisher, "on_oversize", None) is None and hasattr(publisher, "on_oversize"):
+            publisher.on_oversize = self._warn_oversize
+
+    def _warn_oversize(self, stream: str, nbytes: int) -> None:
+        if stream not in self._oversize_warned:
+            self._oversize_warned.add(stream)
+            limit = self.pub.limits.max_message_bytes
+            self.log(f"warning: {stream} messages of {nbytes / 2**20:.1f} MiB exceed the {limit / 2**20:.0f} MiB "
+                     "every consumer accepts; they are not sent (counted in stats as messages_oversize); "
+                     "use --resize or --image-encoding jpeg")
 
     # -- capture thread ---------------------------------------------------------------------------
 
@@ -177,6 +188,7 @@ class Node:
             "source_state": state,
             "source_reconnects": self.source.reconnects,
             "subscribers": self.pub.peers,
+            "messages_oversize": sum(getattr(self.pub, "oversize", {}).values()),
             "uptime_s": round(time.monotonic() - c.started, 3),
         }
 
