@@ -462,3 +462,35 @@ def test_node_never_sends_what_consumers_refuse(toy_model):
     assert got == ["segnet/mask"] * 4 and result.get("rc") == 0
     assert st["messages_oversize"] == 4 and pub.oversize == {"overlay": 4}
     assert sum("overlay messages of" in m and "not sent" in m for m in logs) == 1
+
+
+def test_mask_headers_carry_class_pixels_and_echo_prints_areas(toy_model, capsys):
+    from perception.stream.echo import class_areas
+    from perception.stream.echo import main as echo_main
+
+    _, model_dir = toy_model
+    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=3", model_dir)
+    sub = Subscriber(pub.endpoint, topics=["segnet/mask"])
+    t.start()
+    masks = [sub.recv(timeout=30) for _ in range(3)]
+    t.join(timeout=30)
+    sub.close()
+    pub.close()
+    for m in masks:
+        counts = m.header["class_pixels"]
+        assert len(counts) == 3 and sum(counts) == 64 * 48
+        assert counts == np.bincount(m.data.ravel(), minlength=3)[:3].tolist()
+    assert class_areas({"class_pixels": [25, 0, 75]}, ["bg", "a", "b"]) == "b 75.0% bg 25.0%"
+    assert class_areas({"class_pixels": [1, 3]}) == "1 75.0% 0 25.0%"
+    # perception-echo --areas names the classes from the node's info message.
+    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=2", model_dir)
+    ec = {}
+    et = threading.Thread(target=lambda: ec.setdefault("rc", echo_main([pub.endpoint, "--areas", "--timeout", "60"])))
+    et.start()
+    t.start()
+    t.join(timeout=60)
+    et.join(timeout=30)
+    pub.close()
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("segnet/mask")]
+    assert ec.get("rc") == 0 and len(lines) == 2
+    assert all(" | " in l and "%" in l and ("bg" in l or " a " in l or " b " in l) for l in lines), lines

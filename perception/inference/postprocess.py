@@ -10,9 +10,15 @@ import numpy as np
 __all__ = ["palette_lut", "colorize", "overlay", "draw_legend", "uncertainty_to_bgr", "classes_present"]
 
 
-def classes_present(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Class ids that occur in ``labels`` (a histogram: much cheaper than np.unique's sort per frame)."""
-    return np.flatnonzero(np.bincount(labels.ravel(), minlength=num_classes)[:num_classes])
+def class_pixels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class id 0..num_classes-1 in ``labels`` (one histogram pass; ids beyond are not counted)."""
+    return np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
+
+
+def classes_present(labels: np.ndarray, num_classes: int, counts: np.ndarray | None = None) -> np.ndarray:
+    """Class ids that occur in ``labels`` (a histogram: much cheaper than np.unique's sort per frame);
+    pass ``counts`` from :func:`class_pixels` when the frame's histogram is already at hand."""
+    return np.flatnonzero(class_pixels(labels, num_classes) if counts is None else counts)
 
 
 def palette_lut(palette_rgb: Sequence[Sequence[int]]) -> np.ndarray:

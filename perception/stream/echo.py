@@ -13,7 +13,7 @@ import sys
 import time
 from collections import defaultdict, deque
 
-__all__ = ["build_parser", "main", "summarize"]
+__all__ = ["build_parser", "main", "summarize", "class_areas"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,19 +25,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="exit with status 1 if nothing arrives for this many seconds")
     p.add_argument("--rate-only", action="store_true", help="print only the per-topic rates, once a second")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--areas", action="store_true",
+                   help="with each mask, the share of the view per class (its header's class_pixels), largest first")
     p.add_argument("--stay", action="store_true",
                    help="keep listening after the node's final stats (default: exit 0 when the node says it is done)")
     return p
 
 
-def summarize(msg) -> str:
+def class_areas(header: dict, classes: list[str] | None = None) -> str:
+    """``Road 41.2% Sky 20.1% ...``: a mask header's class_pixels as percentages, largest first, zeros left out."""
+    counts = header.get("class_pixels") or []
+    total = sum(counts) or 1
+    names = classes if classes and len(classes) == len(counts) else [str(i) for i in range(len(counts))]
+    order = sorted((c, n) for c, n in zip(counts, names) if c)[::-1]
+    return " ".join(f"{n} {100 * c / total:.1f}%" for c, n in order)
+
+
+def summarize(msg, *, areas: bool = False, classes: list[str] | None = None) -> str:
     h = msg.header
     if h.get("encoding") == "msgpack":
         return f"{msg.topic} seq={h['seq']} " + json.dumps(msg.data, separators=(",", ":"))[:400]
     lat = h.get("latency_ms", {})
     lat_s = " ".join(f"{k}={v:.1f}" for k, v in lat.items())
     return (f"{msg.topic} seq={h['seq']} stamp_ns={h['stamp_ns']} frame_id={h['frame_id']} "
-            f"{h.get('width')}x{h.get('height')} {h['encoding']} step={h.get('step')} {lat_s}")
+            f"{h.get('width')}x{h.get('height')} {h['encoding']} step={h.get('step')} {lat_s}"
+            + (f" | {class_areas(h, classes)}" if areas and "class_pixels" in h else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     stopped = stop_on_signals()
     arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
     n = 0
+    classes: list[str] | None = None  # names for --areas, from the node's info message
     last_msg = time.monotonic()
     next_rate = time.monotonic() + 1.0
     import zmq
@@ -69,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 n += 1
                 last_msg = now
+                if msg.stream == "info" and isinstance(msg.data, dict) and isinstance(msg.data.get("classes"), list):
+                    classes = [str(c) for c in msg.data["classes"]]
                 arrivals[msg.topic].append(now)
                 if args.json:
                     data = msg.data if isinstance(msg.data, dict) else None
                     print(json.dumps({"topic": msg.topic, "header": msg.header, "data": data}), flush=True)
                 elif not args.rate_only:
-                    print(summarize(msg), flush=True)
+                    print(summarize(msg, areas=args.areas, classes=classes), flush=True)
                 if msg.stream == "stats" and isinstance(msg.data, dict) and msg.data.get("final") is True \
                         and not args.stay:
                     return 0  # the node has finished (its last stats message)

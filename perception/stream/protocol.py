@@ -148,6 +148,8 @@ _HEADER_TYPES = (
     ("step", _is_int, "an integer"),
     ("latency_ms", _is_number_map, "a map of stage name to milliseconds"),
     ("model_id", lambda v: isinstance(v, str), "a string"),
+    ("class_pixels", lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
+     "a list of non-negative integers"),
 )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from perception.inference.base import Backend
-from perception.inference.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut
+from perception.inference.postprocess import class_pixels, classes_present, colorize, draw_legend, overlay, palette_lut
 from perception.stream.protocol import FRAME_STREAMS, SCHEMA_VERSION, image_header, encode_image
 from perception.stream.publisher import Publisher
 from perception.stream.node.sources import Frame, Source, SourceError
@@ -206,6 +206,8 @@ class Node:
         res = self.backend.infer(frame.image[None], uncertainty="uncertainty" in wanted)
         t1 = time.perf_counter()
         labels = res.labels[0]
+        # One histogram of the mask serves the mask header's class_pixels and the overlay's legend.
+        counts = class_pixels(labels, len(self.backend.classes))
         outputs: dict[str, tuple[np.ndarray | bytes, str]] = {}
         if "mask" in wanted:
             outputs["mask"] = (labels, "mono8")
@@ -216,7 +218,8 @@ class Node:
         if "overlay" in wanted:
             over = overlay(frame.image, color, self.s.overlay_alpha)
             if self.s.legend:
-                draw_legend(over, self.backend.classes, self.backend.palette, present=classes_present(labels, len(self.backend.classes)), in_place=True)
+                draw_legend(over, self.backend.classes, self.backend.palette,
+                            present=classes_present(labels, len(self.backend.classes), counts), in_place=True)
             outputs["overlay"] = (over, enc)
         if "uncertainty" in wanted and res.uncertainty is not None:
             outputs["uncertainty"] = (res.uncertainty[0].astype(np.float32), "32FC1")
@@ -225,8 +228,9 @@ class Node:
         latency = {"queue_ms": round(queue_ms, 3), "infer_ms": round((t1 - t0) * 1e3, 3),
                    "post_ms": round((t2 - t1) * 1e3, 3)}
         for stream, (payload, img, e) in payloads.items():
+            extra = {"class_pixels": counts.tolist()} if stream == "mask" else {}
             header = image_header(seq=frame.seq, stamp_ns=frame.stamp_ns, frame_id=self.s.frame_id, image=img,
-                                  encoding=e, latency_ms=latency, model_id=self.model_id)
+                                  encoding=e, latency_ms=latency, model_id=self.model_id, **extra)
             self.pub.publish(stream, header, payload)
         t3 = time.perf_counter()
         for k, v in latency.items():
