@@ -494,3 +494,40 @@ def test_mask_headers_carry_class_pixels_and_echo_prints_areas(toy_model, capsys
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("segnet/mask")]
     assert ec.get("rc") == 0 and len(lines) == 2
     assert all(" | " in l and "%" in l and ("bg" in l or " a " in l or " b " in l) for l in lines), lines
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_hangup_and_interrupt_end_the_node_with_final_stats(toy_model, sig):
+    _, model_dir = toy_model
+    ep = _free_endpoint()
+    proc = subprocess.Popen(
+        _node_cmd("--source", "synthetic://?width=64&height=48", "--loop", "--model", str(model_dir),
+                  "--backend", "torch", "--publish", ep, "--stats-period", "0.2"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with Subscriber(ep, topics=["segnet/mask", "segnet/stats"]) as sub:
+            assert sub.recv(timeout=60) is not None, "node published nothing"
+            proc.send_signal(sig)
+            final = None
+            deadline = time.monotonic() + 20
+            while final is None and time.monotonic() < deadline:
+                msg = sub.recv(timeout=1)
+                if msg is not None and msg.stream == "stats" and msg.data.get("final"):
+                    final = msg
+        assert proc.wait(timeout=20) == 0 and final is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_binding_beyond_loopback_warns(toy_model, capsys):
+    _, model_dir = toy_model
+    port = _free_endpoint().rsplit(":", 1)[1]
+    assert node_main(["--source", "synthetic://?width=64&height=48&frames=1", "--model", str(model_dir),
+                      "--backend", "torch", "--publish", f"tcp://0.0.0.0:{port}"]) == 0
+    assert "reachable from other machines without encryption" in capsys.readouterr().err
+    assert node_main(["--source", "synthetic://?width=64&height=48&frames=1", "--model", str(model_dir),
+                      "--backend", "torch", "--publish", _free_endpoint()]) == 0
+    assert "reachable from other machines" not in capsys.readouterr().err

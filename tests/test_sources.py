@@ -128,3 +128,15 @@ def test_stalled_is_reported(monkeypatch):
     list(src)
     time.sleep(0.1)
     assert src.stalled()
+
+
+def test_a_corrupt_image_in_a_folder_is_skipped_warned_and_counted(tmp_path, capsys):
+    import cv2
+
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    (tmp_path / "f1.png").write_bytes(b"not a png at all")
+    source = open_source(str(tmp_path))
+    frames = list(source)
+    assert [int(f.image[0, 0, 0]) for f in frames] == [0, 80] and source.unreadable == 1
+    assert "skipping" in capsys.readouterr().err and source.state == "ended"

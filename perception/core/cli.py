@@ -10,7 +10,8 @@ __all__ = ["stop_on_signals"]
 
 
 def stop_on_signals(callback: Callable[[], None] | None = None) -> threading.Event:
-    """An Event set by SIGINT/SIGTERM (and ``callback`` called), for a graceful stop.
+    """An Event set by SIGINT, SIGTERM or SIGHUP (a closed terminal) (and ``callback`` called), for a
+    graceful stop: the caller finishes cleanly (final stats, closed files) instead of dying mid-write.
 
     Handlers can only be installed from the main thread; elsewhere (tests calling ``main()`` from a
     thread) the event is returned without handlers.
@@ -25,4 +26,6 @@ def stop_on_signals(callback: Callable[[], None] | None = None) -> threading.Eve
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, on_signal)
     return event

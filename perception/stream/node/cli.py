@@ -154,6 +154,14 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
     return validate_config(NodeConfig(**values))
 
 
+def _is_local(endpoint: str) -> bool:
+    """Whether an endpoint is reachable from this machine only (loopback TCP, ipc, inproc)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
 def resolve_backend(cfg: NodeConfig):
     """The backend the node config asks for (see :mod:`perception.inference.resolve`)."""
     from perception.inference.resolve import resolve_backend as resolve
@@ -197,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"model: {e}")
     try:
         publisher = Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm)
+        if not _is_local(publisher.endpoint):
+            print(f"perception-node: warning: publishing on {publisher.endpoint}, reachable from other machines "
+                  "without encryption or authentication: anyone who can connect receives every stream",
+                  file=sys.stderr, flush=True)
     except PublisherError as e:
         source.close()
         return fail(str(e))

@@ -187,6 +187,7 @@ class Node:
             "latency_ms": self.latency.summary(),
             "source_state": state,
             "source_reconnects": self.source.reconnects,
+            "frames_unreadable": getattr(self.source, "unreadable", 0),
             "subscribers": self.pub.peers,
             "messages_oversize": sum(getattr(self.pub, "oversize", {}).values()),
             "uptime_s": round(time.monotonic() - c.started, 3),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import re
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -226,15 +227,20 @@ class ImageListSource(Source):
         super().__init__(str(paths[0].parent), options)
         self.paths = paths
         self._i = 0
+        self.unreadable = 0  # files skipped because they do not decode
 
     def _read(self) -> np.ndarray | None:
-        if self._i >= len(self.paths):
-            return None
-        path = self.paths[self._i]
-        self._i += 1
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise SourceError(f"{path} is not a readable image")
+        while True:
+            if self._i >= len(self.paths):
+                return None
+            path = self.paths[self._i]
+            self._i += 1
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if img is not None:
+                break
+            # One corrupt file does not end a folder run: skip it, say so, count it.
+            self.unreadable += 1
+            print(f"warning: skipping {path}: not a readable image", file=sys.stderr, flush=True)
         if img.dtype != np.uint8:
             img = cv2.convertScaleAbs(img, alpha=255.0 / max(1, int(img.max())))
         return img
