@@ -317,3 +317,14 @@ def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
     except ImportError:
         with pytest.raises(RuntimeError, match="needs TensorRT"):
             load_backend(eng)
+
+
+def test_emit_ptx_ignores_an_interpreter_left_in_the_environment(tmp_path):
+    # TRITON_INTERPRET=1 (as the CPU tests set it) and a cold Triton cache used to crash --emit-ptx.
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "build_engine.py"),
+                        "--emit-ptx", str(tmp_path / "ptx"), "--arch", "sm_90"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 3), r.stderr[-2000:]
+    assert len(sorted((tmp_path / "ptx").glob("*.ptx"))) == 4, r.stderr[-2000:]

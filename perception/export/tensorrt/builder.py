@@ -195,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model and not args.emit_ptx:
         log("build_engine: error: give --model (and --out) to build, and/or --emit-ptx DIR")
         return 2
+    # Compiling kernels (PTX, engines) must not run under Triton's CPU interpreter: with
+    # TRITON_INTERPRET=1 in the environment, @triton.jit hands back interpreted functions and
+    # compilation fails inside the interpreter's patched ops. Nothing here needs the interpreter.
+    if os.environ.pop("TRITON_INTERPRET", None) is not None and "triton" in sys.modules:
+        log("build_engine: error: unset TRITON_INTERPRET before Triton is imported (it was, in this process)")
+        return 2
     try:
         if args.emit_ptx:
             emit_and_assemble_ptx(Path(args.emit_ptx), args.arch, log)
