@@ -319,20 +319,31 @@ def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
     assert status and "dropped" in status[-1] and "source" in status[-1]
 
 
-def test_echo_exits_on_the_nodes_final_stats_and_refuses_bad_endpoints(toy_model, capsys):
+def _echo_while_node_runs(model_dir, source_uri, echo_args):
+    """Run perception-echo (with ``echo_args`` after the endpoint) against a node on ``source_uri``;
+    returns (echo's return code, the node's), once both have finished."""
     from perception.stream.echo import main as echo_main
 
-    _, model_dir = toy_model
-    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=3", model_dir)
+    node, pub, t, result = _run_node(source_uri, model_dir)
     ec = {}
-    # No --count and a long --timeout: only the node's final stats can end it in time.
-    et = threading.Thread(target=lambda: ec.setdefault("rc", echo_main([pub.endpoint, "--timeout", "120", "--json"])))
+    et = threading.Thread(target=lambda: ec.setdefault("rc", echo_main([pub.endpoint, *echo_args])))
     et.start()
     t.start()
     t.join(timeout=60)
     et.join(timeout=30)
     pub.close()
-    assert not et.is_alive() and ec.get("rc") == 0 and result.get("rc") == 0
+    assert not et.is_alive(), "perception-echo did not finish"
+    return ec.get("rc"), result.get("rc")
+
+
+def test_echo_exits_on_the_nodes_final_stats_and_refuses_bad_endpoints(toy_model, capsys):
+    from perception.stream.echo import main as echo_main
+
+    _, model_dir = toy_model
+    # No --count and a long --timeout: only the node's final stats can end it in time.
+    echo_rc, node_rc = _echo_while_node_runs(model_dir, "synthetic://?width=64&height=48&frames=3",
+                                             ["--timeout", "120", "--json"])
+    assert echo_rc == 0 and node_rc == 0
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sum(m["topic"] == "segnet/mask" for m in out) == 3
     assert out[-1]["topic"] == "segnet/stats" and out[-1]["data"]["final"] is True
@@ -466,7 +477,6 @@ def test_node_never_sends_what_consumers_refuse(toy_model):
 
 def test_mask_headers_carry_class_pixels_and_echo_prints_areas(toy_model, capsys):
     from perception.stream.echo import class_areas
-    from perception.stream.echo import main as echo_main
 
     _, model_dir = toy_model
     node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=3", model_dir)
@@ -483,16 +493,10 @@ def test_mask_headers_carry_class_pixels_and_echo_prints_areas(toy_model, capsys
     assert class_areas({"class_pixels": [25, 0, 75]}, ["bg", "a", "b"]) == "b 75.0% bg 25.0%"
     assert class_areas({"class_pixels": [1, 3]}) == "1 75.0% 0 25.0%"
     # perception-echo --areas names the classes from the node's info message.
-    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=2", model_dir)
-    ec = {}
-    et = threading.Thread(target=lambda: ec.setdefault("rc", echo_main([pub.endpoint, "--areas", "--timeout", "60"])))
-    et.start()
-    t.start()
-    t.join(timeout=60)
-    et.join(timeout=30)
-    pub.close()
+    echo_rc, _ = _echo_while_node_runs(model_dir, "synthetic://?width=64&height=48&frames=2",
+                                       ["--areas", "--timeout", "60"])
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("segnet/mask")]
-    assert ec.get("rc") == 0 and len(lines) == 2
+    assert echo_rc == 0 and len(lines) == 2
     assert all(" | " in l and "%" in l and ("bg" in l or " a " in l or " b " in l) for l in lines), lines
 
 

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             from perception.models.io import load
 
             model = load(args.model, map_location=args.device)
-        if args.mc_samples and not has_dropout(model):
-            raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
+            if args.mc_samples and not has_dropout(model):
+                raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
         groups = [g for g in args.groups.split(",") if g] if args.groups else None
         dataset = open_dataset(args.data, args.split, transform=_to_tensors() if backend is None else None, groups=groups,
                                group_pattern=args.group_pattern)

@@ -94,7 +94,7 @@ class Node:
         self._queue: queue.Queue = queue.Queue(maxsize=1 if source.live else max(1, self.s.queue_size))
         self._capture_done = threading.Event()
         self._oversize_warned: set[str] = set()
-        if getattr(publisher, "on_oversize", None) is None and hasattr(publisher, "on_oversize"):
+        if isinstance(publisher, Publisher) and publisher.on_oversize is None:
             publisher.on_oversize = self._warn_oversize
 
     def _warn_oversize(self, stream: str, nbytes: int) -> None:
