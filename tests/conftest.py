@@ -102,6 +102,24 @@ def make_video(path: Path, n: int = 8, size=(64, 48), fps: float = 10.0) -> Path
     return path
 
 
+def start_node(source_uri: str, model_dir: Path, *, n_subs: int = 1, backend: str = "torch", **settings):
+    """A node publishing on a free loopback port, in a thread not yet started: (node, publisher, thread,
+    result dict that gets "rc"). It holds its first frame until ``n_subs`` subscribers have joined."""
+    import threading
+
+    from perception.inference import load_backend
+    from perception.stream.node.pipeline import Node, NodeSettings
+    from perception.stream.node.sources import open_source
+    from perception.stream.publisher import Publisher
+
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    node = Node(open_source(source_uri), load_backend(model_dir, backend=backend), pub,
+                NodeSettings(wait_for_subscribers=n_subs, wait_timeout_s=20, **settings), log=lambda m: None)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
+    return node, pub, t, result
+
+
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
 

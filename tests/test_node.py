@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import make_video
+from conftest import make_video, start_node
 from perception.inference import load_backend
 from perception.stream.client import Subscriber
 from perception.stream.node.cli import main as node_main
@@ -32,19 +32,10 @@ def _free_endpoint() -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-def _run_node(source_uri, model_dir, *, n_subs=1, backend="torch", **settings):
-    pub = Publisher("tcp://127.0.0.1:*", "segnet")
-    node = Node(open_source(source_uri), load_backend(model_dir, backend=backend), pub,
-                NodeSettings(wait_for_subscribers=n_subs, wait_timeout_s=20, **settings), log=lambda m: None)
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
-    return node, pub, t, result
-
-
 def test_every_mask_arrives_and_equals_offline_inference(toy_model, tmp_path):
     _, model_dir = toy_model
     video = make_video(tmp_path / "v.avi", n=12)
-    node, pub, t, result = _run_node(str(video), model_dir)
+    node, pub, t, result = start_node(str(video), model_dir)
     sub = Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/overlay", "segnet/info"])
     t.start()
     got, overlays, info = {}, {}, None
@@ -84,7 +75,7 @@ def test_every_mask_arrives_and_equals_offline_inference(toy_model, tmp_path):
 
 def test_streams_are_computed_only_when_subscribed(toy_model):
     _, model_dir = toy_model
-    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=6", model_dir)
+    node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=6", model_dir)
     sub = Subscriber(pub.endpoint, topics=["segnet/mask"])
     t.start()
     t.join(timeout=60)
@@ -98,7 +89,7 @@ def test_streams_are_computed_only_when_subscribed(toy_model):
 
 def test_slow_subscriber_does_not_stall_others(toy_model, tmp_path):
     _, model_dir = toy_model
-    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=300", model_dir, n_subs=2)
+    node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=300", model_dir, n_subs=2)
     slow = Subscriber(pub.endpoint, topics=["segnet/overlay"], rcvhwm=1)  # never reads
     fast = Subscriber(pub.endpoint, topics=["segnet/mask"])
     t.start()
@@ -118,7 +109,7 @@ def test_slow_subscriber_does_not_stall_others(toy_model, tmp_path):
 
 def test_latest_only_subscriber_gets_newest_per_topic(toy_model):
     _, model_dir = toy_model
-    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=40", model_dir)
+    node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=40", model_dir)
     sub = Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/color_mask"], latest_only=True)
     t.start()
     t.join(timeout=60)
@@ -211,7 +202,7 @@ def test_echo_and_record_cli(toy_model, tmp_path, capsys):
 
     _, model_dir = toy_model
     video = make_video(tmp_path / "v.avi", n=5)
-    node, pub, t, result = _run_node(str(video), model_dir)
+    node, pub, t, result = start_node(str(video), model_dir)
     out = tmp_path / "rec"
     rec = {}
     rt = threading.Thread(target=lambda: rec.setdefault("rc", record_main([pub.endpoint, "--out", str(out),
@@ -229,7 +220,7 @@ def test_echo_and_record_cli(toy_model, tmp_path, capsys):
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
     assert (out / "info.json").is_file() and (out / "stats.jsonl").is_file()
 
-    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=3", model_dir)
+    node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=3", model_dir)
     ec = {}
     et = threading.Thread(target=lambda: ec.setdefault("rc", echo_main([pub.endpoint, "segnet/mask", "--count", "3",
                                                                          "--timeout", "30"])))
@@ -324,7 +315,7 @@ def _echo_while_node_runs(model_dir, source_uri, echo_args):
     returns (echo's return code, the node's), once both have finished."""
     from perception.stream.echo import main as echo_main
 
-    node, pub, t, result = _run_node(source_uri, model_dir)
+    node, pub, t, result = start_node(source_uri, model_dir)
     ec = {}
     et = threading.Thread(target=lambda: ec.setdefault("rc", echo_main([pub.endpoint, *echo_args])))
     et.start()
@@ -479,7 +470,7 @@ def test_mask_headers_carry_class_pixels_and_echo_prints_areas(toy_model, capsys
     from perception.stream.echo import class_areas
 
     _, model_dir = toy_model
-    node, pub, t, result = _run_node("synthetic://?width=64&height=48&frames=3", model_dir)
+    node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=3", model_dir)
     sub = Subscriber(pub.endpoint, topics=["segnet/mask"])
     t.start()
     masks = [sub.recv(timeout=30) for _ in range(3)]

@@ -49,6 +49,16 @@ class Subscriber:
         self._pending: dict[bytes, list] = {}
         self.endpoint = endpoint
 
+    def subscribe(self, topic: str) -> None:
+        """Add a topic prefix (from the thread that uses this subscriber: ZeroMQ sockets are not
+        thread-safe). The node starts computing a stream when its first subscription arrives."""
+        self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a topic prefix added before; the node stops computing a stream nobody subscribes to."""
+        self.sock.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
+        self._pending.pop(topic.encode(), None)
+
     def _decode(self, frames) -> Message | None:
         try:
             return decode_message(frames, self.limits, decode_jpeg=self.decode_jpeg)

@@ -1,8 +1,13 @@
-"""``perception-record``: save a node's streams: masks as PNG (class ids), overlays as a video,
-stats as JSON lines and the latest info as JSON. Stops on Ctrl-C, ``--count``/``--duration``, or
-when the node reports that its source has ended.
+"""``perception-record``: save a node's streams. Stops on Ctrl-C, ``--count``/``--duration``, or when
+the node reports that its source has ended.
 
-    perception-record tcp://127.0.0.1:5555 --out recording/
+    perception-record tcp://127.0.0.1:5555 --out recording/                  # PNG masks + overlay.mp4
+    perception-record tcp://127.0.0.1:5555 --out bag/ --format mcap          # a ROS 2 bag (MCAP)
+    perception-record --recover bag/                                         # after a recorder was killed
+
+``--format files`` (default): masks as PNG (class ids), overlays as an mp4, stats as JSON lines,
+the latest info as JSON. ``--format mcap``: a ROS 2 bag folder (metadata.yaml + .mcap, CDR) that
+``ros2 bag``, rosbags and Foxglove open; see perception/stream/rosbag.py for the topics and types.
 """
 
 from __future__ import annotations
@@ -14,47 +19,143 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-
-from perception.core.fileio import atomic_write_bytes
-
 __all__ = ["build_parser", "main"]
+
+DEFAULT_STREAMS = {"files": "mask,overlay,stats,info", "mcap": "mask,overlay,stats,info"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-record", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("endpoint")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("endpoint", nargs="?", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--out", help="output folder (new, or empty)")
+    p.add_argument("--format", choices=("files", "mcap"), default="files",
+                   help="files: PNG masks + overlay.mp4 (default); mcap: a ROS 2 bag folder")
     p.add_argument("--namespace", default="segnet")
-    p.add_argument("--streams", default="mask,overlay,stats,info", help="comma list of streams to record")
-    p.add_argument("--fps", type=float, default=30.0, help="frame rate written into the overlay video")
+    p.add_argument("--streams", help="comma list of streams to record (default: mask,overlay,stats,info; "
+                   "mcap also takes color_mask and uncertainty)")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate written into the overlay video (files)")
+    p.add_argument("--max-bag-duration", type=float,
+                   help="mcap: start a new .mcap file every this many seconds, so a killed recorder loses "
+                        "at most the file in progress (as ros2 bag record --max-bag-duration)")
+    p.add_argument("--chunk-size", type=int, default=1 << 20, metavar="BYTES",
+                   help="mcap: bytes of messages per compressed chunk (default 1 MiB); a killed recorder loses "
+                        "the chunk it was filling, so smaller chunks lose less")
+    p.add_argument("--recover", metavar="BAG",
+                   help="make a bag readable after its recorder was killed (SIGKILL, power loss), then exit")
     p.add_argument("--count", type=int, help="stop after N frames (mask or overlay messages)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--timeout", type=float, help="stop (status 1) if nothing arrives for this many seconds")
     return p
 
 
+class _FileSink:
+    """Masks as PNG, overlays as an mp4 (renamed into place when closed), stats as JSON lines."""
+
+    def __init__(self, out: Path, streams: list[str], fps: float) -> None:
+        import cv2  # noqa: F401  (fail at start, not at the first frame)
+
+        self.out, self.fps = out, fps
+        (out / "mask").mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        # The container comes from the extension, so the temporary name must end in .mp4 too.
+        self.video_tmp, self.video_path = out / ".overlay.partial.mp4", out / "overlay.mp4"
+        self.stats_file = open(out / "stats.jsonl", "a") if "stats" in streams else None
+
+    def write(self, msg) -> None:
+        import cv2
+
+        from perception.core.fileio import atomic_write_bytes
+
+        seq = msg.header["seq"]
+        if msg.stream == "mask":
+            cv2.imwrite(str(self.out / "mask" / f"{seq:08d}.png"), msg.data)
+        elif msg.stream == "overlay":
+            img = msg.data
+            if self.writer is None:
+                self.writer = cv2.VideoWriter(str(self.video_tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
+                                              (img.shape[1], img.shape[0]))
+                if not self.writer.isOpened():
+                    raise OSError(f"cannot write video {self.video_tmp}")
+            self.writer.write(img)
+        elif msg.stream == "stats" and self.stats_file is not None:
+            self.stats_file.write(json.dumps({"seq": seq, "stamp_ns": msg.header["stamp_ns"], **msg.data}) + "\n")
+            self.stats_file.flush()
+        elif msg.stream == "info":
+            atomic_write_bytes(self.out / "info.json", json.dumps(msg.data, indent=2).encode())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+            os.replace(self.video_tmp, self.video_path)
+        if self.stats_file is not None:
+            self.stats_file.close()
+
+
+def _recover(folder: str) -> int:
+    from perception.stream.rosbag import BagError, recover_bag
+
+    try:
+        rewritten = recover_bag(folder)
+    except (BagError, OSError) as e:
+        print(f"perception-record: error: {e}", file=sys.stderr)
+        return 1
+    if not rewritten:
+        print(f"{folder}: every .mcap file was complete; metadata.yaml rebuilt", file=sys.stderr)
+    for name, n in rewritten.items():
+        print(f"{folder}/{name}: recovered {n} messages", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.recover:
+        return _recover(args.recover)
+    if not args.endpoint or not args.out:
+        parser.error("an endpoint and --out are required (or --recover BAG)")
+    if args.max_bag_duration is not None and (args.format != "mcap" or args.max_bag_duration <= 0):
+        parser.error("--max-bag-duration needs --format mcap and a positive number of seconds")
+    if args.chunk_size <= 0:
+        parser.error("--chunk-size must be a positive number of bytes")
+    streams = [s.strip() for s in (args.streams or DEFAULT_STREAMS[args.format]).split(",") if s.strip()]
+    allowed = ("mask", "overlay", "stats", "info") if args.format == "files" else \
+        ("mask", "color_mask", "overlay", "uncertainty", "stats", "info")
+    if bad := [s for s in streams if s not in allowed]:
+        parser.error(f"--streams: {bad} cannot be recorded as {args.format}; choose from {', '.join(allowed)}")
+
+    import zmq
+
     from perception.core.cli import stop_on_signals
     from perception.stream.client import Subscriber
 
     out = Path(args.out)
-    (out / "mask").mkdir(parents=True, exist_ok=True)
-    streams = [s.strip() for s in args.streams.split(",") if s.strip()]
+    if args.format == "mcap":
+        from perception.stream.rosbag import BagError, BagWriter
+
+        try:
+            sink = BagWriter(out, max_bag_duration=args.max_bag_duration, chunk_size=args.chunk_size)
+        except BagError as e:
+            print(f"perception-record: error: {e}", file=sys.stderr)
+            return 2
+    else:
+        sink = _FileSink(out, streams, args.fps)
     topics = [f"{args.namespace}/{s}" for s in streams]
+    frame_stream = "mask" if "mask" in streams else "overlay"
     stopped = stop_on_signals()
-    writer = None
-    # The container comes from the extension, so the temporary name must end in .mp4 too.
-    video_tmp, video_path = out / ".overlay.partial.mp4", out / "overlay.mp4"
     frames = 0
     rc = 0
     t_end = None if args.duration is None else time.monotonic() + args.duration
     last = time.monotonic()
-    stats_file = open(out / "stats.jsonl", "a") if "stats" in streams else None
     try:
-        with Subscriber(args.endpoint, topics=topics) as sub:
+        # JPEG payloads go into a bag as they came (CompressedImage); the file sink needs pixels.
+        sub = Subscriber(args.endpoint, topics=topics, decode_jpeg=args.format == "files")
+    except zmq.ZMQError as e:
+        sink.close()
+        print(f"perception-record: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
+        return 2
+    try:
+        with sub:
             while not stopped.is_set() and (args.count is None or frames < args.count):
                 if t_end is not None and time.monotonic() > t_end:
                     break
@@ -66,34 +167,16 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     continue
                 last = time.monotonic()
-                seq = msg.header["seq"]
-                if msg.stream == "mask":
-                    cv2.imwrite(str(out / "mask" / f"{seq:08d}.png"), msg.data)
+                sink.write(msg)
+                if msg.stream == frame_stream:
                     frames += 1
-                elif msg.stream == "overlay":
-                    img = msg.data
-                    if writer is None:
-                        writer = cv2.VideoWriter(str(video_tmp), cv2.VideoWriter_fourcc(*"mp4v"), args.fps,
-                                                 (img.shape[1], img.shape[0]))
-                        if not writer.isOpened():
-                            raise OSError(f"cannot write video {video_tmp}")
-                    writer.write(img)
-                    if "mask" not in streams:
-                        frames += 1
-                elif msg.stream == "stats":
-                    assert stats_file is not None
-                    stats_file.write(json.dumps({"seq": seq, "stamp_ns": msg.header["stamp_ns"], **msg.data}) + "\n")
-                    stats_file.flush()
-                    if msg.data.get("final"):
-                        break  # the node has finished its source
-                elif msg.stream == "info":
-                    atomic_write_bytes(out / "info.json", json.dumps(msg.data, indent=2).encode())
+                if msg.stream == "stats" and isinstance(msg.data, dict) and msg.data.get("final") is True:
+                    break  # the node has finished its source
+    except ValueError as e:  # BagError: a stream changed type mid-recording
+        print(f"perception-record: error: {e}", file=sys.stderr)
+        rc = 1
     finally:
-        if writer is not None:
-            writer.release()
-            os.replace(video_tmp, video_path)
-        if stats_file is not None:
-            stats_file.close()
+        sink.close()
     print(f"recorded {frames} frames to {out}", file=sys.stderr)
     return rc
 

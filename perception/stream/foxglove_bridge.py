@@ -1,0 +1,222 @@
+"""``perception-foxglove``: a live bridge from a node to the Foxglove app, over Foxglove's WebSocket
+protocol (``foxglove-sdk``).
+
+    perception-foxglove tcp://127.0.0.1:5555            # then, in Foxglove: Open connection ->
+                                                        # Foxglove WebSocket -> ws://127.0.0.1:8765
+
+Channels (``<ns>`` is the node's namespace):
+
+=======================  ==========================================================================
+``/<ns>/mask``           ``foxglove.RawImage`` mono8, class ids
+``/<ns>/color_mask``     ``foxglove.CompressedImage`` jpeg (``--image-format raw``: ``RawImage`` bgr8)
+``/<ns>/overlay``        as ``color_mask``
+``/<ns>/uncertainty``    ``foxglove.RawImage`` 32FC1 (Bayesian models)
+``/<ns>/stats``          JSON, the node's stats map
+``/<ns>/info``           JSON, the node's info map (classes, palette, model)
+=======================  ==========================================================================
+
+Messages carry the node's capture time (``timestamp`` and log time) and ``frame_id``. The bridge
+subscribes upstream only to the streams some Foxglove client is watching, and drops a stream when the
+last one stops, so the node computes only what is looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import threading
+from typing import Any
+
+__all__ = ["FoxgloveBridge", "build_parser", "main"]
+
+_IMAGE_STREAMS = ("color_mask", "overlay")
+# JSON schemas so Foxglove's panels know the fields (they accept any object beyond these).
+_STATS_SCHEMA = {"type": "object", "properties": {
+    "fps": {"type": "number"}, "frames_processed": {"type": "integer"}, "frames_dropped": {"type": "integer"},
+    "source_state": {"type": "string"}, "source_reconnects": {"type": "integer"},
+    "latency_ms": {"type": "object"}, "uptime_s": {"type": "number"}, "final": {"type": "boolean"}}}
+_INFO_SCHEMA = {"type": "object", "properties": {
+    "model_id": {"type": "string"}, "architecture": {"type": "string"},
+    "classes": {"type": "array", "items": {"type": "string"}},
+    "palette": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    "backend": {"type": "string"}, "source": {"type": "string"}, "frame_id": {"type": "string"}}}
+
+
+class FoxgloveBridge:
+    """Forward a node's streams to Foxglove clients. ``port=0`` picks a free port (see ``.port``).
+
+    Foxglove calls ``on_subscribe``/``on_unsubscribe`` from its own threads; they only queue the
+    change, and :meth:`run` applies it to the ZeroMQ socket, which belongs to one thread.
+    """
+
+    def __init__(self, endpoint: str, *, namespace: str = "segnet", host: str = "127.0.0.1", port: int = 8765,
+                 image_format: str = "jpeg", name: str = "segnet-perception") -> None:
+        import foxglove
+        from foxglove.channels import CompressedImageChannel, RawImageChannel
+
+        from perception.stream.client import Subscriber
+
+        if image_format not in ("jpeg", "raw"):
+            raise ValueError("image_format must be 'jpeg' or 'raw'")
+        self.namespace = namespace.strip("/")
+        self.image_format = image_format
+        self.context = foxglove.Context()
+        self._changes: queue.SimpleQueue[tuple[str, int, bool]] = queue.SimpleQueue()
+        self._watchers: dict[str, set[int]] = {}
+        self.forwarded: dict[str, int] = {}
+        self.channels: dict[str, Any] = {}
+        for stream in ("mask", "uncertainty"):
+            self.channels[stream] = RawImageChannel(self._foxglove_topic(stream), context=self.context)
+        for stream in _IMAGE_STREAMS:
+            cls = CompressedImageChannel if image_format == "jpeg" else RawImageChannel
+            self.channels[stream] = cls(self._foxglove_topic(stream), context=self.context)
+        self.channels["stats"] = foxglove.Channel(self._foxglove_topic("stats"), schema=_STATS_SCHEMA,
+                                                  context=self.context)
+        self.channels["info"] = foxglove.Channel(self._foxglove_topic("info"), schema=_INFO_SCHEMA,
+                                                 context=self.context)
+        self._by_id = {ch.id(): stream for stream, ch in self.channels.items()}
+        # Nothing subscribed upstream until a Foxglove client asks; JPEG passes through undecoded.
+        self.sub = Subscriber(endpoint, topics=[], decode_jpeg=False)
+        self.server = foxglove.start_server(name=name, host=host, port=port, server_listener=self,
+                                            context=self.context)
+        self.port = self.server.port
+        self.host = host
+
+    def _foxglove_topic(self, stream: str) -> str:
+        return f"/{self.namespace}/{stream}" if self.namespace else f"/{stream}"
+
+    def _zmq_topic(self, stream: str) -> str:
+        return f"{self.namespace}/{stream}" if self.namespace else stream
+
+    # foxglove.websocket.ServerListener (called from the SDK's threads)
+    def on_subscribe(self, client, channel) -> None:
+        self._changes.put((self._by_id.get(channel.id, ""), client.id, True))
+
+    def on_unsubscribe(self, client, channel) -> None:
+        self._changes.put((self._by_id.get(channel.id, ""), client.id, False))
+
+    def watched(self) -> set[str]:
+        """Streams subscribed upstream now (some Foxglove client watches them)."""
+        return {s for s, ids in self._watchers.items() if ids}
+
+    def _apply_changes(self) -> None:
+        while True:
+            try:
+                stream, client, on = self._changes.get_nowait()
+            except queue.Empty:
+                return
+            if not stream:
+                continue
+            ids = self._watchers.setdefault(stream, set())
+            before = bool(ids)
+            (ids.add if on else ids.discard)(client)
+            if bool(ids) != before:
+                (self.sub.subscribe if ids else self.sub.unsubscribe)(self._zmq_topic(stream))
+
+    def forward(self, msg) -> None:
+        """Log one node message on its Foxglove channel."""
+        from foxglove.messages import CompressedImage, RawImage, Timestamp
+
+        channel = self.channels.get(msg.stream)
+        if channel is None:
+            return
+        h = msg.header
+        stamp = int(h["stamp_ns"])
+        if h["encoding"] == "msgpack":
+            channel.log(msg.data, log_time=stamp)
+        else:
+            ts = Timestamp(*divmod(stamp, 1_000_000_000))
+            frame_id = str(h.get("frame_id", ""))
+            if msg.stream in _IMAGE_STREAMS and self.image_format == "jpeg":
+                data = msg.data if h["encoding"] == "jpeg" else _jpeg(msg.data)
+                channel.log(CompressedImage(timestamp=ts, frame_id=frame_id, data=bytes(data), format="jpeg"),
+                            log_time=stamp)
+            else:
+                import numpy as np
+
+                img = _bgr(msg.data) if h["encoding"] == "jpeg" else np.ascontiguousarray(msg.data)
+                enc = "bgr8" if h["encoding"] == "jpeg" else h["encoding"]
+                channel.log(RawImage(timestamp=ts, frame_id=frame_id, width=int(img.shape[1]),
+                                     height=int(img.shape[0]), encoding=enc, step=int(img.strides[0]),
+                                     data=img.tobytes()), log_time=stamp)
+        self.forwarded[msg.stream] = self.forwarded.get(msg.stream, 0) + 1
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._apply_changes()
+            msg = self.sub.recv(timeout=0.05)
+            if msg is not None:
+                self.forward(msg)
+
+    def close(self) -> None:
+        self.server.stop()
+        self.sub.close()
+
+
+def _jpeg(img) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _bgr(data: bytes):
+    import cv2
+    import numpy as np
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception-foxglove", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765, help="WebSocket port (Foxglove's default 8765; 0: any free)")
+    p.add_argument("--namespace", default="segnet")
+    p.add_argument("--image-format", choices=("jpeg", "raw"), default="jpeg",
+                   help="colour mask and overlay as CompressedImage jpeg (default) or RawImage bgr8")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        print(f"perception-foxglove: error: --port {args.port} is not a port number", file=sys.stderr)
+        return 2
+    try:
+        import foxglove  # noqa: F401
+    except ImportError:
+        print("perception-foxglove: error: needs foxglove-sdk: pip install 'segnet-perception[viz]'", file=sys.stderr)
+        return 2
+    import zmq
+
+    from perception.core.cli import stop_on_signals
+
+    try:
+        bridge = FoxgloveBridge(args.endpoint, namespace=args.namespace, host=args.host, port=args.port,
+                                image_format=args.image_format)
+    except zmq.ZMQError as e:
+        print(f"perception-foxglove: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as e:  # the SDK reports a port in use as a RuntimeError
+        print(f"perception-foxglove: error: cannot serve on {args.host}:{args.port} ({e})", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"perception-foxglove: warning: serving on {args.host}, reachable beyond this machine",
+              file=sys.stderr)
+    print(f"perception-foxglove: ws://{args.host}:{bridge.port} (Foxglove: Open connection -> "
+          "Foxglove WebSocket)", file=sys.stderr, flush=True)
+    stop = stop_on_signals()
+    try:
+        bridge.run(stop)
+    finally:
+        bridge.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

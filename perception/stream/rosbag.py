@@ -1,0 +1,314 @@
+"""ROS 2 bags (MCAP storage, CDR encoding) from the node's streams, for ROS 2 tooling and Foxglove.
+
+A bag is a folder, as ``ros2 bag record`` writes it: ``metadata.yaml`` plus ``<bag>_<i>.mcap``
+files. Files are written with ``mcap`` (the ROS 2 profile), messages serialised to CDR by
+``rosbags``, schemas are the standard ROS 2 message definitions below:
+
+* ``mask`` -> ``sensor_msgs/msg/Image`` ``mono8`` (class ids)
+* ``color_mask``, ``overlay`` -> ``sensor_msgs/msg/Image`` ``bgr8``, or ``sensor_msgs/msg/CompressedImage``
+  (``jpeg``) when the node sends JPEG (``--image-encoding jpeg``): passed through, never re-encoded
+* ``uncertainty`` -> ``sensor_msgs/msg/Image`` ``32FC1``
+* ``info``, ``stats`` -> ``std_msgs/msg/String`` holding JSON
+
+``header.stamp`` is the frame's capture time, ``header.frame_id`` the node's frame id, and each
+record's log time is the capture time (``stamp_ns``).
+
+Crash safety: an MCAP file is readable only once its footer is written. With
+``max_bag_duration`` the bag is split (like ``ros2 bag record --max-bag-duration``) and
+``metadata.yaml`` is rewritten atomically after each finished file, so a recorder killed outright
+(SIGKILL, power loss) leaves a bag that readers open, less the file in progress. That file is
+recovered, up to its last complete chunk, by :func:`recover_bag` (``perception-record --recover DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MSG_DEFINITIONS", "BagWriter", "BagError", "ros_message", "recover_bag", "ros_topic"]
+
+# Standard ROS 2 interface definitions, in the concatenated form ROS 2's bag recorder stores in MCAP
+# schemas (the message, then each dependency after a line of '=').
+_SEP = "=" * 80 + "\n"
+_HEADER_DEPS = (
+    _SEP + "MSG: std_msgs/Header\nbuiltin_interfaces/Time stamp\nstring frame_id\n"
+    + _SEP + "MSG: builtin_interfaces/Time\nint32 sec\nuint32 nanosec\n"
+)
+MSG_DEFINITIONS: dict[str, str] = {
+    "sensor_msgs/msg/Image": (
+        "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\n"
+        "uint32 step\nuint8[] data\n" + _HEADER_DEPS
+    ),
+    "sensor_msgs/msg/CompressedImage": "std_msgs/Header header\nstring format\nuint8[] data\n" + _HEADER_DEPS,
+    "std_msgs/msg/String": "string data\n",
+}
+
+# rosbag2's offered_qos_profiles (rmw enums as integers: history 1 keep_last, reliability 1 reliable,
+# durability 1 transient_local / 2 volatile, liveliness 1 automatic). info is latched by the node,
+# so it is offered transient-local, as a latched ROS 2 topic would be.
+_INFINITE = "{sec: 9223372036, nsec: 854775807}"
+
+
+def _qos(durability: int) -> str:
+    return (f"- history: 1\n  depth: 10\n  reliability: 1\n  durability: {durability}\n"
+            f"  deadline: {_INFINITE}\n  lifespan: {_INFINITE}\n  liveliness: 1\n"
+            f"  liveliness_lease_duration: {_INFINITE}\n  avoid_ros_namespace_conventions: false\n")
+
+
+def _qos_for(topic: str) -> str:
+    return _qos(1 if topic.endswith("/info") else 2)
+
+
+class BagError(ValueError):
+    """A bag that cannot be written or recovered."""
+
+
+def ros_topic(topic: str) -> str:
+    """``segnet/mask`` -> ``/segnet/mask`` (ROS 2 names are absolute)."""
+    return "/" + topic.strip("/")
+
+
+def _typestore():
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_HUMBLE)
+
+
+def ros_message(msg, typestore) -> tuple[str, Any]:
+    """(ROS 2 type name, message object of ``typestore``) for one of the node's messages (a
+    ``protocol.Message``; JPEG payloads undecoded, as ``Subscriber(decode_jpeg=False)`` returns them)."""
+    t = typestore.types
+    h = msg.header
+    enc = h["encoding"]
+    if enc == "msgpack":
+        return "std_msgs/msg/String", t["std_msgs/msg/String"](data=json.dumps(msg.data, separators=(",", ":")))
+    sec, nsec = divmod(int(h["stamp_ns"]), 1_000_000_000)
+    header = t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec),
+                                      frame_id=str(h.get("frame_id", "")))
+    if enc == "jpeg":
+        return "sensor_msgs/msg/CompressedImage", t["sensor_msgs/msg/CompressedImage"](
+            header=header, format="jpeg", data=np.frombuffer(msg.data, np.uint8))
+    img = np.ascontiguousarray(msg.data)
+    return "sensor_msgs/msg/Image", t["sensor_msgs/msg/Image"](
+        header=header, height=int(img.shape[0]), width=int(img.shape[1]), encoding=enc, is_bigendian=0,
+        step=int(img.strides[0]), data=img.reshape(-1).view(np.uint8))
+
+
+@dataclass
+class _FileStats:
+    path: str
+    start_ns: int | None = None
+    end_ns: int | None = None
+    count: int = 0
+
+    def add(self, t: int) -> None:
+        self.start_ns = t if self.start_ns is None else min(self.start_ns, t)
+        self.end_ns = t if self.end_ns is None else max(self.end_ns, t)
+        self.count += 1
+
+
+@dataclass
+class _Topic:
+    msgtype: str
+    count: int = 0
+
+
+@dataclass
+class _BagState:
+    files: list[_FileStats] = field(default_factory=list)
+    topics: dict[str, _Topic] = field(default_factory=dict)
+
+
+def _metadata_yaml(state: _BagState) -> str:
+    """rosbag2's metadata.yaml (version 5, read by ROS 2 Humble and later, and by rosbags)."""
+    import yaml
+
+    files = [f for f in state.files if f.count]
+    start = min((f.start_ns for f in files), default=0)
+    end = max((f.end_ns for f in files), default=0)
+    info = {
+        "version": 5,
+        "storage_identifier": "mcap",
+        "duration": {"nanoseconds": end - start if files else 0},
+        "starting_time": {"nanoseconds_since_epoch": start},
+        "message_count": sum(f.count for f in files),
+        "topics_with_message_count": [
+            {"topic_metadata": {"name": name, "type": t.msgtype, "serialization_format": "cdr",
+                                "offered_qos_profiles": _qos_for(name)},
+             "message_count": t.count}
+            for name, t in state.topics.items()
+        ],
+        "compression_format": "",
+        "compression_mode": "",
+        "relative_file_paths": [f.path for f in state.files],
+        "files": [{"path": f.path, "starting_time": {"nanoseconds_since_epoch": f.start_ns or 0},
+                   "duration": {"nanoseconds": (f.end_ns or 0) - (f.start_ns or 0)}, "message_count": f.count}
+                  for f in state.files],
+    }
+    return yaml.safe_dump({"rosbag2_bagfile_information": info}, sort_keys=False)
+
+
+class BagWriter:
+    """Write the node's messages into a ROS 2 bag folder.
+
+    ``max_bag_duration``: start a new ``.mcap`` file after this many seconds of wall time (None: one
+    file). ``metadata.yaml`` always lists only finished files, so the folder opens at any moment.
+    """
+
+    def __init__(self, out: str | Path, *, max_bag_duration: float | None = None,
+                 chunk_size: int = 1 << 20) -> None:
+        try:
+            import mcap.writer  # noqa: F401
+
+            self.typestore = _typestore()
+        except ImportError as e:
+            raise BagError("MCAP recording needs mcap and rosbags: pip install 'segnet-perception[viz]'") from e
+        self.out = Path(out)
+        if (self.out / "metadata.yaml").exists() or any(self.out.glob("*.mcap")):
+            raise BagError(f"{self.out} already holds a bag; choose a new --out folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.name = self.out.resolve().name
+        self.max_bag_duration = max_bag_duration
+        self.chunk_size = chunk_size
+        self.state = _BagState()
+        self._file = None
+        self._writer = None
+        self._schemas: dict[str, int] = {}
+        self._channels: dict[str, int] = {}
+        self._opened_at = 0.0
+        self.messages = 0
+
+    def _open_file(self) -> None:
+        from mcap.writer import CompressionType, Writer
+
+        stats = _FileStats(f"{self.name}_{len(self.state.files)}.mcap")
+        self._file = open(self.out / stats.path, "wb")
+        self._writer = Writer(self._file, chunk_size=self.chunk_size, compression=CompressionType.ZSTD)
+        self._writer.start(profile="ros2", library="segnet-perception")
+        self._schemas, self._channels = {}, {}
+        self.state.files.append(stats)
+        self._opened_at = time.monotonic()
+
+    def _close_file(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.finish()
+        self._file.close()
+        self._writer = self._file = None
+        from perception.core.fileio import atomic_write_bytes
+
+        atomic_write_bytes(self.out / "metadata.yaml", _metadata_yaml(self.state).encode())
+
+    def write(self, msg) -> None:
+        """Write one ``protocol.Message``."""
+        if self._writer is not None and self.max_bag_duration is not None \
+                and time.monotonic() - self._opened_at >= self.max_bag_duration:
+            self._close_file()
+        if self._writer is None:
+            self._open_file()
+        msgtype, message = ros_message(msg, self.typestore)
+        topic = ros_topic(msg.topic)
+        known = self.state.topics.get(topic)
+        if known is not None and known.msgtype != msgtype:
+            raise BagError(f"{topic} changed type from {known.msgtype} to {msgtype} mid-recording "
+                           "(the node's --image-encoding changed); record into a new bag")
+        channel = self._channels.get(topic)
+        if channel is None:
+            schema = self._schemas.get(msgtype)
+            if schema is None:
+                schema = self._schemas[msgtype] = self._writer.register_schema(
+                    msgtype, "ros2msg", MSG_DEFINITIONS[msgtype].encode())
+            # The channel carries its QoS too, as rosbag2 writes it (readers match it to metadata.yaml).
+            channel = self._channels[topic] = self._writer.register_channel(
+                topic, "cdr", schema, {"offered_qos_profiles": _qos_for(topic)})
+        stamp = int(msg.header["stamp_ns"])
+        self._writer.add_message(channel, log_time=stamp, data=bytes(self.typestore.serialize_cdr(message, msgtype)),
+                                 publish_time=stamp, sequence=int(msg.header["seq"]) & 0xFFFFFFFF)
+        # A finished chunk goes to the OS at once, so a killed recorder loses at most the chunk it was
+        # filling (a no-op while the chunk fills: the writer buffers it itself).
+        self._file.flush()
+        self.state.topics.setdefault(topic, _Topic(msgtype)).count += 1
+        self.state.files[-1].add(stamp)
+        self.messages += 1
+
+    def close(self) -> None:
+        self._close_file()
+        if not self.state.files:  # nothing arrived: still a valid, empty bag
+            from perception.core.fileio import atomic_write_bytes
+
+            atomic_write_bytes(self.out / "metadata.yaml", _metadata_yaml(self.state).encode())
+
+    def __enter__(self) -> "BagWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_records(path: Path) -> tuple[list, bool]:
+    """The complete records of an MCAP file, and whether the file ended cleanly (a footer)."""
+    from mcap.exceptions import McapError
+    from mcap.records import Footer
+    from mcap.stream_reader import StreamReader
+
+    records = []
+    complete = False
+    with open(path, "rb") as f:
+        try:
+            for rec in StreamReader(f, skip_magic=False).records:
+                records.append(rec)
+                if isinstance(rec, Footer):
+                    complete = True
+        except (McapError, EOFError, ValueError, OSError):
+            pass  # truncated inside a record or chunk: keep what came before
+    return records, complete
+
+
+def recover_bag(folder: str | Path) -> dict[str, int]:
+    """Make a bag whose recorder was killed readable again: every ``.mcap`` file without a footer is
+    rewritten (atomically) from its complete records, and ``metadata.yaml`` is rebuilt from the
+    files. Returns ``{file name: messages kept}`` for the files it rewrote."""
+    from mcap.records import Channel, Message, Schema
+    from mcap.writer import Writer
+
+    from perception.core.fileio import atomic_write_bytes
+
+    folder = Path(folder)
+    paths = sorted(folder.glob("*.mcap"), key=lambda p: (len(p.name), p.name))
+    if not paths:
+        raise BagError(f"{folder} holds no .mcap files")
+    state = _BagState()
+    rewritten: dict[str, int] = {}
+    for path in paths:
+        records, complete = _read_records(path)
+        schemas = {r.id: r for r in records if isinstance(r, Schema)}
+        channels = {r.id: r for r in records if isinstance(r, Channel)}
+        messages = [r for r in records if isinstance(r, Message) and r.channel_id in channels]
+        if not complete:
+            tmp = path.with_name(f".{path.name}.recovering")
+            with open(tmp, "wb") as f:
+                w = Writer(f)
+                w.start(profile="ros2", library="segnet-perception recover")
+                schema_ids = {sid: w.register_schema(s.name, s.encoding, s.data) for sid, s in schemas.items()}
+                channel_ids = {cid: w.register_channel(c.topic, c.message_encoding,
+                                                       schema_ids.get(c.schema_id, 0), c.metadata)
+                               for cid, c in channels.items()}
+                for m in messages:
+                    w.add_message(channel_ids[m.channel_id], m.log_time, m.data, m.publish_time, m.sequence)
+                w.finish()
+            tmp.replace(path)
+            rewritten[path.name] = len(messages)
+        stats = _FileStats(path.name)
+        for m in messages:
+            stats.add(m.log_time)
+            c = channels[m.channel_id]
+            s = schemas.get(c.schema_id)
+            state.topics.setdefault(c.topic, _Topic(s.name if s else "")).count += 1
+        state.files.append(stats)
+    atomic_write_bytes(folder / "metadata.yaml", _metadata_yaml(state).encode())
+    return rewritten
