@@ -102,9 +102,11 @@ def make_video(path: Path, n: int = 8, size=(64, 48), fps: float = 10.0) -> Path
     return path
 
 
-def start_node(source_uri: str, model_dir: Path, *, n_subs: int = 1, backend: str = "torch", **settings):
-    """A node publishing on a free loopback port, in a thread not yet started: (node, publisher, thread,
-    result dict that gets "rc"). It holds its first frame until ``n_subs`` subscribers have joined."""
+def start_node(source_uri: str, model_dir: Path, *, n_subs: int = 1, backend: str = "torch",
+               publish: str = "tcp://127.0.0.1:*", source_options=None, **settings):
+    """A node publishing on ``publish`` (a free loopback port by default), in a thread not yet started:
+    (node, publisher, thread, result dict that gets "rc"). It holds its first frame until ``n_subs``
+    subscribers have joined."""
     import threading
 
     from perception.inference import load_backend
@@ -112,8 +114,8 @@ def start_node(source_uri: str, model_dir: Path, *, n_subs: int = 1, backend: st
     from perception.stream.node.sources import open_source
     from perception.stream.publisher import Publisher
 
-    pub = Publisher("tcp://127.0.0.1:*", "segnet")
-    node = Node(open_source(source_uri), load_backend(model_dir, backend=backend), pub,
+    pub = Publisher(publish, "segnet")
+    node = Node(open_source(source_uri, source_options), load_backend(model_dir, backend=backend), pub,
                 NodeSettings(wait_for_subscribers=n_subs, wait_timeout_s=20, **settings), log=lambda m: None)
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)

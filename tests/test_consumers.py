@@ -302,3 +302,179 @@ def test_foxglove_bridge_forwards_only_what_a_client_watches(toy_model):
     log_time, c = got["color_mask"][-1]
     assert c.format == "jpeg" and cv2.imdecode(np.frombuffer(c.data, np.uint8), cv2.IMREAD_COLOR).shape == (48, 64, 3)
     assert "fps" in got["stats"][-1] and "latency_ms" in got["stats"][-1]
+
+
+class _Chromium:
+    """Headless Chromium driven over the DevTools protocol (a plain WebSocket, no driver package)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        import shutil
+        import urllib.request
+
+        from websockets.sync.client import connect
+
+        exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+        if exe is None:
+            pytest.skip("needs Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+        profile = tmp_path / "chromium-profile"
+        self.proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+             "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", f"--user-data-dir={profile}",
+             "--window-size=1200,800", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        if not _wait_until(lambda: port_file.is_file() and port_file.read_text().strip(), timeout=30):
+            self.close()
+            pytest.fail("Chromium did not start its DevTools server")
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            page = next(t for t in json.load(r) if t["type"] == "page")
+        self._connection = connect(page["webSocketDebuggerUrl"], max_size=1 << 26)
+        self.ws = self._connection.__enter__()
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=30))
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def js(self, expression: str):
+        reply = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in reply, f"{expression}: {reply['exceptionDetails']}"
+        return reply["result"].get("value")
+
+    def wait_js(self, expression: str, timeout: float = 30.0) -> bool:
+        def holds() -> bool:
+            try:
+                return bool(self.js(expression))
+            except AssertionError:  # the page is still loading (document.body not there yet)
+                return False
+
+        return _wait_until(holds, timeout)
+
+    def screenshot_rgb(self) -> np.ndarray:
+        import base64
+
+        png = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        return cv2.cvtColor(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+    def element_pixels(self, element_id: str) -> np.ndarray:
+        """The rendered pixels (RGB) inside an element's box."""
+        shot = self.screenshot_rgb()
+        r = self.js(f"(() => {{ const b = document.getElementById({element_id!r}).getBoundingClientRect();"
+                    " return [b.left, b.top, b.right, b.bottom, window.devicePixelRatio]; })()")
+        x0, y0, x1, y1 = (int(round(v * r[4])) for v in r[:4])
+        return shot[y0:y1, x0:x1]
+
+    def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self._connection.__exit__(None, None, None)
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def _serve_view(endpoint: str):
+    """perception-view's server on a free loopback port, in a thread: (url, stop event, thread)."""
+    import asyncio
+
+    from perception.stream.view import serve
+
+    stop = threading.Event()
+    ready: dict = {}
+    got_url = threading.Event()
+
+    def run() -> None:
+        asyncio.run(serve(endpoint, "127.0.0.1", 0, "segnet", stop,
+                          ready=lambda url: (ready.setdefault("url", url), got_url.set())))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert got_url.wait(20), "perception-view did not start"
+    return ready["url"], stop, t
+
+
+def test_view_in_chromium_shows_the_road_and_live_stats(shipped_model, camvid_root, tmp_path):
+    """The page, rendered by Chromium against a live node running the shipped CamVid model: switched to
+    the colour mask it shows the road's palette colour over much of the frame, and its stats update."""
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("websockets")
+    from perception.stream.node.sources import SourceOptions
+
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for src in sorted((camvid_root / "val").glob("0016E5_*.png"))[:6]:
+        (frames_dir / src.name).symlink_to(src)
+    node, pub, t, result = start_node(str(frames_dir), shipped_model / "model.onnx", n_subs=0, backend="onnxruntime",
+                                      source_options=SourceOptions(loop=True))
+    url, stop, vt = _serve_view(pub.endpoint)
+    t.start()
+    browser = _Chromium(tmp_path)
+    try:
+        browser.call("Page.navigate", url=url)
+        assert browser.wait_js("+document.body.dataset.frames >= 2"), "no frames reached the page"
+        legend = browser.js("[...document.querySelectorAll('#legend li')].map(li => li.textContent)")
+        assert legend[:4] == ["Sky", "Building", "Pole", "Road"]
+        assert browser.wait_js("document.getElementById('status').textContent === 'live'")
+
+        browser.js("document.getElementById('btn-color_mask').click()")
+        shown = int(browser.js("+document.body.dataset.frames"))
+        assert browser.js("document.body.dataset.stream") == "color_mask"
+        # Colour-mask frames have replaced the overlay once a few more have arrived.
+        assert browser.wait_js(f"+document.body.dataset.frames >= {shown + 3}")
+        pixels = browser.element_pixels("frame").reshape(-1, 3).astype(int)
+        assert pixels.shape[0] > 10000, "the frame is not on screen"
+        road = np.array([128, 64, 128])  # CamVid's road colour
+        share = float((np.abs(pixels - road).max(axis=1) <= 12).mean())
+        if os.environ.get("PERCEPTION_VIEW_SCREENSHOT"):  # to look at it: a path to write the page to
+            cv2.imwrite(os.environ["PERCEPTION_VIEW_SCREENSHOT"], cv2.cvtColor(browser.screenshot_rgb(), cv2.COLOR_RGB2BGR))
+        assert share > 0.15, f"the road colour covers only {share:.1%} of the rendered frame"
+
+        first = browser.js("document.getElementById('processed').textContent")
+        assert browser.wait_js(f"document.getElementById('processed').textContent !== {first!r}"), \
+            "the stats panel does not update"
+        assert browser.js("document.getElementById('fps').textContent") not in ("", "–")
+        assert browser.js("document.querySelectorAll('#latency tr.stage').length") >= 3
+    finally:
+        browser.close()
+        stop.set()
+        node.stop()
+        t.join(timeout=30)
+        vt.join(timeout=10)
+        pub.close()
+
+
+def test_view_says_when_the_node_stops_and_carries_on_when_it_restarts(toy_model, tmp_path):
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("websockets")
+    _, model_dir = toy_model
+    source = "synthetic://?width=64&height=48&fps=20&frames=100000"
+    node, pub, t, result = start_node(source, model_dir, n_subs=0)
+    endpoint = pub.endpoint
+    url, stop, vt = _serve_view(endpoint)
+    t.start()
+    browser = _Chromium(tmp_path)
+    try:
+        browser.call("Page.navigate", url=url)
+        assert browser.wait_js("+document.body.dataset.frames >= 2")
+        node.stop()
+        t.join(timeout=30)
+        pub.close()
+        assert browser.wait_js("document.body.dataset.state === 'ended'"), "the page must say the node stopped"
+        shown = int(browser.js("+document.body.dataset.frames"))
+
+        node, pub, t, result = start_node(source, model_dir, n_subs=0, publish=endpoint)
+        t.start()
+        assert browser.wait_js(f"+document.body.dataset.frames >= {shown + 2}"), "frames must come back"
+        assert browser.wait_js("document.body.dataset.state === 'live'")
+        assert int(browser.js("document.getElementById('restarts').textContent")) >= 1
+    finally:
+        browser.close()
+        stop.set()
+        node.stop()
+        t.join(timeout=30)
+        vt.join(timeout=10)
+        pub.close()

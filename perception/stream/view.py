@@ -1,0 +1,296 @@
+"""``perception-view``: a live page for a person watching a node: the overlay (or the colour mask),
+the class legend with the model's palette, and the node's stats, updating as frames arrive.
+
+    perception-view tcp://127.0.0.1:5555            # then open http://127.0.0.1:8080
+
+Served by aiohttp: ``/`` is one self-contained page (no build step, no CDN: it works offline), and
+``/ws`` a WebSocket that pushes JSON (info, stats, connection state) and JPEG frames. Each page gets
+only the newest frame of the stream it shows (a slow browser skips frames, it never queues them), and
+the node computes a stream only while some page shows it. When the node stops or restarts the page
+says so and carries on when frames come back; when the view itself restarts the page reconnects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import queue
+import sys
+import threading
+import time
+from importlib import resources
+from typing import Any
+
+__all__ = ["ViewState", "build_parser", "main", "make_app"]
+
+VIEW_STREAMS = ("overlay", "color_mask")
+STALE_AFTER_S = 3.0  # the node sends stats every second: this long without any message means it is gone
+
+
+class ViewState:
+    """What the page shows, fed from the node's messages (any thread) and read by the web side."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.info: dict[str, Any] | None = None
+        self.stats: dict[str, Any] | None = None
+        self.frames: dict[str, tuple[int, bytes]] = {}  # stream -> (seq, JPEG)
+        self.frames_received = 0
+        self.last_message = 0.0
+        self.last_seq = -1
+        self.node_restarts = 0
+        self.ended = False
+        self.version = 0  # bumped on every change, so waiting pages wake up
+
+    def on_message(self, msg, jpeg: bytes | None = None) -> None:
+        with self.lock:
+            self.last_message = time.monotonic()
+            if msg.stream == "info":
+                self.info = msg.data
+            elif msg.stream == "stats":
+                self.stats = msg.data
+                self.ended = msg.data.get("final") is True
+            elif msg.stream in VIEW_STREAMS and jpeg is not None:
+                seq = int(msg.header["seq"])
+                # A node counts frames from 0 for each run: a smaller seq means it has restarted.
+                if seq < self.last_seq:
+                    self.node_restarts += 1
+                self.last_seq = seq
+                self.ended = False
+                self.frames[msg.stream] = (seq, jpeg)
+                self.frames_received += 1
+            self.version += 1
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            age = time.monotonic() - self.last_message if self.last_message else None
+            if self.last_message == 0.0:
+                state, text = "waiting", "waiting for the node"
+            elif self.ended:
+                state, text = "ended", "the node has finished its source"
+            elif age is not None and age > STALE_AFTER_S:
+                state, text = "lost", f"no data from the node for {age:.0f} s: waiting for it to come back"
+            else:
+                state, text = "live", "live"
+            return {"type": "status", "state": state, "text": text, "node_restarts": self.node_restarts,
+                    "frames_received": self.frames_received}
+
+
+class _Upstream(threading.Thread):
+    """Owns the ZeroMQ subscriber (one thread, as ZeroMQ wants): reads the node, JPEG-encodes raw
+    frames for the browser, and applies subscription changes the web side asks for."""
+
+    def __init__(self, endpoint: str, namespace: str, state: ViewState, on_change) -> None:
+        super().__init__(daemon=True, name="perception-view-upstream")
+        from perception.stream.client import Subscriber
+
+        self.namespace = namespace.strip("/")
+        self.sub = Subscriber(endpoint, topics=[self._topic("info"), self._topic("stats")], decode_jpeg=False,
+                              latest_only=True)
+        self.state = state
+        self.on_change = on_change
+        self.requests: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self.stop_event = threading.Event()
+
+    def _topic(self, stream: str) -> str:
+        return f"{self.namespace}/{stream}" if self.namespace else stream
+
+    def run(self) -> None:
+        import cv2
+
+        try:
+            while not self.stop_event.is_set():
+                while True:
+                    try:
+                        stream, on = self.requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    (self.sub.subscribe if on else self.sub.unsubscribe)(self._topic(stream))
+                msg = self.sub.recv(timeout=0.1)
+                if msg is None:
+                    self.on_change()  # lets pages see the connection go stale
+                    continue
+                jpeg = None
+                if msg.stream in VIEW_STREAMS:
+                    if msg.header["encoding"] == "jpeg":
+                        jpeg = bytes(msg.data)
+                    else:
+                        ok, buf = cv2.imencode(".jpg", msg.data, [cv2.IMWRITE_JPEG_QUALITY, 85])
+                        jpeg = buf.tobytes() if ok else None
+                self.state.on_message(msg, jpeg)
+                self.on_change()
+        finally:
+            self.sub.close()
+
+
+def _page() -> str:
+    return resources.files("perception.stream").joinpath("view_page.html").read_text(encoding="utf-8")
+
+
+def make_app(endpoint: str, *, namespace: str = "segnet"):
+    """The aiohttp application (the upstream reader starts and stops with it)."""
+    from aiohttp import WSMsgType, web
+
+    state = ViewState()
+    app = web.Application()
+    upstream: list[_Upstream] = []  # started with the app (a closure, not app state: aiohttp's AppKey
+    # needs a module-level frame, which a server run from a thread does not have)
+    viewers: dict[str, int] = {s: 0 for s in VIEW_STREAMS}
+    wakers: set[asyncio.Event] = set()  # one per page: every page wakes on every change
+
+    def notify() -> None:
+        for event in wakers:
+            event.set()
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=_page(), content_type="text/html",
+                            headers={"Cache-Control": "no-store", "Content-Security-Policy":
+                                     "default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
+                                     "script-src 'self' 'unsafe-inline'; connect-src 'self'"})
+
+    def watch(stream: str, delta: int) -> None:
+        before = viewers[stream]
+        viewers[stream] = max(0, before + delta)
+        if (before == 0) != (viewers[stream] == 0):
+            upstream[0].requests.put((stream, viewers[stream] > 0))
+
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=10, max_msg_size=4096)
+        await ws.prepare(request)
+        stream = "overlay"
+        watch(stream, +1)
+        changed = asyncio.Event()
+        wakers.add(changed)
+        sent_seq, sent_info, sent_stats, sent_status = None, None, None, None
+
+        async def read_choices() -> None:
+            nonlocal stream, sent_seq
+            async for m in ws:
+                if m.type != WSMsgType.TEXT:
+                    continue
+                try:
+                    choice = json.loads(m.data).get("stream")
+                except (ValueError, AttributeError):
+                    continue
+                if choice in VIEW_STREAMS and choice != stream:
+                    watch(choice, +1)
+                    watch(stream, -1)
+                    stream, sent_seq = choice, None
+                    changed.set()
+
+        reader = asyncio.create_task(read_choices())
+        try:
+            while not ws.closed and not reader.done():
+                with state.lock:
+                    info, stats, frame = state.info, state.stats, state.frames.get(stream)
+                status = state.status()
+                if info is not None and info is not sent_info:
+                    await ws.send_str(json.dumps({"type": "info", "info": info}))
+                    sent_info = info
+                if stats is not None and stats is not sent_stats:
+                    await ws.send_str(json.dumps({"type": "stats", "stats": stats}))
+                    sent_stats = stats
+                if status != sent_status:
+                    await ws.send_str(json.dumps({**status, "stream": stream}))
+                    sent_status = status
+                if frame is not None and frame[0] != sent_seq:
+                    sent_seq = frame[0]
+                    await ws.send_bytes(frame[1])
+                # Wait for news; a page that is still sending simply skips the frames in between.
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+                changed.clear()
+        except (ConnectionResetError, RuntimeError):
+            pass  # the page went away mid-send
+        finally:
+            reader.cancel()
+            wakers.discard(changed)
+            watch(stream, -1)
+        return ws
+
+    async def start_upstream(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        up = _Upstream(endpoint, namespace, state, lambda: loop.call_soon_threadsafe(notify))
+        upstream.append(up)
+        up.start()
+
+    async def stop_upstream(app: web.Application) -> None:
+        upstream[0].stop_event.set()
+        await asyncio.to_thread(upstream[0].join, 5)
+
+    app.router.add_get("/", index)
+    app.router.add_get("/ws", websocket)
+    app.on_startup.append(start_upstream)
+    app.on_cleanup.append(stop_upstream)
+    return app
+
+
+def _parse_http(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception-view", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--http", type=_parse_http, default=("127.0.0.1", 8080), metavar="HOST:PORT",
+                   help="where to serve the page (default 127.0.0.1:8080, loopback only; port 0: any free)")
+    p.add_argument("--namespace", default="segnet")
+    return p
+
+
+async def serve(endpoint: str, host: str, port: int, namespace: str, stop: threading.Event,
+                ready=None) -> None:
+    """Serve until ``stop`` is set; ``ready(url)`` is called once the socket listens."""
+    from aiohttp import web
+
+    runner = web.AppRunner(make_app(endpoint, namespace=namespace), handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1] if port == 0 else port  # the port 0 resolved to
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/"
+        if ready is not None:
+            ready(url)
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        print("perception-view: error: needs aiohttp: pip install 'segnet-perception[viz]'", file=sys.stderr)
+        return 2
+    import zmq
+
+    from perception.core.cli import stop_on_signals
+
+    host, port = args.http
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"perception-view: warning: serving on {host}, reachable beyond this machine", file=sys.stderr)
+    stop = stop_on_signals()
+    try:
+        asyncio.run(serve(args.endpoint, host, port, args.namespace, stop,
+                          ready=lambda url: print(f"perception-view: open {url}", file=sys.stderr, flush=True)))
+    except zmq.ZMQError as e:
+        print(f"perception-view: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"perception-view: error: cannot serve on {host}:{port} ({e.strerror or e})", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
