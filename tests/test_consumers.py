@@ -478,3 +478,41 @@ def test_view_says_when_the_node_stops_and_carries_on_when_it_restarts(toy_model
         t.join(timeout=30)
         vt.join(timeout=10)
         pub.close()
+
+
+def test_consumer_commands_fail_in_one_line(tmp_path, capsys):
+    """Bad endpoints, busy ports and used folders: a one-line error and a non-zero status, nothing written."""
+    import socket
+
+    from perception.stream.foxglove_bridge import main as foxglove_main
+    from perception.stream.record import main as record_main
+    from perception.stream.view import main as view_main
+
+    pytest.importorskip("foxglove")
+    pytest.importorskip("aiohttp")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        cases = [
+            (foxglove_main, ["tcp://127.0.0.1:5555", "--port", str(port)], "cannot serve on"),
+            (view_main, ["tcp://127.0.0.1:5555", "--http", f"127.0.0.1:{port}"], "cannot serve on"),
+            (foxglove_main, ["not-an-endpoint", "--port", "0"], "cannot connect to"),
+            (view_main, ["not-an-endpoint", "--http", "127.0.0.1:0"], "cannot connect to"),
+            (record_main, ["--recover", str(tmp_path / "nothing")], "holds no .mcap files"),
+        ]
+        for main, argv, text in cases:
+            assert main(argv) != 0, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and text in err[0], (argv, err)
+    finally:
+        busy.close()
+    bag = tmp_path / "bag"
+    bag.mkdir()
+    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    assert record_main(["tcp://127.0.0.1:5555", "--out", str(bag), "--format", "mcap"]) == 2
+    assert "already holds a bag" in capsys.readouterr().err
+    assert sorted(p.name for p in bag.iterdir()) == ["metadata.yaml"]
+    with pytest.raises(SystemExit):
+        view_main(["tcp://127.0.0.1:5555", "--http", "no-port"])
