@@ -516,3 +516,46 @@ def test_consumer_commands_fail_in_one_line(tmp_path, capsys):
     assert sorted(p.name for p in bag.iterdir()) == ["metadata.yaml"]
     with pytest.raises(SystemExit):
         view_main(["tcp://127.0.0.1:5555", "--http", "no-port"])
+
+
+def test_a_killed_file_recording_keeps_its_video_but_the_last_second(toy_model, tmp_path):
+    """perception-record --format files killed with SIGKILL: overlay.mp4 still plays (OpenCV's FFmpeg
+    reads it), holds every frame but at most the last second's, and its frames are the overlays sent."""
+    _, model_dir = toy_model
+    fps = 10
+    node, pub, t, result = start_node(f"synthetic://?width=64&height=48&fps={fps}&frames=100000", model_dir,
+                                      n_subs=2)
+    out = tmp_path / "rec"
+    recorder = subprocess.Popen([sys.executable, "-m", "perception.stream.record", pub.endpoint, "--out", str(out),
+                                 "--fps", str(fps)], stderr=subprocess.PIPE)
+    overlays: list[np.ndarray] = []
+    try:
+        with Subscriber(pub.endpoint, topics=["segnet/overlay"], rcvhwm=100000) as sub:
+            t.start()
+            # Run until the recorder has written 3.5 seconds of masks.
+            while len(list((out / "mask").glob("*.png"))) < 3.5 * fps:
+                if (msg := sub.recv(timeout=0.1)) is not None:
+                    overlays.append(msg.data.copy())
+                assert recorder.poll() is None and t.is_alive()
+            os.kill(recorder.pid, signal.SIGKILL)
+            recorder.wait(timeout=10)
+            written = len(list((out / "mask").glob("*.png")))
+            node.stop()
+            t.join(timeout=30)
+            while (msg := sub.recv(timeout=0.5)) is not None:
+                overlays.append(msg.data.copy())
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+        pub.close()
+    cap = cv2.VideoCapture(str(out / "overlay.mp4"))
+    frames = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    assert len(frames) >= written - fps - 1, f"{len(frames)} frames survived of {written} recorded"
+    for i, img in enumerate(frames):  # lossy H.264, so compare by PSNR
+        assert img.shape == overlays[i].shape
+        assert cv2.PSNR(img, overlays[i]) > 28, f"frame {i} is not overlay {i}"

@@ -259,6 +259,9 @@ class _FastLiveSource:
     def __init__(self, n):
         self.n = n
 
+    def interrupt(self):
+        pass
+
     def __iter__(self):
         from perception.stream.node.sources import Frame
 

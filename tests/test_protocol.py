@@ -256,3 +256,45 @@ def test_subscriber_skips_and_counts_what_a_rogue_publisher_sends():
             assert again is not None and again.header["seq"] == 7 and sub.errors - before == 3
         finally:
             pub.close(linger=0)
+
+
+def test_subscriber_survives_a_peer_that_sends_over_the_size_limit():
+    """libzmq drops the connection on a message over ZMQ_MAXMSGSIZE and never re-makes it; the
+    Subscriber does, so one oversize message from a foreign peer costs that message, not the stream."""
+    import time
+
+    import zmq
+
+    from perception.stream.client import Subscriber
+    from perception.stream.protocol import Limits
+
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    img = np.zeros((2, 2), np.uint8)
+
+    def good(seq: int) -> list:
+        return _msg("s/mask", image_header(seq=seq, stamp_ns=1, frame_id="f", image=img, encoding="mono8"),
+                    encode_image(img, "mono8"))
+
+    huge = _msg("s/mask", image_header(seq=99, stamp_ns=1, frame_id="f", image=np.zeros((64, 64), np.uint8),
+                                       encoding="mono8"), np.zeros((64, 64), np.uint8))
+    with Subscriber(f"tcp://127.0.0.1:{port}", topics=["s/mask"], limits=Limits(max_message_bytes=2048)) as sub:
+        try:
+            got = None
+            deadline = time.monotonic() + 20
+            while got is None and time.monotonic() < deadline:  # until the subscription has propagated
+                pub.send_multipart(good(1))
+                got = sub.recv(timeout=0.2)
+            assert got is not None
+            pub.send_multipart(huge)  # 4 KiB over a 2 KiB limit: libzmq cuts the connection
+            seqs = set()
+            deadline = time.monotonic() + 20
+            while 2 not in seqs and time.monotonic() < deadline:
+                pub.send_multipart(good(2))
+                if (m := sub.recv(timeout=0.2)) is not None:
+                    seqs.add(m.header["seq"])
+            assert 2 in seqs, "the subscriber must hear the peer again after an oversize message"
+            assert 99 not in seqs and sub.reconnects >= 1
+        finally:
+            pub.close(linger=0)

@@ -117,6 +117,53 @@ def test_live_source_reconnects_with_backoff_then_gives_up(monkeypatch):
     assert src.state == "failed"
 
 
+def test_a_stream_not_up_at_start_gets_the_same_reconnect_policy(monkeypatch):
+    from perception.stream.node import sources as S
+
+    class LateCamera(_FlakyCapture):
+        def isOpened(self):
+            return type(self).opens >= 3  # down at start, up at the second reconnect attempt
+
+    LateCamera.opens = 0
+    monkeypatch.setattr(S.cv2, "VideoCapture", LateCamera)
+    src = S.open_source("rtsp://camera.invalid/s", SourceOptions(reconnect_attempts=3, reconnect_backoff_s=0.01,
+                                                                  max_frames=2))
+    assert src.state == "reconnecting", "a live stream that is not up yet is retried, not an error"
+    assert [f.seq for f in src] == [0, 1] and src.reconnects == 2
+
+    class NeverUp(_FlakyCapture):
+        def isOpened(self):
+            return False
+
+    monkeypatch.setattr(S.cv2, "VideoCapture", NeverUp)
+    src = S.open_source("rtsp://camera.invalid/s", SourceOptions(reconnect_attempts=2, reconnect_backoff_s=0.01))
+    with pytest.raises(SourceError, match="never opened, and 2 reconnect attempts failed"):
+        list(src)
+    assert src.state == "failed"
+    with pytest.raises(SourceError, match="cannot open"):  # no retries asked for: an error at once
+        S.open_source("rtsp://camera.invalid/s", SourceOptions(reconnect_attempts=0))
+
+
+def test_interrupt_ends_a_reconnect_wait_at_once(monkeypatch):
+    """Ctrl-C while a stream is down: the source stops waiting (a 60 s backoff would otherwise hold it)."""
+    import threading
+
+    from perception.stream.node import sources as S
+
+    class NeverUp(_FlakyCapture):
+        def isOpened(self):
+            return False
+
+    monkeypatch.setattr(S.cv2, "VideoCapture", NeverUp)
+    src = S.open_source("rtsp://camera.invalid/s", SourceOptions(reconnect_attempts=5, reconnect_backoff_s=60))
+    frames = []
+    t = threading.Thread(target=lambda: frames.extend(src), daemon=True)
+    t.start()
+    src.interrupt()
+    t.join(timeout=10)
+    assert not t.is_alive() and frames == []
+
+
 def test_stalled_is_reported(monkeypatch):
     import time
 

@@ -37,7 +37,14 @@ class Subscriber:
         self.sock.setsockopt(zmq.LINGER, 0)
         # Refuse oversize messages in libzmq itself, before they reach Python.
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
+        # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self.reconnects = 0  # connections dropped (a peer over the size limit, a restarted node) and re-made
         for t in [topics] if isinstance(topics, str) else topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         self.latest_only = latest_only
@@ -59,6 +66,30 @@ class Subscriber:
         self.sock.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
         self._pending.pop(topic.encode(), None)
 
+    def _check_connection(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.sock.disconnect(self.endpoint)
+                self.sock.connect(self.endpoint)
+                self.reconnects += 1
+
+    def _wait(self, timeout_ms: int | None) -> bool:
+        """Wait until a message is readable (True) or the timeout passes (False), re-making a dropped
+        connection on the way."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            remaining = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            ready = dict(self._poller.poll(remaining))
+            if self._monitor in ready:
+                self._check_connection()
+            if self.sock in ready:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
     def _decode(self, frames) -> Message | None:
         try:
             return decode_message(frames, self.limits, decode_jpeg=self.decode_jpeg)
@@ -79,7 +110,7 @@ class Subscriber:
                     return msg
                 continue
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self.sock.poll(None if remaining is None else int(remaining * 1000)):
+            if not self._wait(None if remaining is None else int(remaining * 1000)):
                 return None
             frames = self.sock.recv_multipart(copy=False)
             if not self.latest_only:
@@ -101,7 +132,7 @@ class Subscriber:
         """Drain the queue: the newest message per topic (waits up to ``timeout`` for the first)."""
         out: dict[str, Message] = {}
         first = True
-        while self.sock.poll(0 if not first else (None if timeout is None else int(timeout * 1000))):
+        while self._wait(0 if not first else (None if timeout is None else int(timeout * 1000))):
             first = False
             msg = self._decode(self.sock.recv_multipart(copy=False))
             if msg is not None:
@@ -115,6 +146,8 @@ class Subscriber:
                 yield msg
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(linger=0)
         self.sock.close(linger=0)
 
     def __enter__(self) -> "Subscriber":

@@ -65,6 +65,7 @@ class FoxgloveBridge:
         self._changes: queue.SimpleQueue[tuple[str, int, bool]] = queue.SimpleQueue()
         self._watchers: dict[str, set[int]] = {}
         self.forwarded: dict[str, int] = {}
+        self.skipped = 0
         self.channels: dict[str, Any] = {}
         for stream in ("mask", "uncertainty"):
             self.channels[stream] = RawImageChannel(self._foxglove_topic(stream), context=self.context)
@@ -146,8 +147,15 @@ class FoxgloveBridge:
         while not stop.is_set():
             self._apply_changes()
             msg = self.sub.recv(timeout=0.05)
-            if msg is not None:
+            if msg is None:
+                continue
+            try:
                 self.forward(msg)
+            except (OverflowError, ValueError) as e:  # e.g. a stamp beyond Foxglove's u32 seconds
+                self.skipped += 1
+                if self.skipped == 1:
+                    print(f"perception-foxglove: warning: skipping messages Foxglove cannot take ({e})",
+                          file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.server.stop()

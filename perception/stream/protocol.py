@@ -95,7 +95,7 @@ def split_topic(topic: str) -> tuple[str, str]:
 
 def _unpack(data: bytes, limits: Limits) -> Any:
     try:
-        return msgpack.unpackb(
+        out = msgpack.unpackb(
             data, raw=False, strict_map_key=True, max_map_len=limits.max_map_len,
             max_array_len=limits.max_array_len, max_str_len=limits.max_str_len,
             # Headers and maps carry no binary values (payloads travel in their own frame): a bin
@@ -104,6 +104,19 @@ def _unpack(data: bytes, limits: Limits) -> Any:
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as e:
         raise ProtocolError(f"malformed msgpack: {e}") from None
+    if _holds_bytes(out):  # max_bin_len=0 still lets an empty bin through
+        raise ProtocolError("malformed msgpack: binary values are not allowed in headers and maps")
+    return out
+
+
+def _holds_bytes(obj: Any) -> bool:
+    if isinstance(obj, bytes):
+        return True
+    if isinstance(obj, dict):
+        return any(_holds_bytes(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_holds_bytes(v) for v in obj)
+    return False
 
 
 def encode_header(header: dict[str, Any]) -> bytes:
@@ -139,8 +152,8 @@ def _is_number_map(v: Any) -> bool:
 
 # The types every consumer may rely on, checked where a key is present.
 _HEADER_TYPES = (
-    ("seq", _is_int, "an integer"),
-    ("stamp_ns", _is_int, "an integer"),
+    ("seq", lambda v: _is_int(v) and 0 <= v < 2**63, "an integer in [0, 2^63)"),
+    ("stamp_ns", lambda v: _is_int(v) and 0 <= v < 2**63, "an integer in [0, 2^63)"),
     ("frame_id", lambda v: isinstance(v, str), "a string"),
     ("encoding", lambda v: isinstance(v, str), "a string"),
     ("height", _is_int, "an integer"),

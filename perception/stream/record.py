@@ -5,7 +5,8 @@ the node reports that its source has ended.
     perception-record tcp://127.0.0.1:5555 --out bag/ --format mcap          # a ROS 2 bag (MCAP)
     perception-record --recover bag/                                         # after a recorder was killed
 
-``--format files`` (default): masks as PNG (class ids), overlays as an mp4, stats as JSON lines,
+``--format files`` (default): masks as PNG (class ids), overlays as an H.264 mp4 written in
+one-second fragments (a recorder killed outright loses at most the last second), stats as JSON lines,
 the latest info as JSON. ``--format mcap``: a ROS 2 bag folder (metadata.yaml + .mcap, CDR) that
 ``ros2 bag``, rosbags and Foxglove open; see perception/stream/rosbag.py for the topics and types.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,17 +49,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class FragmentedVideo:
+    """An H.264 MP4 written in one-second fragments and flushed as it goes (PyAV, FFmpeg's
+    ``frag_keyframe+empty_moov``): the file plays at every moment, so a recorder killed outright loses
+    at most the last second, where a plain MP4 loses everything (its index is written at the end)."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        import av
+
+        self.path = path
+        self.fps = fps
+        self.container = av.open(str(path), "w", format="mp4", options={
+            "movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"})
+        self.stream = None
+        self.frames = 0
+
+    def write(self, bgr) -> None:
+        import av
+        from fractions import Fraction
+
+        h, w = bgr.shape[0] & ~1, bgr.shape[1] & ~1  # 4:2:0 needs even sizes: drop an odd last row/column
+        if self.stream is None:
+            self.stream = self.container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+            self.stream.width, self.stream.height, self.stream.pix_fmt = w, h, "yuv420p"
+            # A keyframe (so a fragment) every second; no lookahead, so frames leave the encoder at once.
+            self.stream.codec_context.gop_size = max(1, round(self.fps))
+            self.stream.options = {"preset": "veryfast", "tune": "zerolatency", "crf": "20"}
+        frame = av.VideoFrame.from_ndarray(bgr[:h, :w], format="bgr24")
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self.stream is not None:
+            for packet in self.stream.encode(None):
+                self.container.mux(packet)
+        self.container.close()
+
+
 class _FileSink:
-    """Masks as PNG, overlays as an mp4 (renamed into place when closed), stats as JSON lines."""
+    """Masks as PNG, overlays as a fragmented MP4 (see :class:`FragmentedVideo`), stats as JSON lines."""
 
     def __init__(self, out: Path, streams: list[str], fps: float) -> None:
-        import cv2  # noqa: F401  (fail at start, not at the first frame)
+        import av  # noqa: F401  (fail at start, not at the first frame)
+        import cv2  # noqa: F401
 
         self.out, self.fps = out, fps
         (out / "mask").mkdir(parents=True, exist_ok=True)
-        self.writer = None
-        # The container comes from the extension, so the temporary name must end in .mp4 too.
-        self.video_tmp, self.video_path = out / ".overlay.partial.mp4", out / "overlay.mp4"
+        self.video: FragmentedVideo | None = None
         self.stats_file = open(out / "stats.jsonl", "a") if "stats" in streams else None
 
     def write(self, msg) -> None:
@@ -71,13 +108,9 @@ class _FileSink:
         if msg.stream == "mask":
             cv2.imwrite(str(self.out / "mask" / f"{seq:08d}.png"), msg.data)
         elif msg.stream == "overlay":
-            img = msg.data
-            if self.writer is None:
-                self.writer = cv2.VideoWriter(str(self.video_tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
-                                              (img.shape[1], img.shape[0]))
-                if not self.writer.isOpened():
-                    raise OSError(f"cannot write video {self.video_tmp}")
-            self.writer.write(img)
+            if self.video is None:
+                self.video = FragmentedVideo(self.out / "overlay.mp4", self.fps)
+            self.video.write(msg.data)
         elif msg.stream == "stats" and self.stats_file is not None:
             self.stats_file.write(json.dumps({"seq": seq, "stamp_ns": msg.header["stamp_ns"], **msg.data}) + "\n")
             self.stats_file.flush()
@@ -85,9 +118,8 @@ class _FileSink:
             atomic_write_bytes(self.out / "info.json", json.dumps(msg.data, indent=2).encode())
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
-            os.replace(self.video_tmp, self.video_path)
+        if self.video is not None:
+            self.video.close()
         if self.stats_file is not None:
             self.stats_file.close()
 
@@ -128,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from perception.core.cli import stop_on_signals
     from perception.stream.client import Subscriber
+    from perception.stream.rosbag import UnrecordableMessage
 
     out = Path(args.out)
     if args.format == "mcap":
@@ -144,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     frame_stream = "mask" if "mask" in streams else "overlay"
     stopped = stop_on_signals()
     frames = 0
+    skipped = 0
     rc = 0
     t_end = None if args.duration is None else time.monotonic() + args.duration
     last = time.monotonic()
@@ -167,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     continue
                 last = time.monotonic()
-                sink.write(msg)
+                try:
+                    sink.write(msg)
+                except UnrecordableMessage as e:
+                    if not skipped:
+                        print(f"perception-record: warning: skipping messages that cannot be recorded ({e})",
+                              file=sys.stderr, flush=True)
+                    skipped += 1
+                    continue
                 if msg.stream == frame_stream:
                     frames += 1
                 if msg.stream == "stats" and isinstance(msg.data, dict) and msg.data.get("final") is True:
@@ -177,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = 1
     finally:
         sink.close()
-    print(f"recorded {frames} frames to {out}", file=sys.stderr)
+    print(f"recorded {frames} frames to {out}" + (f" ({skipped} messages skipped)" if skipped else ""),
+          file=sys.stderr)
     return rc
 
 

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MSG_DEFINITIONS", "BagWriter", "BagError", "ros_message", "recover_bag", "ros_topic"]
+__all__ = ["MSG_DEFINITIONS", "BagWriter", "BagError", "UnrecordableMessage", "ros_message", "recover_bag",
+           "ros_topic"]
 
 # Standard ROS 2 interface definitions, in the concatenated form ROS 2's bag recorder stores in MCAP
 # schemas (the message, then each dependency after a line of '=').
@@ -68,6 +69,10 @@ class BagError(ValueError):
     """A bag that cannot be written or recovered."""
 
 
+class UnrecordableMessage(BagError):
+    """One message that has no ROS 2 form (e.g. a stamp beyond ROS 2's time range): skip it."""
+
+
 def ros_topic(topic: str) -> str:
     """``segnet/mask`` -> ``/segnet/mask`` (ROS 2 names are absolute)."""
     return "/" + topic.strip("/")
@@ -88,6 +93,8 @@ def ros_message(msg, typestore) -> tuple[str, Any]:
     if enc == "msgpack":
         return "std_msgs/msg/String", t["std_msgs/msg/String"](data=json.dumps(msg.data, separators=(",", ":")))
     sec, nsec = divmod(int(h["stamp_ns"]), 1_000_000_000)
+    if not 0 <= sec < 2**31:  # builtin_interfaces/Time.sec is an int32
+        raise UnrecordableMessage(f"{msg.topic}: stamp {h['stamp_ns']} ns is outside ROS 2's time range")
     header = t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec),
                                       frame_id=str(h.get("frame_id", "")))
     if enc == "jpeg":

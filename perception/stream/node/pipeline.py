@@ -292,7 +292,9 @@ class Node:
                     self.counters.skipped += 1
         finally:
             self.stop_event.set()
-            capture.join(timeout=5)
+            self.source.interrupt()  # a source waiting to reconnect stops waiting
+            # A capture thread blocked inside OpenCV (opening a dead stream) is a daemon: do not wait it out.
+            capture.join(timeout=1.0)
             if self.pub.wants("stats"):
                 self.pub.publish_map("stats", self._map_header(), {**self.stats(), "final": True})
         if self.error is not None:
@@ -302,3 +304,4 @@ class Node:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.source.interrupt()

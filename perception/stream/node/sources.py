@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import re
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -80,6 +81,12 @@ class Source(ABC):
         self.fps: float | None = None
         self.reconnects = 0
         self.last_frame_time: float | None = None
+        # Set by interrupt(): a source waiting to reconnect gives up at once (a prompt Ctrl-C).
+        self.interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Stop waiting: the next reconnect wait returns at once and the iteration ends."""
+        self.interrupted.set()
 
     @abstractmethod
     def _read(self) -> np.ndarray | None:
@@ -194,26 +201,43 @@ class VideoFileSource(_CaptureSource):
 
 
 class LiveCaptureSource(_CaptureSource):
-    """Camera or network stream: reconnect with backoff; report stalls."""
+    """Camera or network stream: reconnect with backoff; report stalls.
+
+    The same policy holds at start: a stream that is not up yet (a node started before its camera)
+    is retried like one lost later, while the node already publishes info and stats saying
+    ``reconnecting``; with ``reconnect_attempts=0`` it is an error at once."""
 
     live = True
+
+    def _open_or_raise(self) -> None:
+        if not self._open():
+            if self.options.reconnect_attempts <= 0:
+                raise SourceError(self._open_error())
+            self._never_opened = True
+            self.state = "reconnecting"
+            if self.cap is not None:
+                self.cap.release()
+                self.cap = None
 
     def _read(self) -> np.ndarray | None:
         o = self.options
         while True:
             img = super()._read() if self.cap is not None else None
             if img is not None:
+                self._never_opened = False
                 return img
-            # read() failed or timed out: the device or stream is gone (for now).
+            # read() failed or timed out: the device or stream is gone (for now), or not up yet.
             self.state = "reconnecting"
             for attempt in range(1, o.reconnect_attempts + 1):
-                time.sleep(min(o.reconnect_backoff_s * 2 ** (attempt - 1), 10.0))
+                if self.interrupted.wait(min(o.reconnect_backoff_s * 2 ** (attempt - 1), 10.0)):
+                    return None  # stopping: end the iteration now
                 self.reconnects += 1
                 if self._open():
                     break
             else:
                 self.state = "failed"
-                raise SourceError(f"{self.uri}: lost, and {o.reconnect_attempts} reconnect attempts failed")
+                what = "never opened" if getattr(self, "_never_opened", False) else "lost"
+                raise SourceError(f"{self.uri}: {what}, and {o.reconnect_attempts} reconnect attempts failed")
 
     def stalled(self) -> bool:
         return (
