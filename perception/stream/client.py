@@ -22,12 +22,15 @@ from perception.stream.protocol import DEFAULT_LIMITS, Limits, Message, Protocol
 
 __all__ = ["Subscriber", "Message", "ProtocolError"]
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
 
 class Subscriber:
     def __init__(
         self, endpoint: str, topics: Iterable[str] | str = ("",), *, latest_only: bool = False,
         rcvhwm: int = 100, limits: Limits = DEFAULT_LIMITS, decode_jpeg: bool = True,
-        context: zmq.Context | None = None, on_error: str = "skip",
+        context: zmq.Context | None = None, on_error: str = "skip", curve: tuple[str, str] | None = None,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError("on_error must be 'skip' or 'raise'")
@@ -39,7 +42,12 @@ class Subscriber:
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
         # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
+        if curve is not None:  # (node's public key file, this client's key pair file)
+            from perception.stream.security import configure_client
+
+            configure_client(self.sock, *curve)
+        self.handshake_failures = 0  # CURVE: wrong server key, or this client's key is not allowed
         self.sock.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
@@ -69,12 +77,15 @@ class Subscriber:
     def _check_connection(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
+        events = []
         while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self.sock.disconnect(self.endpoint)
-                self.sock.connect(self.endpoint)
-                self.reconnects += 1
+            events.append(recv_monitor_message(self._monitor)["event"])
+        if any(e & _HANDSHAKE_FAILED for e in events):
+            self.handshake_failures += 1  # libzmq retries on its own; hammering a refusing node helps nobody
+        elif zmq.EVENT_DISCONNECTED in events:
+            self.sock.disconnect(self.endpoint)
+            self.sock.connect(self.endpoint)
+            self.reconnects += 1
 
     def _wait(self, timeout_ms: int | None) -> bool:
         """Wait until a message is readable (True) or the timeout passes (False), re-making a dropped

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with each mask, the share of the view per class (its header's class_pixels), largest first")
     p.add_argument("--stay", action="store_true",
                    help="keep listening after the node's final stats (default: exit 0 when the node says it is done)")
+    from perception.stream.security import add_client_arguments
+
+    add_client_arguments(p)
     return p
 
 
@@ -65,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     next_rate = time.monotonic() + 1.0
     import zmq
 
+    from perception.stream.security import CurveError, client_keys_from_args
+
     try:
-        sub_ctx = Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False)
+        sub_ctx = Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False, curve=client_keys_from_args(args))
+    except CurveError as e:
+        print(f"perception-echo: error: {e}", file=sys.stderr)
+        return 2
     except zmq.ZMQError as e:
         print(f"perception-echo: error: cannot connect to {args.endpoint!r} ({e}); expected e.g. "
               "tcp://127.0.0.1:5555", file=sys.stderr)
@@ -76,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             msg = sub.recv(timeout=0.2)
             now = time.monotonic()
             if msg is None:
+                if sub.handshake_failures:
+                    print(f"perception-echo: error: the CURVE handshake with {args.endpoint} failed (wrong "
+                          "--curve-server-key, this client's key is not allowed, or the node does not use CURVE)",
+                          file=sys.stderr)
+                    return 1
                 if args.timeout is not None and now - last_msg > args.timeout:
                     print(f"perception-echo: nothing received for {args.timeout:g}s on {args.endpoint}", file=sys.stderr)
                     return 1

@@ -51,7 +51,8 @@ class FoxgloveBridge:
     """
 
     def __init__(self, endpoint: str, *, namespace: str = "segnet", host: str = "127.0.0.1", port: int = 8765,
-                 image_format: str = "jpeg", name: str = "segnet-perception") -> None:
+                 image_format: str = "jpeg", name: str = "segnet-perception",
+                 curve: tuple[str, str] | None = None) -> None:
         import foxglove
         from foxglove.channels import CompressedImageChannel, RawImageChannel
 
@@ -78,7 +79,7 @@ class FoxgloveBridge:
                                                  context=self.context)
         self._by_id = {ch.id(): stream for stream, ch in self.channels.items()}
         # Nothing subscribed upstream until a Foxglove client asks; JPEG passes through undecoded.
-        self.sub = Subscriber(endpoint, topics=[], decode_jpeg=False)
+        self.sub = Subscriber(endpoint, topics=[], decode_jpeg=False, curve=curve)
         self.server = foxglove.start_server(name=name, host=host, port=port, server_listener=self,
                                             context=self.context)
         self.port = self.server.port
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="segnet")
     p.add_argument("--image-format", choices=("jpeg", "raw"), default="jpeg",
                    help="colour mask and overlay as CompressedImage jpeg (default) or RawImage bgr8")
+    from perception.stream.security import add_client_arguments
+
+    add_client_arguments(p)
     return p
 
 
@@ -203,10 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     import zmq
 
     from perception.core.cli import stop_on_signals
+    from perception.stream.security import CurveError, client_keys_from_args
 
     try:
+        curve = client_keys_from_args(args)
+    except CurveError as e:
+        print(f"perception-foxglove: error: {e}", file=sys.stderr)
+        return 2
+    try:
         bridge = FoxgloveBridge(args.endpoint, namespace=args.namespace, host=args.host, port=args.port,
-                                image_format=args.image_format)
+                                image_format=args.image_format, curve=curve)
     except zmq.ZMQError as e:
         print(f"perception-foxglove: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
         return 2

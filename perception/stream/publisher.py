@@ -31,7 +31,7 @@ class Publisher:
     def __init__(
         self, endpoint: str, namespace: str, *, sndhwm: int = 8, linger_ms: int = 2000,
         context: zmq.Context | None = None, limits: Limits = DEFAULT_LIMITS,
-        on_oversize=None,
+        on_oversize=None, curve=None,
     ) -> None:
         self.namespace = namespace
         # Consumers refuse (and ZMQ_MAXMSGSIZE disconnects on) messages over limits.max_message_bytes:
@@ -48,7 +48,10 @@ class Publisher:
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.curve = curve  # a security.CurveServer: encrypt, and admit only the clients it allows
         try:
+            if curve is not None:
+                curve.apply(self.sock)
             self.sock.bind(endpoint)
         except zmq.ZMQError as e:
             self.close(linger_ms=0)
@@ -156,3 +159,5 @@ class Publisher:
             pass
         self._monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
+        if self.curve is not None:
+            self.curve.stop()

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="stop after N frames (mask or overlay messages)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--timeout", type=float, help="stop (status 1) if nothing arrives for this many seconds")
+    from perception.stream.security import add_client_arguments
+
+    add_client_arguments(p)
     return p
 
 
@@ -161,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     from perception.core.cli import stop_on_signals
     from perception.stream.client import Subscriber
     from perception.stream.rosbag import UnrecordableMessage
+    from perception.stream.security import CurveError, client_keys_from_args
+
+    try:
+        curve = client_keys_from_args(args)
+    except CurveError as e:
+        print(f"perception-record: error: {e}", file=sys.stderr)
+        return 2
 
     out = Path(args.out)
     if args.format == "mcap":
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     last = time.monotonic()
     try:
         # JPEG payloads go into a bag as they came (CompressedImage); the file sink needs pixels.
-        sub = Subscriber(args.endpoint, topics=topics, decode_jpeg=args.format == "files")
+        sub = Subscriber(args.endpoint, topics=topics, decode_jpeg=args.format == "files", curve=curve)
     except zmq.ZMQError as e:
         sink.close()
         print(f"perception-record: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
@@ -195,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 msg = sub.recv(timeout=0.2)
                 if msg is None:
+                    if sub.handshake_failures:
+                        print(f"perception-record: error: the CURVE handshake with {args.endpoint} failed",
+                              file=sys.stderr)
+                        rc = 1
+                        break
                     if args.timeout is not None and time.monotonic() - last > args.timeout:
                         print(f"perception-record: nothing received for {args.timeout:g}s", file=sys.stderr)
                         rc = 1

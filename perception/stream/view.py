@@ -81,13 +81,14 @@ class _Upstream(threading.Thread):
     """Owns the ZeroMQ subscriber (one thread, as ZeroMQ wants): reads the node, JPEG-encodes raw
     frames for the browser, and applies subscription changes the web side asks for."""
 
-    def __init__(self, endpoint: str, namespace: str, state: ViewState, on_change) -> None:
+    def __init__(self, endpoint: str, namespace: str, state: ViewState, on_change,
+                 curve: tuple[str, str] | None = None) -> None:
         super().__init__(daemon=True, name="perception-view-upstream")
         from perception.stream.client import Subscriber
 
         self.namespace = namespace.strip("/")
         self.sub = Subscriber(endpoint, topics=[self._topic("info"), self._topic("stats")], decode_jpeg=False,
-                              latest_only=True)
+                              latest_only=True, curve=curve)
         self.state = state
         self.on_change = on_change
         self.requests: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
@@ -128,7 +129,7 @@ def _page() -> str:
     return resources.files("perception.stream").joinpath("view_page.html").read_text(encoding="utf-8")
 
 
-def make_app(endpoint: str, *, namespace: str = "segnet"):
+def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str] | None = None):
     """The aiohttp application (the upstream reader starts and stops with it)."""
     from aiohttp import WSMsgType, web
 
@@ -213,7 +214,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet"):
 
     async def start_upstream(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
-        up = _Upstream(endpoint, namespace, state, lambda: loop.call_soon_threadsafe(notify))
+        up = _Upstream(endpoint, namespace, state, lambda: loop.call_soon_threadsafe(notify), curve)
         upstream.append(up)
         up.start()
 
@@ -242,15 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", type=_parse_http, default=("127.0.0.1", 8080), metavar="HOST:PORT",
                    help="where to serve the page (default 127.0.0.1:8080, loopback only; port 0: any free)")
     p.add_argument("--namespace", default="segnet")
+    from perception.stream.security import add_client_arguments
+
+    add_client_arguments(p)
     return p
 
 
 async def serve(endpoint: str, host: str, port: int, namespace: str, stop: threading.Event,
-                ready=None) -> None:
+                ready=None, curve: tuple[str, str] | None = None) -> None:
     """Serve until ``stop`` is set; ``ready(url)`` is called once the socket listens."""
     from aiohttp import web
 
-    runner = web.AppRunner(make_app(endpoint, namespace=namespace), handle_signals=False)
+    runner = web.AppRunner(make_app(endpoint, namespace=namespace, curve=curve), handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -275,14 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     import zmq
 
     from perception.core.cli import stop_on_signals
+    from perception.stream.security import CurveError, client_keys_from_args
 
+    try:
+        curve = client_keys_from_args(args)
+    except CurveError as e:
+        print(f"perception-view: error: {e}", file=sys.stderr)
+        return 2
     host, port = args.http
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"perception-view: warning: serving on {host}, reachable beyond this machine", file=sys.stderr)
     stop = stop_on_signals()
     try:
         asyncio.run(serve(args.endpoint, host, port, args.namespace, stop,
-                          ready=lambda url: print(f"perception-view: open {url}", file=sys.stderr, flush=True)))
+                          ready=lambda url: print(f"perception-view: open {url}", file=sys.stderr, flush=True),
+                          curve=curve))
     except zmq.ZMQError as e:
         print(f"perception-view: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
         return 2

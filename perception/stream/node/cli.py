@@ -53,6 +53,8 @@ class NodeConfig:
     log_period: float = 10.0  # seconds between status lines on stderr; 0 for none
     reconnect_attempts: int = 5
     stall_timeout: float = 5.0
+    curve_secret_key: str | None = None  # the node's key pair (server.key_secret): CURVE on
+    curve_allow: str | None = None  # client public keys admitted: a .key file or a folder of them
 
 
 # Allowed values, checked at start (with the types the dataclass declares) so that a bad option fails
@@ -137,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info-period", type=float)
     p.add_argument("--mc-samples", type=int, help="MC dropout samples for uncertainty (Bayesian models)")
     p.add_argument("--log-period", type=float, help="seconds between status lines on stderr (0: none)")
+    p.add_argument("--curve-secret-key", metavar="FILE",
+                   help="CURVE: the node's key pair (server.key_secret from perception-keys); encrypts every stream")
+    p.add_argument("--curve-allow", metavar="FILE_OR_DIR",
+                   help="CURVE: client public keys (.key) admitted; anyone else receives nothing")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     return p
 
@@ -203,11 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         source.close()
         return fail(f"model: {e}")
+    curve = None
+    if bool(cfg.curve_secret_key) != bool(cfg.curve_allow):
+        source.close()
+        return fail("--curve-secret-key and --curve-allow go together")
+    if cfg.curve_secret_key:
+        from perception.stream.security import CurveError, CurveServer
+
+        try:
+            curve = CurveServer(cfg.curve_secret_key, cfg.curve_allow)
+        except CurveError as e:
+            source.close()
+            return fail(str(e))
     try:
-        publisher = Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm)
-        if not _is_local(publisher.endpoint):
+        publisher = Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm, curve=curve)
+        if not _is_local(publisher.endpoint) and curve is None:
             print(f"perception-node: warning: publishing on {publisher.endpoint}, reachable from other machines "
-                  "without encryption or authentication: anyone who can connect receives every stream",
+                  "without encryption or authentication: anyone who can connect receives every stream "
+                  "(see perception-keys: --curve-secret-key/--curve-allow)",
                   file=sys.stderr, flush=True)
     except PublisherError as e:
         source.close()

@@ -1,0 +1,178 @@
+"""ZeroMQ CURVE encryption and authentication for a node that serves other machines.
+
+    perception-keys generate keys/            # server.key, server.key_secret, client.key, client.key_secret
+    perception-node ... --publish tcp://0.0.0.0:5555 \\
+        --curve-secret-key keys/server.key_secret --curve-allow keys/client.key   # or a folder of *.key
+    perception-echo tcp://robot:5555 --curve-server-key keys/server.key --curve-secret-key keys/client.key_secret
+
+Key files are pyzmq's ``zmq.auth`` certificates (Z85 text; ``*.key`` public, ``*.key_secret`` both
+halves). The node's ZAP authenticator admits only the client public keys in ``--curve-allow``: any
+other client completes no handshake and receives nothing. Give each client machine its own key pair
+(``perception-keys generate DIR --name robot-arm``) and list its ``.key`` file on the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import zmq
+
+__all__ = ["CurveError", "generate_keys", "load_public_key", "load_key_pair", "CurveServer",
+           "configure_client", "add_client_arguments", "client_keys_from_args", "build_parser", "main"]
+
+
+class CurveError(ValueError):
+    """A key file that is missing, unreadable, or of the wrong kind."""
+
+
+def _require_curve() -> None:
+    if not zmq.has("curve"):
+        raise CurveError("this libzmq was built without CURVE support")
+
+
+def generate_keys(folder: str | Path, *, names: tuple[str, ...] = ("server", "client"), force: bool = False) -> list[Path]:
+    """A key pair per name in ``folder``: ``NAME.key`` (public, to hand out) and ``NAME.key_secret``
+    (kept private, mode 0600). Existing files are not overwritten unless ``force``."""
+    import zmq.auth
+
+    _require_curve()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not force:
+        taken = [folder / f"{n}{s}" for n in names for s in (".key", ".key_secret") if (folder / f"{n}{s}").exists()]
+        if taken:
+            raise CurveError(f"{taken[0]} exists; choose another folder or --force")
+    written = []
+    for name in names:
+        public, secret = zmq.auth.create_certificates(str(folder), name)
+        os.chmod(secret, 0o600)
+        written += [Path(public), Path(secret)]
+    return written
+
+
+def load_public_key(path: str | Path) -> bytes:
+    import zmq.auth
+
+    try:
+        public, _ = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise CurveError(f"{path}: not a readable CURVE key file ({e})") from None
+    if not public:
+        raise CurveError(f"{path}: holds no public key")
+    return public
+
+
+def load_key_pair(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``*.key_secret`` file."""
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise CurveError(f"{path}: not a readable CURVE key file ({e})") from None
+    if not secret:
+        raise CurveError(f"{path}: holds no secret key (pass the .key_secret file)")
+    return public, secret
+
+
+class CurveServer:
+    """Makes a bound socket a CURVE server and runs the ZAP authenticator that admits only the
+    allowed client keys. ``allow``: one ``.key`` file or a folder of them."""
+
+    def __init__(self, secret_key_file: str | Path, allow: str | Path) -> None:
+        _require_curve()
+        self.public, self.secret = load_key_pair(secret_key_file)
+        allow = Path(allow)
+        files = sorted(allow.glob("*.key")) if allow.is_dir() else [allow]
+        if not files or not all(f.is_file() for f in files):
+            raise CurveError(f"--curve-allow {allow}: no client .key file there")
+        self.allowed = {load_public_key(f) for f in files}
+        self.rejected = 0
+        self._auth = None
+
+    # zmq.auth's credentials-provider interface
+    def callback(self, domain: str, key: bytes) -> bool:
+        from zmq.utils import z85
+
+        ok = z85.encode(key) in self.allowed if len(key) == 32 else key in self.allowed
+        if not ok:
+            self.rejected += 1
+        return ok
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Call before bind: starts the authenticator on the socket's context."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if self._auth is None:
+            self._auth = ThreadAuthenticator(sock.context)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+
+def configure_client(sock: zmq.Socket, server_key_file: str | Path, secret_key_file: str | Path) -> None:
+    """Make a socket a CURVE client of the server whose public key is in ``server_key_file``
+    (call before connect)."""
+    _require_curve()
+    public, secret = load_key_pair(secret_key_file)
+    sock.curve_serverkey = load_public_key(server_key_file)
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-server-key", metavar="FILE",
+                   help="the node's public key (server.key): encrypt and authenticate with CURVE")
+    p.add_argument("--curve-secret-key", metavar="FILE",
+                   help="this client's key pair (client.key_secret), listed on the node with --curve-allow")
+
+
+def client_keys_from_args(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(server key file, secret key file), None without CURVE; both or neither must be given."""
+    server, secret = getattr(args, "curve_server_key", None), getattr(args, "curve_secret_key", None)
+    if bool(server) != bool(secret):
+        raise CurveError("--curve-server-key and --curve-secret-key go together")
+    if server:
+        load_public_key(server)  # fail at start, naming the file
+        load_key_pair(secret)
+        return server, secret
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception-keys", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="write CURVE key pairs")
+    g.add_argument("folder")
+    g.add_argument("--name", action="append",
+                   help="key pair name (repeatable; default: server and client)")
+    g.add_argument("--force", action="store_true", help="overwrite existing key files")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = generate_keys(args.folder, names=tuple(args.name or ("server", "client")), force=args.force)
+    except (CurveError, OSError) as e:
+        print(f"perception-keys: error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    print("hand out the .key files; keep the .key_secret files private", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

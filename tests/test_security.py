@@ -1,0 +1,116 @@
+"""CURVE: only clients whose keys the node allows receive anything, and a wrong key fails clearly."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from perception.stream.client import Subscriber
+from perception.stream.security import CurveError, CurveServer, generate_keys, main as keys_main
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+
+
+@pytest.fixture
+def keys(tmp_path):
+    folder = tmp_path / "keys"
+    generate_keys(folder, names=("server", "client", "stranger"))
+    return folder
+
+
+def _secure_node(keys, model_dir):
+    from perception.inference import load_backend
+    from perception.stream.node.pipeline import Node, NodeSettings
+    from perception.stream.node.sources import open_source
+    from perception.stream.publisher import Publisher
+
+    pub = Publisher("tcp://127.0.0.1:*", "segnet",
+                    curve=CurveServer(keys / "server.key_secret", keys / "client.key"))
+    node = Node(open_source("synthetic://?width=64&height=48&fps=20&frames=100000", None),
+                load_backend(model_dir, backend="torch"), pub, NodeSettings(), log=lambda m: None)
+    t = threading.Thread(target=node.run, daemon=True)
+    return node, pub, t
+
+
+def _collect(sub: Subscriber, seconds: float) -> int:
+    n, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if sub.recv(timeout=0.1) is not None:
+            n += 1
+    return n
+
+
+def test_only_allowed_clients_receive_anything(keys, toy_model):
+    _, model_dir = toy_model
+    node, pub, t = _secure_node(keys, model_dir)
+    allowed = Subscriber(pub.endpoint, topics=["segnet/mask"], curve=(keys / "server.key", keys / "client.key_secret"))
+    stranger = Subscriber(pub.endpoint, topics=["segnet/mask"],
+                          curve=(keys / "server.key", keys / "stranger.key_secret"))
+    plain = Subscriber(pub.endpoint, topics=["segnet/mask"])
+    wrong_server = Subscriber(pub.endpoint, topics=["segnet/mask"],
+                              curve=(keys / "stranger.key", keys / "client.key_secret"))
+    t.start()
+    try:
+        got = None
+        deadline = time.monotonic() + 30
+        while got is None and time.monotonic() < deadline:
+            got = allowed.recv(timeout=0.2)
+        assert got is not None and got.data.shape == (48, 64), "an allowed client receives masks"
+        assert _collect(allowed, 1.0) > 0
+        # Meanwhile the others have had the same time and more: nothing reached them.
+        for sub in (stranger, plain, wrong_server):
+            assert _collect(sub, 0.5) == 0
+        assert stranger.handshake_failures >= 1 and wrong_server.handshake_failures >= 1
+        assert pub.curve.rejected >= 1, "the node's authenticator turned the stranger away"
+    finally:
+        node.stop()
+        t.join(timeout=30)
+        for sub in (allowed, stranger, plain, wrong_server):
+            sub.close()
+        pub.close()
+
+
+def test_a_wrong_server_key_is_a_clear_error_for_echo(keys, toy_model, capsys):
+    from perception.stream.echo import main as echo_main
+
+    _, model_dir = toy_model
+    node, pub, t = _secure_node(keys, model_dir)
+    t.start()
+    try:
+        rc = echo_main([pub.endpoint, "--timeout", "20", "--curve-server-key", str(keys / "stranger.key"),
+                        "--curve-secret-key", str(keys / "client.key_secret")])
+    finally:
+        node.stop()
+        t.join(timeout=30)
+        pub.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "CURVE handshake" in err[0]
+
+
+def test_key_files_and_options_fail_in_one_line(keys, tmp_path, capsys, toy_model):
+    from perception.stream.node.cli import main as node_main
+
+    _, model_dir = toy_model
+    with pytest.raises(CurveError, match="holds no secret key"):
+        CurveServer(keys / "server.key", keys / "client.key")  # the public file where the pair belongs
+    with pytest.raises(CurveError, match="no client .key file"):
+        CurveServer(keys / "server.key_secret", tmp_path / "empty")
+    assert keys_main(["generate", str(keys)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
+    base = ["--source", "synthetic://?frames=1", "--model", str(model_dir), "--backend", "torch",
+            "--publish", "tcp://127.0.0.1:*"]
+    for extra, text in [
+        (["--curve-secret-key", str(keys / "server.key_secret")], "go together"),
+        (["--curve-secret-key", str(tmp_path / "missing"), "--curve-allow", str(keys / "client.key")],
+         "not a readable CURVE key file"),
+    ]:
+        assert node_main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert text in err[-1] and err[-1].startswith("perception-node: error:"), err
+    # With CURVE, binding beyond loopback is no longer warned about.
+    assert node_main(base[:-1] + ["tcp://0.0.0.0:*", "--curve-secret-key", str(keys / "server.key_secret"),
+                                  "--curve-allow", str(keys)]) == 0
+    assert "reachable from other machines" not in capsys.readouterr().err
