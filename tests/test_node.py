@@ -248,6 +248,28 @@ def test_launch_configs_parse():
     assert cfg.namespace == "x"  # flags override the file
 
 
+def test_launch_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
+    """A launch file works from any working directory: its relative paths name files next to it."""
+    from pathlib import Path
+
+    from perception.stream.node.cli import build_parser, load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    for path in sorted((repo / "launch").glob("*.yaml")):
+        cfg = load_config(build_parser().parse_args(["--config", str(path)]))
+        assert Path(cfg.model).resolve().is_dir(), f"{path.name}: model {cfg.model} not found from elsewhere"
+    own = tmp_path / "site" / "cam.yaml"
+    own.parent.mkdir()
+    own.write_text("source: clips/a.mp4\nmodel: m.onnx\n")
+    cfg = load_config(build_parser().parse_args(["--config", str(own)]))
+    assert Path(cfg.source) == own.parent / "clips/a.mp4" and Path(cfg.model) == own.parent / "m.onnx"
+    cfg = load_config(build_parser().parse_args(["--config", str(own), "--model", "x.onnx", "--source", "0"]))
+    assert cfg.model == "x.onnx" and cfg.source == "0", "flags stay relative to the working directory"
+    own.write_text("source: rtsp://cam/stream\n")
+    assert load_config(build_parser().parse_args(["--config", str(own)])).source == "rtsp://cam/stream"
+
+
 class _FastLiveSource:
     """A live source producing frames much faster than inference (a camera at high fps)."""
 

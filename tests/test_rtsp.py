@@ -109,13 +109,18 @@ def test_node_rides_out_a_real_rtsp_camera_coming_and_going(toy_model, tmp_path)
             server.kill()  # the camera goes away...
             assert pump(lambda: states[-1] == "reconnecting"), f"states seen: {states[-5:]}"
             before = len(masks)
+            t_back = time.monotonic()
             server.start()  # ...and comes back
-            assert pump(lambda: len(masks) >= before + 5), "masks resume after the camera returns"
+            assert pump(lambda: len(masks) > before), "masks resume after the camera returns"
+            print(f"rtsp: masks resumed {time.monotonic() - t_back:.1f} s after the server came back")
+            assert pump(lambda: len(masks) >= before + 5)
             assert last_stats["source_reconnects"] >= 1
             assert masks == sorted(masks) and len(set(masks)) == len(masks), "seq keeps counting up"
 
             server.kill()  # gone for good: the node gives up after its attempts, and says so
+            t_gone = time.monotonic()
             t.join(timeout=60)
+            print(f"rtsp: the node gave up {time.monotonic() - t_gone:.1f} s after the server went for good")
             assert not t.is_alive()
             pump(lambda: bool(last_stats.get("final")), timeout=5)
     finally:

@@ -187,3 +187,29 @@ def test_a_corrupt_image_in_a_folder_is_skipped_warned_and_counted(tmp_path, cap
     frames = list(source)
     assert [int(f.image[0, 0, 0]) for f in frames] == [0, 80] and source.unreadable == 1
     assert "skipping" in capsys.readouterr().err and source.state == "ended"
+
+
+def test_a_truncated_video_says_it_ended_early(tmp_path, capsys):
+    """A faststart MP4 (index first) cut short: frames up to the cut, then a warning naming the shortfall."""
+    import av
+
+    path = tmp_path / "cut.mp4"
+    out = av.open(str(path), "w", options={"movflags": "faststart"})
+    stream = out.add_stream("mpeg4", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    for i in range(60):
+        img = np.full((48, 64, 3), (i * 4) % 255, np.uint8)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+            out.mux(packet)
+    for packet in stream.encode(None):
+        out.mux(packet)
+    out.close()
+    whole = list(open_source(str(path)))
+    assert len(whole) == 60 and "truncated" not in capsys.readouterr().err
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    source = open_source(str(path))
+    frames = list(source)
+    assert 0 < len(frames) < 60 and source.truncated
+    err = capsys.readouterr().err
+    assert f"ended after {len(frames)} of the 60 frames" in err and "truncated" in err

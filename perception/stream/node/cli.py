@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> NodeConfig:
     values: dict[str, Any] = {}
     if args.config:
-        values.update(load_yaml_options(args.config))
+        values.update(_relative_to(Path(args.config).parent, load_yaml_options(args.config)))
     skip = {"config", "print_config"}
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
     known = {f.name for f in dataclasses.fields(NodeConfig)}
@@ -158,6 +159,21 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
     return validate_config(NodeConfig(**values))
+
+
+_PATH_OPTIONS = ("model", "source", "curve_secret_key", "curve_allow")
+
+
+def _relative_to(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """Relative file paths in a launch file name files next to it (wherever the node is started
+    from); URIs, camera indices and /dev paths are left alone. Paths given as flags stay relative to
+    the working directory, as on any command line."""
+    out = dict(values)
+    for key in _PATH_OPTIONS:
+        v = out.get(key)
+        if isinstance(v, str) and v and "://" not in v and not v.isdigit() and not Path(v).is_absolute():
+            out[key] = str(folder / v)
+    return out
 
 
 def _is_local(endpoint: str) -> bool:

@@ -186,6 +186,14 @@ class VideoFileSource(_CaptureSource):
             self.close()
             raise SourceError(f"{path} is not a readable video (no frame could be decoded)")
         self._pending: np.ndarray | None = first
+        self._decoded = 1  # frames decoded in this pass
+        self.truncated = False
+
+    def _open(self) -> bool:
+        ok = super()._open()
+        # The container's own frame count (from its index): a file that ends well before it is damaged.
+        self.expected_frames = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
+        return ok
 
     def _open_error(self) -> str:
         return f"{self.path} is not a video file OpenCV can open"
@@ -194,9 +202,17 @@ class VideoFileSource(_CaptureSource):
         if self._pending is not None:
             img, self._pending = self._pending, None
             return img
-        return super()._read()
+        img = super()._read()
+        if img is not None:
+            self._decoded += 1
+        elif self.expected_frames > 0 and self._decoded < self.expected_frames - 1 and not self.truncated:
+            self.truncated = True
+            print(f"warning: {self.path} ended after {self._decoded} of the {self.expected_frames} frames its "
+                  "index lists: the file is truncated or damaged", file=sys.stderr, flush=True)
+        return img
 
     def _rewind(self) -> bool:
+        self._decoded = 0
         return self._open()
 
 
