@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 
 from conftest import make_video
@@ -37,3 +40,34 @@ def test_every_cli_reads_sizes_as_height_by_width(tmp_path, capsys, toy_model):
     video = make_video(tmp_path / "v.avi", n=2)
     assert node_main(["--source", str(video), "--model", str(toy_model[1]), "--resize", "0x0"]) == 2
     assert "--resize 0x0 is too small" in capsys.readouterr().err
+
+
+def test_class_maps_group_relabel_and_fail_naming_the_models_classes(tmp_path):
+    from pathlib import Path
+
+    from perception.core.class_map import load_class_map, parse_class_map
+    from perception.core.classes import CAMVID_CLASSES, CAMVID_PALETTE
+
+    classes, palette = list(CAMVID_CLASSES), [tuple(c) for c in CAMVID_PALETTE]
+    m = parse_class_map({"drivable": {"from": ["Road"], "color": [1, 2, 3]}, "obstacle": ["Car", "Pedestrian"],
+                         "other": "*"}, classes, palette)
+    assert m.classes == ["drivable", "obstacle", "other"]
+    assert m.palette == [(1, 2, 3), palette[classes.index("Car")], (64, 64, 64)]
+    labels = np.arange(11, dtype=np.uint8).reshape(1, 11)
+    expected = [2] * 11
+    expected[classes.index("Road")] = 0
+    expected[classes.index("Car")] = expected[classes.index("Pedestrian")] = 1
+    assert m.apply(labels).tolist() == [expected]
+    # Without a catch-all, the rest goes to an added "unmapped" class, so counts still cover every pixel.
+    m = parse_class_map({"road": ["Road"]}, classes, palette)
+    assert m.classes == ["road", "unmapped"] and m.apply(labels).sum() == 10
+    for spec, text in [({"x": ["Lorry"]}, "unknown class 'Lorry'; the model's classes are: Sky, Building"),
+                       ({"x": ["Road"], "y": ["Road"]}, "'Road' is already in 'x'"),
+                       ({"x": "*", "y": "*"}, "only one catch-all"),
+                       ({"x": {"from": ["Road"], "color": [300, 0, 0]}}, "integers 0-255"),
+                       ({"x": 3}, "list of model class names"), ([], "expected a mapping")]:
+        with pytest.raises(ValueError, match=re.escape(text)):
+            parse_class_map(spec, classes, palette)
+    repo = Path(__file__).resolve().parents[1]
+    for path in sorted((repo / "launch" / "class_maps").glob("*.yaml")):  # the shipped examples load
+        assert load_class_map(path, classes, palette).classes

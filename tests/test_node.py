@@ -551,3 +551,81 @@ def test_binding_beyond_loopback_warns(toy_model, capsys):
     assert node_main(["--source", "synthetic://?width=64&height=48&frames=1", "--model", str(model_dir),
                       "--backend", "torch", "--publish", _free_endpoint()]) == 0
     assert "reachable from other machines" not in capsys.readouterr().err
+
+
+def test_png_masks_equal_the_mono8_masks_of_the_same_frames(toy_model, tmp_path):
+    """--mask-encoding png through a real node and subscriber: the client decodes each PNG to exactly
+    the array mono8 carries (both compared with offline inference of the same frames)."""
+    _, model_dir = toy_model
+    video = make_video(tmp_path / "v.avi", n=6)
+    frames = [f.image for f in open_source(str(video))]
+    backend = load_backend(model_dir, backend="torch")
+    for encoding in ("mono8", "png"):
+        node, pub, t, result = start_node(str(video), model_dir, mask_encoding=encoding)
+        got = {}
+        with Subscriber(pub.endpoint, topics=["segnet/mask"]) as sub:
+            t.start()
+            deadline = time.monotonic() + 60
+            while len(got) < 6 and time.monotonic() < deadline:
+                if (msg := sub.recv(timeout=1)) is not None:
+                    got[msg.header["seq"]] = msg
+            t.join(timeout=30)
+        pub.close()
+        assert result.get("rc") == 0 and sorted(got) == list(range(6))
+        for seq, msg in got.items():
+            assert msg.header["encoding"] == encoding
+            assert msg.header["step"] == (0 if encoding == "png" else 64)
+            assert msg.data.dtype == np.uint8 and msg.data.shape == (48, 64)
+            assert np.array_equal(msg.data, backend.infer(frames[seq][None]).labels[0])
+            assert sum(msg.header["class_pixels"]) == 48 * 64
+
+
+def test_a_class_map_with_a_catch_all_drives_masks_info_and_counts(toy_model, tmp_path, capsys):
+    """Toy classes bg, a, b mapped to fg = {a, b} and rest = "*": every mask equals the mapped offline
+    labels, info lists the map's classes, class_pixels counts the mapped ids; a bad name fails at start."""
+    from perception.core.class_map import load_class_map
+
+    _, model_dir = toy_model
+    video = make_video(tmp_path / "v.avi", n=5)
+    cmap_file = tmp_path / "map.yaml"
+    cmap_file.write_text('fg: {from: [a, b], color: [255, 0, 0]}\nrest: "*"\n')
+    backend = load_backend(model_dir, backend="torch")
+    cmap = load_class_map(cmap_file, list(backend.classes), list(backend.palette))
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    node = Node(open_source(str(video)), load_backend(model_dir, backend="torch"), pub,
+                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=lambda m: None, class_map=cmap)
+    t = threading.Thread(target=node.run, daemon=True)
+    got, info, colors = {}, None, {}
+    with Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/info", "segnet/color_mask"]) as sub:
+        t.start()
+        deadline = time.monotonic() + 60
+        while (len(got) < 5 or info is None or len(colors) < 5) and time.monotonic() < deadline:
+            msg = sub.recv(timeout=1)
+            if msg is None:
+                continue
+            if msg.stream == "mask":
+                got[msg.header["seq"]] = msg
+            elif msg.stream == "color_mask":
+                colors[msg.header["seq"]] = msg.data
+            else:
+                info = msg.data
+        t.join(timeout=30)
+    pub.close()
+    assert info["classes"] == ["fg", "rest"] and info["palette"][0] == [255, 0, 0]
+    assert info["model_classes"] == ["bg", "a", "b"]
+    frames = [f.image for f in open_source(str(video))]
+    for seq, msg in got.items():
+        mapped = cmap.lut[backend.infer(frames[seq][None]).labels[0]]
+        assert np.array_equal(msg.data, mapped) and set(np.unique(msg.data)) <= {0, 1}
+        assert msg.header["class_pixels"] == np.bincount(mapped.ravel(), minlength=2).tolist()
+        fg = colors[seq][mapped == 0]  # BGR on the wire
+        assert fg.size == 0 or (fg == [0, 0, 255]).all(), "the colour mask follows the map's colours"
+
+    assert node_main(["--source", str(video), "--model", str(model_dir), "--backend", "torch",
+                      "--class-map", str(tmp_path / "missing.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("road: [Road]\n")
+    assert node_main(["--source", str(video), "--model", str(model_dir), "--backend", "torch",
+                      "--class-map", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "class map not found" in err and "unknown class 'Road'; the model's classes are: bg, a, b" in err

@@ -298,3 +298,22 @@ def test_subscriber_survives_a_peer_that_sends_over_the_size_limit():
             assert 99 not in seqs and sub.reconnects >= 1
         finally:
             pub.close(linger=0)
+
+
+def test_png_masks_are_checked_before_they_are_inflated():
+    import cv2
+
+    mask = (np.arange(48 * 64) % 5).astype(np.uint8).reshape(48, 64)
+    payload = encode_image(mask, "png")
+    header = image_header(seq=0, stamp_ns=1, frame_id="f", image=mask, encoding="png")
+    assert header["step"] == 0
+    assert np.array_equal(decode_message([b"s/mask", encode_header(header), payload]).data, mask)
+    # A 20000x20000 PNG (a few hundred KB of zeros) under a 64x48 header: refused from its IHDR.
+    ok, bomb = cv2.imencode(".png", np.zeros((20000, 20000), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    with pytest.raises(ProtocolError, match="PNG payload is 20000x20000"):
+        decode_message([b"s/mask", encode_header(header), bomb.tobytes()])
+    ok, colour = cv2.imencode(".png", np.zeros((48, 64, 3), np.uint8))
+    with pytest.raises(ProtocolError, match="8-bit greyscale"):
+        decode_message([b"s/mask", encode_header(header), colour.tobytes()])
+    with pytest.raises(ProtocolError, match="no readable IHDR"):
+        decode_message([b"s/mask", encode_header(header), b"not a png"])

@@ -138,7 +138,7 @@ class FoxgloveBridge:
                 import numpy as np
 
                 img = _bgr(msg.data) if h["encoding"] == "jpeg" else np.ascontiguousarray(msg.data)
-                enc = "bgr8" if h["encoding"] == "jpeg" else h["encoding"]
+                enc = {"jpeg": "bgr8", "png": "mono8"}.get(h["encoding"], h["encoding"])  # as decoded
                 channel.log(RawImage(timestamp=ts, frame_id=frame_id, width=int(img.shape[1]),
                                      height=int(img.shape[0]), encoding=enc, step=int(img.strides[0]),
                                      data=img.tobytes()), log_time=stamp)

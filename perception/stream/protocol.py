@@ -40,6 +40,8 @@ __all__ = [
     "encode_image",
     "decode_message",
     "jpeg_size",
+    "png_size",
+    "COMPRESSED_ENCODINGS",
 ]
 
 SCHEMA_VERSION = 1
@@ -52,6 +54,10 @@ ENCODINGS: dict[str, tuple[str, int]] = {
     "bgr8": ("u1", 3),
     "32FC1": ("<f4", 1),
 }
+# Compressed image encodings: the payload is a file (JPEG for colour images; PNG, lossless, for
+# class-id masks), and the header's step is 0.
+COMPRESSED_ENCODINGS = ("jpeg", "png")
+PNG_LEVEL = 6  # zlib level for PNG masks: most of the size gain at a sixth of level 9's cost (docs/benchmarks.md)
 REQUIRED_HEADER_KEYS = ("v", "seq", "stamp_ns", "frame_id", "encoding")
 IMAGE_HEADER_KEYS = ("height", "width", "step")
 
@@ -199,6 +205,15 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
+def png_size(data: bytes | memoryview) -> tuple[int, int, int, int] | None:
+    """(height, width, bit depth, colour type) from a PNG's IHDR chunk, read without decoding; None
+    when the data is not a PNG."""
+    b = bytes(data[:33])
+    if len(b) < 33 or b[:8] != b"\x89PNG\r\n\x1a\n" or b[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(b[20:24], "big"), int.from_bytes(b[16:20], "big"), b[24], b[25]
+
+
 def encode_map(data: dict[str, Any]) -> bytes:
     return msgpack.packb(data, use_bin_type=True)
 
@@ -221,7 +236,7 @@ def image_header(
                          "encoding": encoding}
     if image is not None:
         h["height"], h["width"] = int(image.shape[0]), int(image.shape[1])
-        h["step"] = int(image.strides[0]) if encoding != "jpeg" else 0
+        h["step"] = int(image.strides[0]) if encoding not in COMPRESSED_ENCODINGS else 0
     else:
         h["height"], h["width"], h["step"] = int(height or 0), int(width or 0), 0
     h.update(extra)
@@ -236,6 +251,15 @@ def encode_image(image: np.ndarray, encoding: str) -> np.ndarray | bytes:
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise ValueError("JPEG encoding failed")
+        return buf.tobytes()
+    if encoding == "png":  # class-id masks only: 8-bit, one channel, lossless
+        import cv2
+
+        if image.dtype != np.uint8 or image.ndim != 2:
+            raise ValueError(f"png masks need uint8 with 1 channel, got {image.dtype} {image.shape}")
+        ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+        if not ok:
+            raise ValueError("PNG encoding failed")
         return buf.tobytes()
     dtype, channels = ENCODINGS[encoding]
     if image.dtype != np.dtype(dtype) or (image.ndim == 3) != (channels > 1):
@@ -264,6 +288,20 @@ def _decode_image(header: dict[str, Any], payload: memoryview | bytes, limits: L
         img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
         if img is None or img.shape[:2] != (h, w):
             raise ProtocolError("JPEG payload does not decode to the header's size")
+        return img
+    if enc == "png":
+        import cv2
+
+        # As for JPEG: the PNG's own header must match before anything is inflated.
+        info = png_size(payload)
+        if info is None or info[:2] != (h, w):
+            raise ProtocolError(f"PNG payload is {info[1]}x{info[0]}, header says {w}x{h}" if info
+                                else "PNG payload has no readable IHDR")
+        if info[2:] != (8, 0):
+            raise ProtocolError("PNG masks must be 8-bit greyscale")
+        img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None or img.shape != (h, w) or img.dtype != np.uint8:
+            raise ProtocolError("PNG payload does not decode to the header's size")
         return img
     if enc not in ENCODINGS:
         raise ProtocolError(f"unknown encoding {enc!r}")

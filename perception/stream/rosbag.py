@@ -101,6 +101,7 @@ def ros_message(msg, typestore) -> tuple[str, Any]:
         return "sensor_msgs/msg/CompressedImage", t["sensor_msgs/msg/CompressedImage"](
             header=header, format="jpeg", data=np.frombuffer(msg.data, np.uint8))
     img = np.ascontiguousarray(msg.data)
+    enc = "mono8" if enc == "png" else enc  # a PNG mask arrives decoded: class ids, one byte each
     return "sensor_msgs/msg/Image", t["sensor_msgs/msg/Image"](
         header=header, height=int(img.shape[0]), width=int(img.shape[1]), encoding=enc, is_bigendian=0,
         step=int(img.strides[0]), data=img.reshape(-1).view(np.uint8))

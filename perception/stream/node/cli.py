@@ -43,6 +43,8 @@ class NodeConfig:
     skip: int = 0
     max_frames: int | None = None
     image_encoding: str = "bgr8"
+    mask_encoding: str = "mono8"  # mono8 | png
+    class_map: str | None = None  # YAML: output classes as groups of the model's (see perception/core/class_map.py)
     overlay_alpha: float = 0.5
     legend: bool = True
     wait_for_subscribers: int = 0
@@ -78,6 +80,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     "tta": (lambda v: v in ("none", "flip"), "none or flip"),
     "image_encoding": (lambda v: v in ("bgr8", "jpeg"), "bgr8 or jpeg"),
+    "mask_encoding": (lambda v: v in ("mono8", "png"), "mono8 or png"),
 }
 
 
@@ -132,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", type=int, help="drop N frames after each one kept")
     p.add_argument("--max-frames", type=int)
     p.add_argument("--image-encoding", choices=("bgr8", "jpeg"), help="for color_mask and overlay")
+    p.add_argument("--mask-encoding", choices=("mono8", "png"),
+                   help="mask as raw class ids (mono8, default) or a lossless PNG, several times smaller "
+                        "(for wireless links; docs/benchmarks.md)")
+    p.add_argument("--class-map", metavar="FILE",
+                   help="YAML of output classes as groups of the model's (e.g. drivable: [Road]); masks, colours, "
+                        "legend, info and class_pixels follow it (examples in launch/class_maps/)")
     p.add_argument("--overlay-alpha", type=float)
     p.add_argument("--legend", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--wait-for-subscribers", type=int, help="hold the first frame until N subscribers joined")
@@ -161,7 +170,7 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
     return validate_config(NodeConfig(**values))
 
 
-_PATH_OPTIONS = ("model", "source", "curve_secret_key", "curve_allow")
+_PATH_OPTIONS = ("model", "source", "curve_secret_key", "curve_allow", "class_map")
 
 
 def _relative_to(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         source.close()
         return fail(f"model: {e}")
+    class_map = None
+    if cfg.class_map:
+        from perception.core.class_map import load_class_map
+
+        try:
+            class_map = load_class_map(cfg.class_map, list(backend.classes), list(backend.palette))
+        except (FileNotFoundError, ValueError) as e:
+            source.close()
+            backend.close()
+            return fail(str(e))
     curve = None
     if bool(cfg.curve_secret_key) != bool(cfg.curve_allow):
         source.close()
@@ -249,12 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e))
 
     settings = NodeSettings(
-        frame_id=cfg.frame_id, image_encoding=cfg.image_encoding, overlay_alpha=cfg.overlay_alpha, legend=cfg.legend,
+        frame_id=cfg.frame_id, image_encoding=cfg.image_encoding, mask_encoding=cfg.mask_encoding,
+        overlay_alpha=cfg.overlay_alpha, legend=cfg.legend,
         stats_period_s=cfg.stats_period, info_period_s=cfg.info_period,
         wait_for_subscribers=cfg.wait_for_subscribers, wait_timeout_s=cfg.wait_timeout,
         log_period_s=cfg.log_period or None,
     )
-    node = Node(source, backend, publisher, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+    node = Node(source, backend, publisher, settings, log=lambda m: print(m, file=sys.stderr, flush=True),
+                class_map=class_map)
 
     stop_on_signals(node.stop)
     print(f"publishing {cfg.namespace}/* on {publisher.endpoint} ({backend.name} backend, model "

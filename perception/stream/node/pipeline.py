@@ -32,6 +32,7 @@ _END = object()
 class NodeSettings:
     frame_id: str = "camera"
     image_encoding: str = "bgr8"  # bgr8 | jpeg, for color_mask and overlay
+    mask_encoding: str = "mono8"  # mono8 | png (lossless, several times smaller)
     overlay_alpha: float = 0.5
     legend: bool = True
     stats_period_s: float = 1.0
@@ -77,7 +78,7 @@ class _Counters:
 class Node:
     def __init__(
         self, source: Source, backend: Backend, publisher: Publisher, settings: NodeSettings | None = None,
-        *, model_id: str = "", log: Callable[[str], None] = print,
+        *, model_id: str = "", log: Callable[[str], None] = print, class_map=None,
     ) -> None:
         self.source = source
         self.backend = backend
@@ -85,7 +86,11 @@ class Node:
         self.s = settings or NodeSettings()
         self.model_id = model_id or backend.card.id
         self.log = log
-        self.lut = palette_lut(backend.palette)
+        # The classes the node publishes: the model's, or a class map's groups of them.
+        self.class_map = class_map
+        self.classes = list(class_map.classes) if class_map is not None else list(backend.classes)
+        self.palette = [tuple(c) for c in (class_map.palette if class_map is not None else backend.palette)]
+        self.lut = palette_lut(self.palette)
         self.bayesian = backend.capabilities.uncertainty
         self.stop_event = threading.Event()
         self.counters = _Counters()
@@ -149,8 +154,9 @@ class Node:
         return {
             "model_id": self.model_id,
             "architecture": card.architecture.get("name"),
-            "classes": list(card.classes),
-            "palette": [list(c) for c in card.palette],
+            "classes": list(self.classes),
+            "palette": [list(c) for c in self.palette],
+            **({"model_classes": list(card.classes)} if self.class_map is not None else {}),
             "input_size": [card.input.height, card.input.width],
             "backend": self.backend.name,
             "bayesian": self.bayesian,
@@ -207,11 +213,13 @@ class Node:
         res = self.backend.infer(frame.image[None], uncertainty="uncertainty" in wanted)
         t1 = time.perf_counter()
         labels = res.labels[0]
+        if self.class_map is not None:
+            labels = self.class_map.apply(labels)
         # One histogram of the mask serves the mask header's class_pixels and the overlay's legend.
-        counts = class_pixels(labels, len(self.backend.classes))
+        counts = class_pixels(labels, len(self.classes))
         outputs: dict[str, tuple[np.ndarray | bytes, str]] = {}
         if "mask" in wanted:
-            outputs["mask"] = (labels, "mono8")
+            outputs["mask"] = (labels, self.s.mask_encoding)
         color = colorize(labels, self.lut) if ("color_mask" in wanted or "overlay" in wanted) else None
         enc = self.s.image_encoding
         if "color_mask" in wanted:
@@ -219,8 +227,8 @@ class Node:
         if "overlay" in wanted:
             over = overlay(frame.image, color, self.s.overlay_alpha)
             if self.s.legend:
-                draw_legend(over, self.backend.classes, self.backend.palette,
-                            present=classes_present(labels, len(self.backend.classes), counts), in_place=True)
+                draw_legend(over, self.classes, self.palette,
+                            present=classes_present(labels, len(self.classes), counts), in_place=True)
             outputs["overlay"] = (over, enc)
         if "uncertainty" in wanted and res.uncertainty is not None:
             outputs["uncertainty"] = (res.uncertainty[0].astype(np.float32), "32FC1")

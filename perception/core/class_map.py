@@ -1,0 +1,111 @@
+"""Class maps: output classes defined as groups of a model's classes ("give me only the road").
+
+A YAML mapping, in output order; each entry is a list of model class names, ``"*"`` (every model
+class no other entry names: the catch-all), or a mapping with ``from:`` and an optional ``color:``
+(``[R, G, B]``)::
+
+    drivable: {from: [Road], color: [128, 64, 128]}
+    walkable: [Pavement]
+    obstacle: [Car, Pedestrian, Bicyclist]
+    other: "*"
+
+Without a catch-all, model classes no entry names map to an added last class ``unmapped`` (black),
+so every pixel keeps a class and per-class counts still sum to the image. A group's colour defaults
+to its first member's. The map relabels the model's decision (the argmax over the model's own
+classes); it does not re-decide on merged probabilities, which exported models (labels out) do not
+expose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ClassMap", "load_class_map", "parse_class_map"]
+
+UNMAPPED = "unmapped"
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    classes: list[str]  # output class names, index = output id
+    palette: list[tuple[int, int, int]]  # RGB per output class
+    lut: np.ndarray  # (n_model_classes,) uint8: model class id -> output id
+
+    def apply(self, labels: np.ndarray) -> np.ndarray:
+        """Model class ids -> output ids (any array shape)."""
+        return self.lut[labels]
+
+
+def _color(value: Any, where: str) -> tuple[int, int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)):
+        raise ValueError(f"{where}: color must be [R, G, B] with integers 0-255, got {value!r}")
+    return int(value[0]), int(value[1]), int(value[2])
+
+
+def parse_class_map(spec: Any, model_classes: list[str], model_palette: list[tuple[int, int, int]],
+                    *, source: str = "class map") -> ClassMap:
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{source}: expected a mapping of output class -> model classes")
+    if len(spec) > 255:
+        raise ValueError(f"{source}: at most 255 output classes")
+    index = {name: i for i, name in enumerate(model_classes)}
+    lut = np.full(len(model_classes), -1, np.int64)
+    classes: list[str] = []
+    palette: list[tuple[int, int, int]] = []
+    catch_all: int | None = None
+    for out_id, (name, entry) in enumerate(spec.items()):
+        where = f"{source}: {name!r}"
+        color = None
+        if isinstance(entry, dict):
+            unknown_keys = set(entry) - {"from", "color"}
+            if unknown_keys or "from" not in entry:
+                raise ValueError(f"{where}: use {{from: [...], color: [R, G, B]}}")
+            if "color" in entry:
+                color = _color(entry["color"], where)
+            entry = entry["from"]
+        if entry == "*":
+            if catch_all is not None:
+                raise ValueError(f"{where}: only one catch-all (\"*\") is allowed")
+            catch_all = out_id
+            members: list[str] = []
+        elif isinstance(entry, list) and entry and all(isinstance(m, str) for m in entry):
+            members = entry
+        else:
+            raise ValueError(f"{where}: give a list of model class names or \"*\"")
+        unknown = [m for m in members if m not in index]
+        if unknown:
+            raise ValueError(f"{where}: unknown class {unknown[0]!r}; the model's classes are: "
+                             + ", ".join(model_classes))
+        for m in members:
+            if lut[index[m]] != -1:
+                raise ValueError(f"{where}: {m!r} is already in {classes[lut[index[m]]]!r}")
+            lut[index[m]] = out_id
+        classes.append(str(name))
+        default = tuple(model_palette[index[members[0]]]) if members else (64, 64, 64)
+        palette.append(color or default)  # type: ignore[arg-type]
+    if catch_all is not None:
+        lut[lut == -1] = catch_all
+    elif (lut == -1).any():
+        lut[lut == -1] = len(classes)
+        classes.append(UNMAPPED)
+        palette.append((0, 0, 0))
+    return ClassMap(classes, palette, lut.astype(np.uint8))
+
+
+def load_class_map(path: str | Path, model_classes: list[str],
+                   model_palette: list[tuple[int, int, int]]) -> ClassMap:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class map not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_class_map(spec, model_classes, model_palette, source=str(path))
