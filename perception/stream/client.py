@@ -24,6 +24,8 @@ __all__ = ["Subscriber", "Message", "ProtocolError"]
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_RECONNECTING = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
+_RECONNECT_GRACE_S = 1.0
 
 
 class Subscriber:
@@ -42,7 +44,8 @@ class Subscriber:
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
         # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED)
+        self._lost_at: float | None = None  # a disconnect libzmq has not (yet) followed with a reconnect
         if curve is not None:  # (node's public key file, this client's key pair file)
             from perception.stream.security import configure_client
 
@@ -77,12 +80,19 @@ class Subscriber:
     def _check_connection(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
-        events = []
         while self._monitor.poll(0):
-            events.append(recv_monitor_message(self._monitor)["event"])
-        if any(e & _HANDSHAKE_FAILED for e in events):
-            self.handshake_failures += 1  # libzmq retries on its own; hammering a refusing node helps nobody
-        elif zmq.EVENT_DISCONNECTED in events:
+            event = recv_monitor_message(self._monitor)["event"]
+            if event & _HANDSHAKE_FAILED:
+                self.handshake_failures += 1  # libzmq retries on its own; hammering a refusing node helps nobody
+                self._lost_at = None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._lost_at = time.monotonic()
+            elif event & _RECONNECTING:
+                self._lost_at = None  # libzmq is re-making the connection itself (e.g. a restarted node)
+        # After a message over MAXMSGSIZE libzmq drops the connection and stays silent. Re-make it only
+        # then (a grace period later): disconnecting while libzmq reconnects could cut a message in half.
+        if self._lost_at is not None and time.monotonic() - self._lost_at > _RECONNECT_GRACE_S:
+            self._lost_at = None
             self.sock.disconnect(self.endpoint)
             self.sock.connect(self.endpoint)
             self.reconnects += 1
@@ -93,8 +103,10 @@ class Subscriber:
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             remaining = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if self._lost_at is not None:  # wake up in time to re-make a dropped connection
+                remaining = 200 if remaining is None else min(remaining, 200)
             ready = dict(self._poller.poll(remaining))
-            if self._monitor in ready:
+            if self._monitor in ready or self._lost_at is not None:
                 self._check_connection()
             if self.sock in ready:
                 return True

@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
     n = 0
     classes: list[str] | None = None  # names for --areas, from the node's info message
+    running: set[str] = set()  # stats topics seen, not yet final
+    finished: set[str] = set()
     last_msg = time.monotonic()
     next_rate = time.monotonic() + 1.0
     import zmq
@@ -103,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({"topic": msg.topic, "header": msg.header, "data": data}), flush=True)
                 elif not args.rate_only:
                     print(summarize(msg, areas=args.areas, classes=classes), flush=True)
-                if msg.stream == "stats" and isinstance(msg.data, dict) and msg.data.get("final") is True \
-                        and not args.stay:
-                    return 0  # the node has finished (its last stats message)
+                if msg.stream == "stats" and isinstance(msg.data, dict):
+                    # One node may run several cameras (one stats topic each): done when all have finished.
+                    (finished if msg.data.get("final") is True else running).add(msg.topic)
+                    if msg.data.get("final") is True:
+                        running.discard(msg.topic)
+                    if finished and not running and not args.stay:
+                        return 0  # the node has finished (its last stats message)
             if now >= next_rate and (args.rate_only or args.count is None):
                 next_rate = now + 1.0
                 rates = []

@@ -5,12 +5,14 @@ ROS-publisher behaviour: a stream is computed only while someone subscribes to i
 ``info`` topic is re-sent whenever a subscriber joins, and ``--wait-for-subscribers`` can hold the
 first frame until consumers are connected (PUB/SUB's "slow joiner" would otherwise lose it).
 
-Not thread-safe (no ZeroMQ socket is): one thread owns it.
+One socket, guarded by a lock, so that several cameras' pipelines (one thread each) can share it
+through :class:`PublisherView`, each under its own namespace (``segnet/front``, ``segnet/rear``).
 """
 
 from __future__ import annotations
 
 import errno
+import threading
 import time
 from typing import Any
 
@@ -20,7 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from perception.stream.protocol import DEFAULT_LIMITS, Limits, encode_header, encode_map, topic_for
 
-__all__ = ["Publisher", "PublisherError"]
+__all__ = ["Publisher", "PublisherError", "PublisherView"]
 
 
 class PublisherError(RuntimeError):
@@ -67,14 +69,32 @@ class Publisher:
         self.peers = 0  # connected subscriber sockets
         self.subscribe_events = 0
         self._joined_info = False
+        self._info_joined: set[str] = set()  # view namespaces whose info topic got a new subscriber
+        self.views: list[PublisherView] = []
         self.sent: dict[str, int] = {}
+        self._lock = threading.RLock()
 
     # -- subscriptions --------------------------------------------------------------------------
 
     def poll(self, timeout_ms: int = 0) -> None:
         """Process pending subscription and connection events (waiting up to ``timeout_ms`` for one)."""
+        if timeout_ms:
+            self._wait_for_events(timeout_ms)
+        with self._lock:
+            self._poll_locked()
+
+    def _wait_for_events(self, timeout_ms: int) -> None:
+        # Wait without holding the lock (other cameras keep sending); then process under it.
+        deadline = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._poller.poll(0):
+                    return
+            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+
+    def _poll_locked(self) -> None:
         poller = self._poller
-        events = dict(poller.poll(timeout_ms))
+        events = dict(poller.poll(0))
         while events:
             if self.sock in events:
                 while self.sock.poll(0, zmq.POLLIN):
@@ -97,6 +117,9 @@ class Publisher:
             self.prefixes.add(prefix)
             if self._topic(b"info").startswith(prefix):
                 self._joined_info = True
+            for view in self.views:
+                if topic_for(view.namespace, "info").encode().startswith(prefix):
+                    self._info_joined.add(view.namespace)
         elif kind == 0:
             # Delivered only when the last subscriber of this prefix has left.
             self.prefixes.discard(prefix)
@@ -104,9 +127,10 @@ class Publisher:
     def _topic(self, stream: bytes) -> bytes:
         return topic_for(self.namespace, stream.decode()).encode()
 
-    def wants(self, stream: str) -> bool:
-        topic = topic_for(self.namespace, stream).encode()
-        return any(topic.startswith(p) for p in self.prefixes)
+    def wants(self, stream: str, *, namespace: str | None = None) -> bool:
+        topic = topic_for(self.namespace if namespace is None else namespace, stream).encode()
+        with self._lock:
+            return any(topic.startswith(p) for p in self.prefixes)
 
     def take_info_request(self) -> bool:
         """True once after a subscriber to ``info`` joined (so the latched info is re-sent)."""
@@ -134,23 +158,38 @@ class Publisher:
         Each payload array must not be modified afterwards (ZeroMQ may still be sending it): the
         pipeline allocates fresh arrays per frame, so none is reused.
         """
-        topic = topic_for(self.namespace, stream).encode()
-        body = memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload
-        head = encode_header(header)
-        size = len(topic) + len(head) + body.nbytes if isinstance(body, memoryview) else len(topic) + len(head) + len(body)
-        if size > self.limits.max_message_bytes:
+        size = self._send(topic_for(self.namespace, stream), header, payload)
+        if size is not None:
             self.oversize[stream] = self.oversize.get(stream, 0) + 1
             if self.on_oversize is not None:
                 self.on_oversize(stream, size)
             return
-        try:
-            self.sock.send_multipart([topic, head, body], copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # XPUB drops at the high-water mark rather than raising; this is belt and braces
         self.sent[stream] = self.sent.get(stream, 0) + 1
+
+    def _send(self, topic_str: str, header: dict[str, Any], payload: np.ndarray | bytes) -> int | None:
+        """Send one message; returns its size instead when it is over the limit (then nothing is sent)."""
+        topic = topic_str.encode()
+        body = memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload
+        head = encode_header(header)
+        size = len(topic) + len(head) + body.nbytes if isinstance(body, memoryview) else len(topic) + len(head) + len(body)
+        if size > self.limits.max_message_bytes:
+            return size
+        with self._lock:
+            try:
+                self.sock.send_multipart([topic, head, body], copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # XPUB drops at the high-water mark rather than raising; this is belt and braces
+        return None
 
     def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None:
         self.publish(stream, {**header, "encoding": "msgpack"}, encode_map(data))
+
+    def view(self, namespace: str) -> "PublisherView":
+        """A publisher for one camera: the same socket, its own namespace and counters."""
+        v = PublisherView(self, namespace)
+        with self._lock:
+            self.views.append(v)
+        return v
 
     def close(self, linger_ms: int | None = None) -> None:
         try:
@@ -161,3 +200,51 @@ class Publisher:
         self.sock.close(linger=linger_ms)
         if self.curve is not None:
             self.curve.stop()
+
+
+class PublisherView:
+    """One camera's side of a shared :class:`Publisher`: what a :class:`~perception.stream.node.pipeline.Node`
+    needs (wants, publish, info requests, counters) under the camera's own namespace."""
+
+    def __init__(self, publisher: Publisher, namespace: str) -> None:
+        self.publisher = publisher
+        self.namespace = namespace
+        self.limits = publisher.limits
+        self.endpoint = publisher.endpoint
+        self.on_oversize = None
+        self.sent: dict[str, int] = {}
+        self.oversize: dict[str, int] = {}
+
+    @property
+    def peers(self) -> int:
+        return self.publisher.peers
+
+    def poll(self, timeout_ms: int = 0) -> None:
+        self.publisher.poll(timeout_ms)
+
+    def wants(self, stream: str) -> bool:
+        return self.publisher.wants(stream, namespace=self.namespace)
+
+    def take_info_request(self) -> bool:
+        with self.publisher._lock:
+            joined = self.namespace in self.publisher._info_joined
+            self.publisher._info_joined.discard(self.namespace)
+        return joined
+
+    def wait_for_subscribers(self, n: int, **kwargs) -> bool:
+        return self.publisher.wait_for_subscribers(n, **kwargs)
+
+    def publish(self, stream: str, header: dict[str, Any], payload: np.ndarray | bytes) -> None:
+        size = self.publisher._send(topic_for(self.namespace, stream), header, payload)
+        if size is not None:
+            self.oversize[stream] = self.oversize.get(stream, 0) + 1
+            if self.on_oversize is not None:
+                self.on_oversize(stream, size)
+            return
+        self.sent[stream] = self.sent.get(stream, 0) + 1
+
+    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None:
+        self.publish(stream, {**header, "encoding": "msgpack"}, encode_map(data))
+
+    def close(self, linger_ms: int | None = None) -> None:
+        pass  # the shared publisher is closed by its owner

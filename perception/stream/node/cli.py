@@ -28,6 +28,7 @@ __all__ = ["NodeConfig", "build_parser", "main", "resolve_backend", "validate_co
 @dataclass
 class NodeConfig:
     source: str | None = None
+    sources: list[str] | None = None  # several cameras: NAME=URI (or URI); topics <namespace>/<name>/<stream>
     model: str | None = None  # model folder, .onnx or .engine; default: the shipped CamVid model
     backend: str = "auto"  # auto | tensorrt | onnxruntime | torch
     device: str = "cpu"
@@ -100,9 +101,11 @@ def validate_config(cfg: NodeConfig) -> NodeConfig:
         ok = (("bool" in kinds and isinstance(value, bool))
               or ("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
               or ("float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
-              or ("str" in kinds and isinstance(value, str)))
+              or ("str" in kinds and isinstance(value, str))
+              or ("list[str]" in kinds and isinstance(value, list) and value
+                  and all(isinstance(v, str) for v in value)))
         if not ok:
-            expected = " or ".join(k for k in kinds if k != "None")
+            expected = " or ".join(k.replace("list[str]", "list of strings") for k in kinds if k != "None")
             raise ValueError(f"{_option(f.name)} must be {'an' if expected[0] in 'aeiou' else 'a'} {expected}, "
                              f"got {value!r}")
         check = _RANGES.get(f.name)
@@ -115,8 +118,10 @@ def validate_config(cfg: NodeConfig) -> NodeConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-node", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", help="video file, image, folder/glob, camera index or /dev/videoN, rtsp://, "
-                                    "http(s)://, synthetic://")
+    p.add_argument("--source", action="append",
+                   help="video file, image, folder/glob, camera index or /dev/videoN, rtsp://, http(s)://, "
+                        "synthetic://; repeat for several cameras, each optionally named NAME=URI "
+                        "(topics become <namespace>/<name>/<stream>)")
     p.add_argument("--model", help="model folder, .onnx or .engine (default: models/segnet_basic_camvid)")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"))
     p.add_argument("--device", help="cpu or cuda")
@@ -149,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info-period", type=float)
     p.add_argument("--mc-samples", type=int, help="MC dropout samples for uncertainty (Bayesian models)")
     p.add_argument("--log-period", type=float, help="seconds between status lines on stderr (0: none)")
+    p.add_argument("--reconnect-attempts", type=int,
+                   help="live sources: reconnect attempts (exponential backoff) before giving up, at start too "
+                        "(default 5; 0: fail at once)")
+    p.add_argument("--stall-timeout", type=float,
+                   help="live sources: seconds without a frame before stats say stalled (default 5)")
     p.add_argument("--curve-secret-key", metavar="FILE",
                    help="CURVE: the node's key pair (server.key_secret from perception-keys); encrypts every stream")
     p.add_argument("--curve-allow", metavar="FILE_OR_DIR",
@@ -161,8 +171,15 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
     values: dict[str, Any] = {}
     if args.config:
         values.update(_relative_to(Path(args.config).parent, load_yaml_options(args.config)))
-    skip = {"config", "print_config"}
+    skip = {"config", "print_config", "source"}
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
+    if args.source:  # flags replace the file's cameras
+        values.pop("sources", None)
+        values.pop("source", None)
+        if len(args.source) == 1:
+            values["source"] = args.source[0]
+        else:
+            values["sources"] = list(args.source)
     known = {f.name for f in dataclasses.fields(NodeConfig)}
     unknown = set(values) - known
     if unknown:
@@ -177,11 +194,23 @@ def _relative_to(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
     """Relative file paths in a launch file name files next to it (wherever the node is started
     from); URIs, camera indices and /dev paths are left alone. Paths given as flags stay relative to
     the working directory, as on any command line."""
+    def resolve(v: str) -> str:
+        if v and "://" not in v and not v.isdigit() and not Path(v).is_absolute():
+            return str(folder / v)
+        return v
+
     out = dict(values)
     for key in _PATH_OPTIONS:
-        v = out.get(key)
-        if isinstance(v, str) and v and "://" not in v and not v.isdigit() and not Path(v).is_absolute():
-            out[key] = str(folder / v)
+        if isinstance(out.get(key), str):
+            out[key] = resolve(out[key])
+    if isinstance(out.get("sources"), list):
+        from perception.stream.node.cameras import parse_camera_specs
+
+        try:
+            specs = parse_camera_specs([str(v) for v in out["sources"]])
+        except ValueError:
+            return out  # reported by validation later, naming the option
+        out["sources"] = [f"{s.name}={resolve(s.uri)}" for s in specs]
     return out
 
 
@@ -219,20 +248,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return 0
-    if not cfg.source:
-        return fail("--source is required (a file, folder, camera, stream URL or synthetic://)")
-    print("effective config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr, flush=True)
+    from perception.stream.node.cameras import parse_camera_specs
+
     try:
-        source = open_source(cfg.source, SourceOptions(
-            loop=cfg.loop, realtime=cfg.realtime, resize=parse_hw(cfg.resize, option="--resize"), skip=cfg.skip,
-            max_frames=cfg.max_frames, reconnect_attempts=cfg.reconnect_attempts, stall_timeout_s=cfg.stall_timeout,
-        ))
-    except (SourceError, ValueError) as e:
+        specs = parse_camera_specs(cfg.sources or ([cfg.source] if cfg.source else []))
+    except ValueError as e:
         return fail(str(e))
+    if not specs:
+        return fail("--source is required (a file, folder, camera, stream URL or synthetic://)")
+    multi = len(specs) > 1  # one camera: topics and frame_id exactly as before, a NAME= prefix ignored
+    print("effective config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr, flush=True)
+    options = SourceOptions(
+        loop=cfg.loop, realtime=cfg.realtime, resize=parse_hw(cfg.resize, option="--resize"), skip=cfg.skip,
+        max_frames=cfg.max_frames, reconnect_attempts=cfg.reconnect_attempts, stall_timeout_s=cfg.stall_timeout,
+    )
+    sources = []
+
+    def close_sources() -> None:
+        for _, src in sources:
+            src.close()
+
+    for spec in specs:
+        try:
+            sources.append((spec, open_source(spec.uri, options)))
+        except (SourceError, ValueError) as e:
+            close_sources()
+            return fail(f"camera {spec.name}: {e}" if multi else str(e))
     try:
         backend = resolve_backend(cfg)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        source.close()
+        close_sources()
         return fail(f"model: {e}")
     class_map = None
     if cfg.class_map:
@@ -241,12 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             class_map = load_class_map(cfg.class_map, list(backend.classes), list(backend.palette))
         except (FileNotFoundError, ValueError) as e:
-            source.close()
+            close_sources()
             backend.close()
             return fail(str(e))
     curve = None
     if bool(cfg.curve_secret_key) != bool(cfg.curve_allow):
-        source.close()
+        close_sources()
         return fail("--curve-secret-key and --curve-allow go together")
     if cfg.curve_secret_key:
         from perception.stream.security import CurveError, CurveServer
@@ -254,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             curve = CurveServer(cfg.curve_secret_key, cfg.curve_allow)
         except CurveError as e:
-            source.close()
+            close_sources()
             return fail(str(e))
     try:
         publisher = Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm, curve=curve)
@@ -264,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(see perception-keys: --curve-secret-key/--curve-allow)",
                   file=sys.stderr, flush=True)
     except PublisherError as e:
-        source.close()
+        close_sources()
         return fail(str(e))
 
     settings = NodeSettings(
@@ -274,12 +319,33 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_subscribers=cfg.wait_for_subscribers, wait_timeout_s=cfg.wait_timeout,
         log_period_s=cfg.log_period or None,
     )
-    node = Node(source, backend, publisher, settings, log=lambda m: print(m, file=sys.stderr, flush=True),
-                class_map=class_map)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if multi:
+        from perception.stream.node.cameras import run_cameras
 
+        nodes: list = []
+        stop_on_signals(lambda: [n.stop() for n in nodes])
+        print(f"publishing {cfg.namespace}/<camera>/* on {publisher.endpoint} ({backend.name} backend, model "
+              f"{backend.card.id}, cameras {', '.join(f'{s.name}={s.uri}' for s in specs)})", file=sys.stderr,
+              flush=True)
+        try:
+            rc = run_cameras(sources, backend, publisher, settings, namespace=cfg.namespace,
+                             frame_id_given=args.frame_id is not None or cfg.frame_id != "camera", log=log,
+                             class_map=class_map, on_nodes=nodes.extend)
+        finally:
+            publisher.close()
+            backend.close()
+        for spec, node in zip(specs, nodes):
+            c = node.counters
+            print(f"done [{spec.name}]: {c.processed} frames processed, {c.skipped} skipped without subscribers, "
+                  f"{c.dropped} dropped", file=sys.stderr, flush=True)
+        return rc
+
+    source = sources[0][1]
+    node = Node(source, backend, publisher, settings, log=log, class_map=class_map)
     stop_on_signals(node.stop)
     print(f"publishing {cfg.namespace}/* on {publisher.endpoint} ({backend.name} backend, model "
-          f"{backend.card.id}, source {cfg.source})", file=sys.stderr, flush=True)
+          f"{backend.card.id}, source {specs[0].uri})", file=sys.stderr, flush=True)
     try:
         rc = node.run()
     finally:

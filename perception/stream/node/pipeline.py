@@ -20,7 +20,7 @@ import numpy as np
 from perception.inference.base import Backend
 from perception.inference.postprocess import class_pixels, classes_present, colorize, draw_legend, overlay, palette_lut
 from perception.stream.protocol import FRAME_STREAMS, SCHEMA_VERSION, image_header, encode_image
-from perception.stream.publisher import Publisher
+from perception.stream.publisher import Publisher, PublisherView
 from perception.stream.node.sources import Frame, Source, SourceError
 
 __all__ = ["NodeSettings", "Node", "LatencyWindow"]
@@ -99,7 +99,7 @@ class Node:
         self._queue: queue.Queue = queue.Queue(maxsize=1 if source.live else max(1, self.s.queue_size))
         self._capture_done = threading.Event()
         self._oversize_warned: set[str] = set()
-        if isinstance(publisher, Publisher) and publisher.on_oversize is None:
+        if isinstance(publisher, (Publisher, PublisherView)) and publisher.on_oversize is None:
             publisher.on_oversize = self._warn_oversize
 
     def _warn_oversize(self, stream: str, nbytes: int) -> None:
