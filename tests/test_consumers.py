@@ -397,6 +397,15 @@ def _serve_view(endpoint: str):
     return ready["url"], stop, t
 
 
+def _shut_down(browser, view_stop, view_thread, node, node_thread, pub) -> None:
+    browser.close()
+    view_stop.set()
+    node.stop()
+    node_thread.join(timeout=30)
+    view_thread.join(timeout=10)
+    pub.close()
+
+
 def test_view_in_chromium_shows_the_road_and_live_stats(shipped_model, camvid_root, tmp_path):
     """The page, rendered by Chromium against a live node running the shipped CamVid model: switched to
     the colour mask it shows the road's palette colour over much of the frame, and its stats update."""
@@ -439,12 +448,7 @@ def test_view_in_chromium_shows_the_road_and_live_stats(shipped_model, camvid_ro
         assert browser.js("document.getElementById('fps').textContent") not in ("", "–")
         assert browser.js("document.querySelectorAll('#latency tr.stage').length") >= 3
     finally:
-        browser.close()
-        stop.set()
-        node.stop()
-        t.join(timeout=30)
-        vt.join(timeout=10)
-        pub.close()
+        _shut_down(browser, stop, vt, node, t, pub)
 
 
 def test_view_says_when_the_node_stops_and_carries_on_when_it_restarts(toy_model, tmp_path):
@@ -472,12 +476,7 @@ def test_view_says_when_the_node_stops_and_carries_on_when_it_restarts(toy_model
         assert browser.wait_js("document.body.dataset.state === 'live'")
         assert int(browser.js("document.getElementById('restarts').textContent")) >= 1
     finally:
-        browser.close()
-        stop.set()
-        node.stop()
-        t.join(timeout=30)
-        vt.join(timeout=10)
-        pub.close()
+        _shut_down(browser, stop, vt, node, t, pub)
 
 
 def test_consumer_commands_fail_in_one_line(tmp_path, capsys):

@@ -158,13 +158,7 @@ class Publisher:
         Each payload array must not be modified afterwards (ZeroMQ may still be sending it): the
         pipeline allocates fresh arrays per frame, so none is reused.
         """
-        size = self._send(topic_for(self.namespace, stream), header, payload)
-        if size is not None:
-            self.oversize[stream] = self.oversize.get(stream, 0) + 1
-            if self.on_oversize is not None:
-                self.on_oversize(stream, size)
-            return
-        self.sent[stream] = self.sent.get(stream, 0) + 1
+        _publish_counted(self, self, self.namespace, stream, header, payload)
 
     def _send(self, topic_str: str, header: dict[str, Any], payload: np.ndarray | bytes) -> int | None:
         """Send one message; returns its size instead when it is over the limit (then nothing is sent)."""
@@ -235,16 +229,23 @@ class PublisherView:
         return self.publisher.wait_for_subscribers(n, **kwargs)
 
     def publish(self, stream: str, header: dict[str, Any], payload: np.ndarray | bytes) -> None:
-        size = self.publisher._send(topic_for(self.namespace, stream), header, payload)
-        if size is not None:
-            self.oversize[stream] = self.oversize.get(stream, 0) + 1
-            if self.on_oversize is not None:
-                self.on_oversize(stream, size)
-            return
-        self.sent[stream] = self.sent.get(stream, 0) + 1
+        _publish_counted(self, self.publisher, self.namespace, stream, header, payload)
 
     def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None:
         self.publish(stream, {**header, "encoding": "msgpack"}, encode_map(data))
 
     def close(self, linger_ms: int | None = None) -> None:
         pass  # the shared publisher is closed by its owner
+
+
+def _publish_counted(owner, publisher: Publisher, namespace: str, stream: str, header: dict[str, Any],
+                     payload: np.ndarray | bytes) -> None:
+    """Send through ``publisher`` and count on ``owner`` (a Publisher or a view): sent, or withheld
+    as oversize (``owner.on_oversize(stream, nbytes)`` hears of it)."""
+    size = publisher._send(topic_for(namespace, stream), header, payload)
+    if size is not None:
+        owner.oversize[stream] = owner.oversize.get(stream, 0) + 1
+        if owner.on_oversize is not None:
+            owner.on_oversize(stream, size)
+        return
+    owner.sent[stream] = owner.sent.get(stream, 0) + 1
