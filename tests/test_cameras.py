@@ -108,3 +108,34 @@ def test_two_video_cameras_in_one_node_and_a_dead_one(toy_model, tmp_path):
             assert msg.header["frame_id"] == camera
             assert np.array_equal(msg.data, backend.infer(frames[seq][None]).labels[0])
         assert infos[camera]["frame_id"] == camera
+
+
+def test_record_keeps_each_camera_apart(toy_model, tmp_path):
+    """perception-record --camera: files per camera, and one bag holding every camera's topics."""
+    from perception.stream.node.cli import main as node_main
+    from perception.stream.record import main as record_main
+
+    _, model_dir = toy_model
+    for fmt in ("files", "mcap"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        out = tmp_path / fmt
+        rec: dict = {}
+        rt = threading.Thread(target=lambda: rec.setdefault("rc", record_main(
+            [endpoint, "--out", str(out), "--format", fmt, "--camera", "a", "--camera", "b", "--timeout", "60"])))
+        rt.start()
+        assert node_main(["--source", "a=synthetic://?width=64&height=48&frames=3",
+                          "--source", "b=synthetic://?width=32&height=24&frames=2", "--model", str(model_dir),
+                          "--backend", "torch", "--publish", endpoint, "--wait-for-subscribers", "1"]) == 0
+        rt.join(timeout=60)
+        assert rec.get("rc") == 0, "the recorder ends once every camera has finished"
+        if fmt == "files":
+            assert len(list((out / "a" / "mask").glob("*.png"))) == 3
+            assert len(list((out / "b" / "mask").glob("*.png"))) == 2
+        else:
+            from rosbags.rosbag2 import Reader
+
+            with Reader(out) as reader:
+                counts = {c.topic: c.msgcount for c in reader.connections}
+            assert counts["/segnet/a/mask"] == 3 and counts["/segnet/b/mask"] == 2

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("files", "mcap"), default="files",
                    help="files: PNG masks + overlay.mp4 (default); mcap: a ROS 2 bag folder")
     p.add_argument("--namespace", default="segnet")
+    p.add_argument("--camera", action="append", metavar="NAME",
+                   help="a node running several cameras: record this one (repeatable; topics "
+                        "<namespace>/<camera>/<stream>; files go to OUT/<camera>/, a bag holds them all)")
     p.add_argument("--streams", help="comma list of streams to record (default: mask,overlay,stats,info; "
                    "mcap also takes color_mask and uncertainty)")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate written into the overlay video (files)")
@@ -127,6 +130,22 @@ class _FileSink:
             self.stats_file.close()
 
 
+class _PerCamera:
+    """File sinks by camera, for a node running several cameras."""
+
+    def __init__(self, sinks: dict[str, _FileSink], namespace: str) -> None:
+        self.sinks, self.namespace = sinks, namespace
+
+    def write(self, msg) -> None:
+        camera = msg.topic[len(self.namespace) + 1 :].split("/", 1)[0]
+        if camera in self.sinks:
+            self.sinks[camera].write(msg)
+
+    def close(self) -> None:
+        for sink in self.sinks.values():
+            sink.close()
+
+
 def _recover(folder: str) -> int:
     from perception.stream.rosbag import BagError, recover_bag
 
@@ -181,10 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         except BagError as e:
             print(f"perception-record: error: {e}", file=sys.stderr)
             return 2
+    elif args.camera:
+        sink = _PerCamera({c: _FileSink(out / c, streams, args.fps) for c in args.camera}, args.namespace)
     else:
         sink = _FileSink(out, streams, args.fps)
-    topics = [f"{args.namespace}/{s}" for s in streams]
+    prefixes = [f"{args.namespace}/{c}" for c in args.camera] if args.camera else [args.namespace]
+    topics = [f"{p}/{s}" for p in prefixes for s in streams]
     frame_stream = "mask" if "mask" in streams else "overlay"
+    finals: set[str] = set()  # stats topics that said final (one per camera)
     stopped = stop_on_signals()
     frames = 0
     skipped = 0
@@ -227,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 if msg.stream == frame_stream:
                     frames += 1
                 if msg.stream == "stats" and isinstance(msg.data, dict) and msg.data.get("final") is True:
-                    break  # the node has finished its source
+                    finals.add(msg.topic)
+                    if len(finals) == len(prefixes):
+                        break  # the node has finished its source (every camera recorded)
     except ValueError as e:  # BagError: a stream changed type mid-recording
         print(f"perception-record: error: {e}", file=sys.stderr)
         rc = 1
