@@ -19,98 +19,74 @@ from typing import Any
 import yaml
 
 from perception.core.config import load_yaml_options
+from perception.core.options import add_arguments, given, merge, opt, validate
 from perception.core.sizes import parse_hw
 
 __all__ = ["NodeConfig", "build_parser", "main", "resolve_backend", "validate_config"]
 
 
 
+def _at_least(n):
+    return (lambda v: v >= n, f">= {n}")
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+
+
 @dataclass
 class NodeConfig:
-    source: str | None = None
-    sources: list[str] | None = None  # several cameras: NAME=URI (or URI); topics <namespace>/<name>/<stream>
-    model: str | None = None  # model folder, .onnx or .engine; default: the shipped CamVid model
-    backend: str = "auto"  # auto | tensorrt | onnxruntime | torch
-    device: str = "cpu"
-    precision: str = "fp32"  # torch backend: fp32 | bf16 | fp16
-    tta: str = "none"  # none | flip (average each frame's logits with its mirror's; about 2x the compute)
-    threads: int | None = None
-    publish: str = "tcp://127.0.0.1:5555"
-    namespace: str = "segnet"
-    frame_id: str = "camera"
-    loop: bool = False
-    realtime: bool = False
-    resize: str | None = None  # HxW, like every size in this project
-    skip: int = 0
-    max_frames: int | None = None
-    image_encoding: str = "bgr8"
-    mask_encoding: str = "mono8"  # mono8 | png
-    class_map: str | None = None  # YAML: output classes as groups of the model's (see perception/core/class_map.py)
-    overlay_alpha: float = 0.5
-    legend: bool = True
-    wait_for_subscribers: int = 0
-    wait_timeout: float | None = None
-    stats_period: float = 1.0
-    info_period: float = 5.0
-    mc_samples: int = 8
-    sndhwm: int = 8
-    log_period: float = 10.0  # seconds between status lines on stderr; 0 for none
-    reconnect_attempts: int = 5
-    stall_timeout: float = 5.0
-    curve_secret_key: str | None = None  # the node's key pair (server.key_secret): CURVE on
-    curve_allow: str | None = None  # client public keys admitted: a .key file or a folder of them
+    """Every option of perception-node: the flags, the launch-file keys and their checks come from here."""
 
-
-# Allowed values, checked at start (with the types the dataclass declares) so that a bad option fails
-# before any source opens, naming the option: (check, what is allowed).
-_RANGES: dict[str, tuple[Any, str]] = {
-    "skip": (lambda v: v >= 0, ">= 0"),
-    "max_frames": (lambda v: v >= 1, ">= 1"),
-    "overlay_alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-    "wait_for_subscribers": (lambda v: v >= 0, ">= 0"),
-    "wait_timeout": (lambda v: v > 0, "> 0"),
-    "stats_period": (lambda v: v > 0, "> 0"),
-    "info_period": (lambda v: v > 0, "> 0"),
-    "mc_samples": (lambda v: v >= 1, ">= 1"),
-    "sndhwm": (lambda v: v >= 1, ">= 1"),
-    "log_period": (lambda v: v >= 0, ">= 0"),
-    "reconnect_attempts": (lambda v: v >= 0, ">= 0"),
-    "stall_timeout": (lambda v: v > 0, "> 0"),
-    "threads": (lambda v: v >= 1, ">= 1"),
-    "backend": (lambda v: v in ("auto", "tensorrt", "onnxruntime", "torch"), "auto, tensorrt, onnxruntime or torch"),
-    "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
-    "tta": (lambda v: v in ("none", "flip"), "none or flip"),
-    "image_encoding": (lambda v: v in ("bgr8", "jpeg"), "bgr8 or jpeg"),
-    "mask_encoding": (lambda v: v in ("mono8", "png"), "mono8 or png"),
-}
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    source: str | None = opt(None, cli=False)  # --source is added by hand: it repeats (several cameras)
+    sources: list[str] | None = opt(None, cli=False)  # several cameras: NAME=URI (or URI)
+    model: str | None = opt(None, help="model folder, .onnx or .engine (default: models/segnet_basic_camvid)")
+    backend: str = opt("auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
+    device: str = opt("cpu", help="cpu or cuda")
+    precision: str = opt("fp32", choices=("fp32", "bf16", "fp16"), help="torch backend precision")
+    tta: str = opt("none", choices=("none", "flip"),
+                   help="flip: average each frame's logits with its mirror's (about 2x the compute; see "
+                        "docs/benchmarks.md)")
+    threads: int | None = opt(None, check=_at_least(1), help="inference threads")
+    publish: str = opt("tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    namespace: str = opt("segnet", help="topic prefix")
+    frame_id: str = opt("camera", help="frame_id in headers (several cameras: each camera's name)")
+    loop: bool = opt(False, help="restart files at the end")
+    realtime: bool = opt(False, help="pace files at their native frame rate (default: as fast as possible)")
+    resize: str | None = opt(None, help="resize frames to HxW (height x width, e.g. 360x480) before anything else")
+    skip: int = opt(0, check=_at_least(0), help="drop N frames after each one kept")
+    max_frames: int | None = opt(None, check=_at_least(1))
+    image_encoding: str = opt("bgr8", choices=("bgr8", "jpeg"), help="for color_mask and overlay")
+    mask_encoding: str = opt("mono8", choices=("mono8", "png"),
+                             help="mask as raw class ids (mono8) or a lossless PNG, 25-100x smaller "
+                                  "(for wireless links; docs/benchmarks.md)")
+    class_map: str | None = opt(None, metavar="FILE",
+                                help="YAML of output classes as groups of the model's (e.g. drivable: [Road]); "
+                                     "masks, colours, legend, info and class_pixels follow it (examples in "
+                                     "launch/class_maps/)")
+    overlay_alpha: float = opt(0.5, check=(lambda v: 0.0 <= v <= 1.0, "in [0, 1]"))
+    legend: bool = opt(True, help="draw the legend of the classes present on the overlay")
+    wait_for_subscribers: int = opt(0, check=_at_least(0), help="hold the first frame until N subscribers joined")
+    wait_timeout: float | None = opt(None, check=_POSITIVE, help="seconds to wait for subscribers (default: forever)")
+    stats_period: float = opt(1.0, check=_POSITIVE)
+    info_period: float = opt(5.0, check=_POSITIVE)
+    mc_samples: int = opt(8, check=_at_least(1), help="MC dropout samples for uncertainty (Bayesian models)")
+    sndhwm: int = opt(8, check=_at_least(1), help="messages queued per subscriber before the node drops for it")
+    log_period: float = opt(10.0, check=_at_least(0), help="seconds between status lines on stderr (0: none)")
+    reconnect_attempts: int = opt(5, check=_at_least(0),
+                                  help="live sources: reconnect attempts (exponential backoff) before giving up, at "
+                                       "start too (0: fail at once)")
+    stall_timeout: float = opt(5.0, check=_POSITIVE,
+                               help="live sources: seconds without a frame before stats say stalled")
+    curve_secret_key: str | None = opt(None, metavar="FILE",
+                                       help="CURVE: the node's key pair (server.key_secret from perception-keys); "
+                                            "encrypts every stream")
+    curve_allow: str | None = opt(None, metavar="FILE_OR_DIR",
+                                  help="CURVE: client public keys (.key) admitted; anyone else receives nothing")
 
 
 def validate_config(cfg: NodeConfig) -> NodeConfig:
-    """Check every value against its declared type and allowed range; ValueError names the option."""
-    for f in dataclasses.fields(NodeConfig):
-        value = getattr(cfg, f.name)
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        if value is None:
-            if "None" not in kinds:
-                raise ValueError(f"{_option(f.name)} needs a value")
-            continue
-        ok = (("bool" in kinds and isinstance(value, bool))
-              or ("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
-              or ("float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
-              or ("str" in kinds and isinstance(value, str))
-              or ("list[str]" in kinds and isinstance(value, list) and value
-                  and all(isinstance(v, str) for v in value)))
-        if not ok:
-            expected = " or ".join(k.replace("list[str]", "list of strings") for k in kinds if k != "None")
-            raise ValueError(f"{_option(f.name)} must be {'an' if expected[0] in 'aeiou' else 'a'} {expected}, "
-                             f"got {value!r}")
-        check = _RANGES.get(f.name)
-        if check is not None and not check[0](value):
-            raise ValueError(f"{_option(f.name)} must be {check[1]}, got {value!r}")
+    """Every value against its declared type, choices and range; ValueError names the option."""
+    validate(cfg)
     parse_hw(cfg.resize, option="--resize")
     return cfg
 
@@ -122,69 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video file, image, folder/glob, camera index or /dev/videoN, rtsp://, http(s)://, "
                         "synthetic://; repeat for several cameras, each optionally named NAME=URI "
                         "(topics become <namespace>/<name>/<stream>)")
-    p.add_argument("--model", help="model folder, .onnx or .engine (default: models/segnet_basic_camvid)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"))
-    p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="torch backend precision")
-    p.add_argument("--tta", choices=("none", "flip"),
-                   help="flip: average each frame's logits with its mirror's (about 2x the compute; see docs/benchmarks.md)")
-    p.add_argument("--threads", type=int, help="inference threads")
-    p.add_argument("--publish", help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
-    p.add_argument("--namespace", help="topic prefix (default segnet)")
-    p.add_argument("--frame-id", help="frame_id in headers (default camera)")
-    p.add_argument("--config", help="YAML file of options (see launch/)")
-    p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None, help="restart files at the end")
-    p.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None,
-                   help="pace files at their native frame rate (default: as fast as possible)")
-    p.add_argument("--resize", help="resize frames to HxW (height x width, e.g. 360x480) before anything else")
-    p.add_argument("--skip", type=int, help="drop N frames after each one kept")
-    p.add_argument("--max-frames", type=int)
-    p.add_argument("--image-encoding", choices=("bgr8", "jpeg"), help="for color_mask and overlay")
-    p.add_argument("--mask-encoding", choices=("mono8", "png"),
-                   help="mask as raw class ids (mono8, default) or a lossless PNG, several times smaller "
-                        "(for wireless links; docs/benchmarks.md)")
-    p.add_argument("--class-map", metavar="FILE",
-                   help="YAML of output classes as groups of the model's (e.g. drivable: [Road]); masks, colours, "
-                        "legend, info and class_pixels follow it (examples in launch/class_maps/)")
-    p.add_argument("--overlay-alpha", type=float)
-    p.add_argument("--legend", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--wait-for-subscribers", type=int, help="hold the first frame until N subscribers joined")
-    p.add_argument("--wait-timeout", type=float, help="seconds to wait for subscribers (default: forever)")
-    p.add_argument("--stats-period", type=float)
-    p.add_argument("--info-period", type=float)
-    p.add_argument("--mc-samples", type=int, help="MC dropout samples for uncertainty (Bayesian models)")
-    p.add_argument("--log-period", type=float, help="seconds between status lines on stderr (0: none)")
-    p.add_argument("--reconnect-attempts", type=int,
-                   help="live sources: reconnect attempts (exponential backoff) before giving up, at start too "
-                        "(default 5; 0: fail at once)")
-    p.add_argument("--stall-timeout", type=float,
-                   help="live sources: seconds without a frame before stats say stalled (default 5)")
-    p.add_argument("--curve-secret-key", metavar="FILE",
-                   help="CURVE: the node's key pair (server.key_secret from perception-keys); encrypts every stream")
-    p.add_argument("--curve-allow", metavar="FILE_OR_DIR",
-                   help="CURVE: client public keys (.key) admitted; anyone else receives nothing")
+    p.add_argument("--config", help="YAML file of options (see launch/); flags override it")
+    add_arguments(p, NodeConfig)
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     return p
 
 
 def load_config(args: argparse.Namespace) -> NodeConfig:
-    values: dict[str, Any] = {}
+    """Defaults < the --config file < flags."""
+    file_values: dict[str, Any] = {}
     if args.config:
-        values.update(_relative_to(Path(args.config).parent, load_yaml_options(args.config)))
-    skip = {"config", "print_config", "source"}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
+        file_values = _relative_to(Path(args.config).parent, load_yaml_options(args.config))
+    flags = {k: v for k, v in given(args, NodeConfig).items() if k != "source"}  # --source repeats: below
     if args.source:  # flags replace the file's cameras
-        values.pop("sources", None)
-        values.pop("source", None)
-        if len(args.source) == 1:
-            values["source"] = args.source[0]
-        else:
-            values["sources"] = list(args.source)
-    known = {f.name for f in dataclasses.fields(NodeConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return validate_config(NodeConfig(**values))
+        file_values.pop("sources", None)
+        file_values.pop("source", None)
+        flags["source" if len(args.source) == 1 else "sources"] = (
+            args.source[0] if len(args.source) == 1 else list(args.source))
+    return validate_config(merge(NodeConfig, file_values, flags))
 
 
 _PATH_OPTIONS = ("model", "source", "curve_secret_key", "curve_allow", "class_map")
