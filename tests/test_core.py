@@ -71,3 +71,29 @@ def test_class_maps_group_relabel_and_fail_naming_the_models_classes(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     for path in sorted((repo / "launch" / "class_maps").glob("*.yaml")):  # the shipped examples load
         assert load_class_map(path, classes, palette).classes
+
+
+@pytest.mark.parametrize("cli", ["node", "train"])
+def test_flags_and_yaml_keys_come_from_one_typed_config(cli, tmp_path):
+    """Every field of a CLI's config dataclass is a flag (unless marked YAML-only) and every flag is a
+    field (besides the CLI's own --config/--resume...); defaults < YAML < flags."""
+    import dataclasses
+
+    if cli == "node":
+        from perception.stream.node.cli import NodeConfig as Config, build_parser, load_config
+        own = {"help", "config", "print_config", "source"}
+    else:
+        pytest.importorskip("torch")
+        from perception.train.cli import build_parser
+        from perception.train.config import TrainConfig as Config
+        own = {"help", "config", "resume", "no_progress"}
+    dests = {a.dest for a in build_parser()._actions}
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    cli_fields = {n for n, f in fields.items() if f.metadata.get("option", {}).get("cli", True)}
+    assert cli_fields <= dests, f"fields without a flag: {sorted(cli_fields - dests)}"
+    assert dests - own <= set(fields), f"flags without a field: {sorted(dests - own - set(fields))}"
+    if cli == "node":
+        yaml_file = tmp_path / "n.yaml"
+        yaml_file.write_text("namespace: from_yaml\nstats_period: 3\nskip: 2\n")
+        cfg = load_config(build_parser().parse_args(["--config", str(yaml_file), "--skip", "5"]))
+        assert (cfg.namespace, cfg.stats_period, cfg.skip, cfg.info_period) == ("from_yaml", 3, 5, 5.0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from perception.data.loading import open_dataset
 from perception.data.transforms import ToTensors
+from perception.eval.card_metrics import card_metrics, metrics_key
 from perception.eval.evaluate import evaluate
 from perception.models import load, save
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         card.training["resumed_with"] = resumed
     groups = [g for g in args.groups.split(",") if g] if args.groups else None
     ds = open_dataset(args.data, args.split, transform=ToTensors(), groups=groups)
-    split_name = "holdout_" + "+".join(groups) if groups else args.split
+    split_name = metrics_key(args.split, groups)
     split_flags = f"--split {args.split}" + (f" --groups {args.groups}" if groups else "")
     # channels_last as perception-eval uses on a CPU: dropout masks are drawn in memory order, so the
     # MC numbers reproduce only with the same layout.
@@ -88,13 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         if keep:
             model, m = recal, m_recal
             card.training["bn_recalibrated"] = True
-    keys = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou", "per_class_bf")
-    card.metrics = {split_name: {k: m[k] for k in keys}}
+    card.metrics = {split_name: card_metrics(m)}
     mc = None
     if args.mc_samples:
         mc = evaluate(model, ds, card.input, amp="off", mc_samples=args.mc_samples, seed=0, progress=True,
                       channels_last=True)
-        card.metrics[f"{split_name}_mc{args.mc_samples}"] = {k: mc[k] for k in keys}
+        card.metrics[f"{split_name}_mc{args.mc_samples}"] = card_metrics(mc)
     card.extra["status"] = args.status
     card.extra["eval_command"] = f"perception-eval --model {dest} --data {args.data} {split_flags}"
     run_dir = Path(args.source).resolve().parent  # runs/NAME/final -> runs/NAME (history, curves)

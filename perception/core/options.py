@@ -108,11 +108,12 @@ def given(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def merge(cls: type, *layers: dict[str, Any]) -> Any:
-    """``cls`` defaults, then each layer in turn (later wins; None values are "not given").
+    """``cls`` defaults, then each layer in turn (later wins). A None in a layer is a value (e.g. a
+    recipe's ``crop: None``); flags not given never reach a layer (see :func:`given`).
     Unknown keys are an error naming them."""
     values: dict[str, Any] = {}
     for layer in layers:
-        values.update({k: v for k, v in layer.items() if v is not None})
+        values.update(layer)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:

@@ -6,63 +6,109 @@ reproduced or resumed from its folder alone.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
 from perception.core import sizes
 from perception.core.config import load_yaml_options
+from perception.core.options import merge, opt, validate
 from perception.data.splits import DEFAULT_GROUP_PATTERN
 
-__all__ = ["TrainConfig", "RECIPES", "build_config", "parse_hw"]
+__all__ = ["TrainConfig", "RECIPES", "RECIPE_NAMES", "build_config", "parse_hw", "parse_range"]
+
+
+RECIPE_NAMES = ("cpu", "paper", "robust")  # see RECIPES below
+
+
+def parse_hw(text: str | None) -> tuple[int, int] | None:
+    """The crop: ``"240x320"`` -> (240, 320); ``"none"``/``"full"`` -> None (whole images)."""
+    return sizes.parse_hw(text, option="crop", minimum=32, none_words=("none", "full"))
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected LO,HI (e.g. 0.75,1.5), got {text!r}") from None
+    return lo, hi
+
+
+def _groups(text: str) -> list[str] | None:
+    return [g for g in text.split(",") if g] or None
+
+
+def _model_names() -> tuple[str, ...]:
+    from perception.models.registry import list_models
+
+    return tuple(list_models())
 
 
 @dataclass
 class TrainConfig:
-    model: str = "segnet_basic"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    data: str = "../shared/camvid"
-    train_split: str = "train"  # "+" joins splits: "train+val"
-    val_split: str | None = "val"  # selection split; with holdout it is only reported (if disjoint from training)
-    holdout: list[str] | None = None  # groups (drives) held out of train_split for selection, e.g. ["0006R0"]
-    holdout_list: str | None = None  # or a file naming the held-out images
-    group_pattern: str = DEFAULT_GROUP_PATTERN  # regex; its first group is an image's drive
-    out: str = "runs/segnet_basic"
-    recipe: str = "cpu"
-    epochs: int = 100
-    batch_size: int = 8
-    crop: tuple[int, int] | None = (240, 320)  # None: whole images
-    scale: tuple[float, float] = (1.0, 1.0)  # random scale jitter range
-    hflip: bool = True
-    color_jitter: float = 0.0  # brightness, contrast, saturation factors in [1-j, 1+j]
-    gamma: tuple[float, float] = (1.0, 1.0)  # random gamma range (dusk/dawn lighting)
-    hue: float = 0.0  # random hue shift, degrees
-    blur: float = 0.0  # probability of a Gaussian blur (sigma 0.3-1.5)
-    noise: float = 0.0  # max std of additive Gaussian noise, in 0-255 units
-    label_smoothing: float = 0.0
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "constant"  # constant | cosine | poly
-    warmup_epochs: float = 0.0
-    class_weights: str = "median"  # median | reference | none
-    class_weight_power: float = 1.0  # weights ** power (0.5 softens median frequency balancing)
-    loss_normalization: str = "valid_pixels"  # valid_pixels (Caffe) | weights (PyTorch weighted mean)
-    amp: str = "off"  # bf16 | fp16 | off
-    channels_last: bool = False
-    val_every: int = 1
-    time_budget_s: float | None = None  # choose epochs (<= epochs) after warmup to fit this wall time
-    bn_recalibrate: bool = False
-    encoder_weights: str | None = None
-    init_weights: str | None = None  # a model folder to start from (fine-tuning); mismatched tensors are skipped
-    seed: int = 0
-    num_workers: int = 0
-    cache: bool = True
-    device: str = "auto"
-    max_iters_per_epoch: int | None = None  # for smoke tests
+    """Every option of perception-train: flags, YAML keys (as in <out>/config.yaml) and checks."""
+
+    model: str = opt("segnet_basic", choices=_model_names(), help="architecture")
+    model_kwargs: dict[str, Any] = opt(default_factory=dict, parse=json.loads,
+                                       help='JSON of extra builder arguments, e.g. \'{"lrn": true}\'')
+    data: str = opt("../shared/camvid", help="dataset folder (CamVid layout: train.txt/val.txt, or <split>/images + labels)")
+    train_split: str = opt("train", help="training split; '+' joins splits (e.g. train+val)")
+    val_split: str | None = opt("val", help="split used for model selection; with --holdout it is only reported, "
+                                            "where none of its images were trained on; 'none' for no split")
+    holdout: list[str] | None = opt(None, parse=_groups, metavar="GROUP[,GROUP]",
+                                    help="hold these drives (groups of frames, see --group-pattern) out of the "
+                                         "training split and select on them, e.g. 0006R0")
+    holdout_list: str | None = opt(None, metavar="FILE",
+                                   help="hold out the images named in FILE (one per line) instead")
+    group_pattern: str = opt(DEFAULT_GROUP_PATTERN, metavar="REGEX",
+                             help="regex whose first group is an image's drive (CamVid's prefix by default)")
+    out: str = opt("runs/segnet_basic", help="output folder for checkpoints, metrics, curves and model folders")
+    recipe: str = opt("cpu", choices=RECIPE_NAMES,
+                      help="default settings: 'paper' (faithful), 'cpu' (fast on CPU), 'robust' (cpu + changes of "
+                           "scale, light and sensor, for roads never seen)")
+    epochs: int = opt(100, check=(lambda v: v >= 1, ">= 1"))
+    batch_size: int = opt(8, check=(lambda v: v >= 1, ">= 1"), help="per process")
+    crop: tuple[int, int] | None = opt((240, 320), parse=parse_hw, help="random crop HxW, or 'none' for whole images")
+    scale: tuple[float, float] = opt((1.0, 1.0), parse=parse_range, help="random scale range LO,HI")
+    hflip: bool = opt(True, help="random horizontal flips")
+    color_jitter: float = opt(0.0, help="brightness/contrast/saturation factors in [1-J, 1+J]")
+    gamma: tuple[float, float] = opt((1.0, 1.0), parse=parse_range,
+                                     help="random gamma range LO,HI (e.g. 0.5,2.0: dusk/dawn lighting)")
+    hue: float = opt(0.0, check=(lambda v: v >= 0, ">= 0"), help="random hue shift in degrees")
+    blur: float = opt(0.0, check=(lambda v: 0 <= v <= 1, "in [0, 1]"), help="probability of a Gaussian blur (sigma 0.3-1.5)")
+    noise: float = opt(0.0, check=(lambda v: v >= 0, ">= 0"), help="max std of Gaussian pixel noise (0-255 units)")
+    label_smoothing: float = opt(0.0, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    optimizer: str = opt("sgd", choices=("sgd", "adamw"))
+    lr: float = opt(0.1, check=(lambda v: v > 0, "> 0"))
+    momentum: float = opt(0.9, cli=False)
+    weight_decay: float = opt(5e-4)
+    schedule: str = opt("constant", choices=("constant", "cosine", "poly"))
+    warmup_epochs: float = opt(0.0)
+    class_weights: str = opt("median", choices=("median", "reference", "none"))
+    class_weight_power: float = opt(1.0, help="raise the class weights to this power (0.5 softens median frequency balancing)")
+    loss_normalization: str = opt("valid_pixels", choices=("valid_pixels", "weights"),
+                                  help="valid_pixels (Caffe's) or weights (PyTorch's weighted mean)")
+    amp: str = opt("off", choices=("bf16", "fp16", "off"))
+    channels_last: bool = opt(False)
+    val_every: int = opt(1, check=(lambda v: v >= 1, ">= 1"), help="validate every N epochs")
+    time_budget_s: float | None = opt(None, flag="--time-budget", metavar="SECONDS", check=(lambda v: v > 0, "> 0"),
+                                      help="after the warmup epochs, cut --epochs so the run ends within SECONDS "
+                                           "(recorded in config.yaml)")
+    bn_recalibrate: bool = opt(False, help="recompute batch-norm statistics over the training set at the end")
+    encoder_weights: str | None = opt(None, help="local torchvision vgg16_bn weights to initialise SegNet's encoder")
+    init_weights: str | None = opt(None, metavar="MODEL_DIR",
+                                   help="start from a model folder's weights (fine-tuning, e.g. another dataset or a "
+                                        "Bayesian variant of the same architecture); tensors whose names or shapes "
+                                        "differ are skipped")
+    seed: int = opt(0)
+    num_workers: int = opt(0, check=(lambda v: v >= 0, ">= 0"))
+    cache: bool = opt(True, cli=False)
+    device: str = opt("auto", help="auto | cpu | cuda")
+    max_iters_per_epoch: int | None = opt(None, help=argparse.SUPPRESS)  # for smoke tests
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -130,11 +176,6 @@ RECIPES["robust"] = {
 PAPER_SEGNET_LR = 0.001  # the paper's lr for the VGG16 SegNet
 
 
-def parse_hw(text: str | None) -> tuple[int, int] | None:
-    """The crop: ``"240x320"`` -> (240, 320); ``"none"``/``"full"`` -> None (whole images)."""
-    return sizes.parse_hw(text, option="crop", minimum=32, none_words=("none", "full"))
-
-
 def _coerce(key: str, value: Any) -> Any:
     if key == "crop":
         return parse_hw(value)
@@ -161,35 +202,17 @@ def build_config(
     model = overrides.get("model") or file_values.get("model") or TrainConfig.model
     if recipe == "paper" and model in ("segnet", "bayesian_segnet"):
         values["lr"] = PAPER_SEGNET_LR
-    values.update(file_values)
-    values.update(overrides)
-    values["recipe"] = recipe
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    layers = [values, file_values, overrides, {"recipe": recipe}]
+    cfg = merge(TrainConfig, *({k: _coerce(k, v) for k, v in layer.items()} for layer in layers))
+    validate(cfg)
     _validate(cfg)
     return cfg
 
 
 def _validate(cfg: TrainConfig) -> None:
-    choices = {
-        "optimizer": ("sgd", "adamw"),
-        "schedule": ("constant", "cosine", "poly"),
-        "class_weights": ("median", "reference", "none"),
-        "loss_normalization": ("valid_pixels", "weights"),
-        "amp": ("bf16", "fp16", "off"),
-    }
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise ValueError("epochs, batch_size and lr must be positive")
+    """Checks that involve more than one value (one value's type, choices and range: options.validate)."""
     if not 0 < cfg.gamma[0] <= cfg.gamma[1]:
-        raise ValueError(f"gamma must be a range 0 < LO <= HI, got {cfg.gamma}")
-    if not 0 <= cfg.blur <= 1 or cfg.noise < 0 or cfg.hue < 0 or not 0 <= cfg.label_smoothing < 1:
-        raise ValueError("blur must be in [0, 1]; noise, hue >= 0; label_smoothing in [0, 1)")
-    if cfg.time_budget_s is not None and cfg.time_budget_s <= 0:
-        raise ValueError("time_budget_s must be positive")
+        raise ValueError(f"--gamma must be a range 0 < LO <= HI, got {cfg.gamma}")
+    if not 0 < cfg.scale[0] <= cfg.scale[1]:
+        raise ValueError(f"--scale must be a range 0 < LO <= HI, got {cfg.scale}")
 

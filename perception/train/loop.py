@@ -30,6 +30,7 @@ from perception.data.class_weights import median_frequency_weights
 from perception.core.classes import default_palette
 from perception.data.loading import open_dataset
 from perception.data.transforms import ToTensors, TrainAugment, normalize
+from perception.eval.card_metrics import card_metrics, metrics_key
 from perception.eval.evaluate import evaluate
 from perception.models.precision import autocast_context
 from perception.models import io as model_io
@@ -135,10 +136,10 @@ def _holds_out(cfg: TrainConfig) -> bool:
 def _selection_name(cfg: TrainConfig) -> str:
     """The metrics key of the selection set: ``holdout_0006R0`` for held-out drives, else the split's name."""
     if cfg.holdout:
-        return "holdout_" + "+".join(cfg.holdout)
+        return metrics_key(cfg.train_split, cfg.holdout)
     if cfg.holdout_list is not None:
-        return "holdout_" + Path(cfg.holdout_list).stem
-    return str(cfg.val_split)
+        return metrics_key(cfg.train_split, [Path(cfg.holdout_list).stem])
+    return metrics_key(str(cfg.val_split))
 
 
 def _open_splits(cfg: TrainConfig, aug: TrainAugment):
@@ -234,7 +235,7 @@ def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, comma
             "machine": machine_description(device),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
-        metrics={_selection_name(cfg): _summary(metrics)} if metrics else {},
+        metrics={_selection_name(cfg): card_metrics(metrics)} if metrics else {},
     )
 
 
@@ -247,11 +248,6 @@ def _truncate_history(path: Path, epochs_done: int) -> None:
 
     rows = [r for r in read_history(path) if r.get("epoch", 0) <= epochs_done]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-
-def _summary(m: dict[str, Any]) -> dict[str, Any]:
-    keys = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou", "per_class_bf")
-    return {k: m[k] for k in keys if k in m}
 
 
 @torch.no_grad()
@@ -300,236 +296,298 @@ def recalibrate_batch_norm(model: nn.Module, dataset, spec, *, device, amp: str 
         model.eval()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train as ``cfg`` says; returns the summary also written to ``<out>/summary.json``."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Run:
+    """Everything one training run holds, passed between its phases."""
 
+    cfg: TrainConfig
+    info: Any
+    device: torch.device
+    out: Path
+    command: str
+    aug: TrainAugment
+    train_set: Any
+    val_set: Any
+    report_sets: dict[str, Any]
+    spec: Any
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: Any
+    loader: Any
+    steps_per_epoch: int
+    state: _State
+    ddp_model: nn.Module | None = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / LAST_CHECKPOINT
+
+    @property
+    def history_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train as ``cfg`` says; returns the summary also written to ``<out>/summary.json``.
+
+    Phases: setup (data, model, optimiser), resume, then per epoch train / choose epochs / validate
+    and select / checkpoint, and finalize (the model folder that ships, with its measured card)."""
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     info = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     try:
-        device = resolve_device(cfg.device, info)
-        out = Path(cfg.out)
-        ckpt_path = out / LAST_CHECKPOINT
-        if ckpt_path.exists() and not resume:
-            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-        if resume and not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume given but there is no checkpoint at {ckpt_path}")
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-        aug = TrainAugment(
-            crop=cfg.crop, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter, gamma=cfg.gamma,
-            hue=cfg.hue, blur=cfg.blur, noise=cfg.noise,
-        )
-        train_set, val_set, report_sets = _open_splits(cfg, aug)
-        if info.is_main:
-            print(f"training on {len(train_set)} images ({cfg.train_split}"
-                  + (f" without {_selection_name(cfg)}" if _holds_out(cfg) else "") + ")"
-                  + (f"; selecting on {_selection_name(cfg)} ({len(val_set)} images)" if val_set is not None else "")
-                  + "".join(f"; reporting {k} ({len(v)} images)" for k, v in report_sets.items()), flush=True)
-        num_classes = train_set.num_classes
-        first_img, _ = train_set.load(0)
-        spec = model_io.InputSpec(height=first_img.shape[0], width=first_img.shape[1])
-
-        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-        kwargs = dict(cfg.model_kwargs)
-        if cfg.encoder_weights:
-            kwargs["encoder_weights"] = cfg.encoder_weights
-        model = get_model(cfg.model, num_classes=num_classes, **kwargs).to(device)
-        if cfg.init_weights and not resume:
-            loaded, skipped = init_from_model_folder(model, cfg.init_weights)
-            if info.is_main:
-                print(f"initialised {loaded} tensors from {cfg.init_weights}"
-                      + (f"; skipped {len(skipped)} that differ: {skipped[:4]}" if skipped else ""), flush=True)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        weights = _class_weights(cfg, train_set)
-        criterion = SegmentationLoss(
-            None if weights is None else torch.as_tensor(weights, dtype=torch.float32),
-            ignore_index=train_set.ignore_index if train_set.ignore_index is not None else -100,
-            normalization=cfg.loss_normalization,
-            label_smoothing=cfg.label_smoothing,
-        ).to(device)
-        optimizer = _optimizer(cfg, model)
-
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed crop and validation sizes
-        if cfg.cache:
-            train_set.preload()  # decoded once, before DataLoader workers fork (they share the pages)
-        sampler = DistributedSampler(
-            train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
-        loader = DataLoader(
-            train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-            worker_init_fn=_worker_init if cfg.num_workers else None,
-        )
-        steps_per_epoch = len(loader)
-        if cfg.max_iters_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, cfg.max_iters_per_epoch)
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(train_set)} training images give no full batch of {cfg.batch_size} per process"
-            )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: _lr_factor(cfg, step, steps_per_epoch)
-        )
-
-        state = _State(command=command)
+        run = _setup(cfg, info, resume=resume, command=command)
         if resume:
-            ck = load_checkpoint(ckpt_path)
-            if ck.get("version") != CHECKPOINT_VERSION:
-                raise ValueError(f"{ckpt_path}: checkpoint version {ck.get('version')} is not {CHECKPOINT_VERSION}")
-            if ck["model_config"] != model_config(model):
-                raise ValueError(f"{ckpt_path} holds {ck['model_config']}, but the config builds {model_config(model)}")
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            state = _State(**ck["state"])
-            if state.command:  # checkpoints written before the field existed have none
-                state.resumed_with.append(command)
-            restore_rng_state(ck["rng"])
-            if info.is_main:
-                _truncate_history(out / "metrics.jsonl", state.epoch)
-                print(f"resuming {out} after epoch {state.epoch} (best val mIoU {state.best_miou:.4f})", flush=True)
-
-        ddp_model: nn.Module = model
+            _resume(run)
+        run.ddp_model = run.model
         if info.enabled:
-            ddp_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
+            run.ddp_model = nn.parallel.DistributedDataParallel(
+                run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
             )
-
-        history_path = out / "metrics.jsonl"
         run_started = time.time()
         bookkeeping_seconds = 0.0  # checkpoint + plot of the last epoch: part of an epoch's cost
-        epoch = state.epoch
-        while epoch < cfg.epochs:
-            seed = _epoch_seed(cfg, epoch, info.rank)
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            aug.epoch_seed = seed
-            aug.reseed(seed)
-            sampler.set_epoch(epoch)
-            ddp_model.train()
-            t0 = time.time()
-            loss_sum = torch.zeros(2, dtype=torch.float64)
-            bar = tqdm(
-                total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-                disable=not (progress and info.is_main), dynamic_ncols=True,
-            )
-            for it, (images, labels) in enumerate(loader):
-                if it >= steps_per_epoch:
-                    break
-                x = normalize(images.to(device, non_blocking=True), spec)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = labels.to(device, non_blocking=True)
-                with autocast_context(device, cfg.amp):
-                    logits = ddp_model(x)
-                loss = criterion(logits, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                state.step += 1
-                loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-                elapsed = time.time() - t0
-                bar.set_postfix(
-                    loss=f"{loss_sum[0] / loss_sum[1]:.4f}",
-                    img_s=f"{(it + 1) * cfg.batch_size * info.world_size / max(elapsed, 1e-9):.1f}",
-                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                )
-                bar.update(1)
-            bar.close()
-            all_reduce_sum(loss_sum, info)
-            state.epoch = epoch + 1
-            record: dict[str, Any] = {
-                "epoch": state.epoch,
-                "step": state.step,
-                "train_loss": float(loss_sum[0] / loss_sum[1]),
-                "lr": scheduler.get_last_lr()[0],
-                "epoch_seconds": round(time.time() - t0, 2),
-            }
-
-            if cfg.time_budget_s is not None and state.epoch >= max(1, math.ceil(cfg.warmup_epochs)):
+        while run.state.epoch < cfg.epochs:
+            record = _train_epoch(run, progress=progress)
+            if cfg.time_budget_s is not None and run.state.epoch >= max(1, math.ceil(cfg.warmup_epochs)):
                 # The lr of the warmup epochs does not depend on the total, so choosing the total now
                 # trains exactly as a run started with --epochs <chosen> would.
-                _choose_epochs(cfg, state, time.time() - run_started, record["epoch_seconds"] + bookkeeping_seconds,
-                               val_set, model, spec, info)
+                _choose_epochs(cfg, run.state, time.time() - run_started,
+                               record["epoch_seconds"] + bookkeeping_seconds, run.val_set, run.model, run.spec, info)
                 if info.is_main:
-                    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            is_last = state.epoch == cfg.epochs
-            if info.is_main and val_set is not None and (state.epoch % cfg.val_every == 0 or is_last):
-                m = evaluate(model, val_set, spec, amp=cfg.amp, progress=progress, channels_last=cfg.channels_last)
-                record.update({f"val_{k}": m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")})
-                if m["miou"] > state.best_miou:
-                    state.best_miou, state.best_epoch = float(m["miou"]), state.epoch
-                    card = _make_card(cfg, model, train_set, spec, m, command, device, state)
-                    model_io.save(model, out / BEST_DIR, card)
-                    record["best"] = True
-                print(
-                    f"epoch {state.epoch}: loss {record['train_loss']:.4f}  val G {m['global_accuracy']:.4f} "
-                    f"C {m['class_accuracy']:.4f} mIoU {m['miou']:.4f} BF {m['bf']:.4f}"
-                    + ("  (best)" if record.get("best") else ""),
-                    flush=True,
-                )
+                    (run.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            _validate_and_select(run, record, progress=progress)
             if info.is_main:
                 t_book = time.time()
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                atomic_torch_save(
-                    {
-                        "version": CHECKPOINT_VERSION,
-                        "model_config": model_config(model),
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "state": vars(state).copy(),
-                        "rng": capture_rng_state(),
-                        "config": cfg.to_dict(),
-                    },
-                    ckpt_path,
-                )
-                try:
-                    plot_history(history_path, out / "curves.png")
-                except Exception as e:  # a plot must never kill a long run
-                    print(f"warning: could not plot training curves: {e}", file=sys.stderr)
+                _checkpoint(run, record)
                 bookkeeping_seconds = time.time() - t_book
             if info.enabled:
                 torch.distributed.barrier()
-            epoch = state.epoch
-
-        summary: dict[str, Any] = {"out": str(out), "epochs": state.epoch, "best_epoch": state.best_epoch,
-                                   "best_val_miou": state.best_miou}
-        if info.is_main:
-            if val_set is not None and (out / BEST_DIR).is_dir():
-                final = model_io.load(out / BEST_DIR, map_location=str(device))
-            else:  # nothing to select on (e.g. a final run on all the data): the last epoch ships
-                final = model
-                final.card = _make_card(cfg, model, train_set, spec, None, command, device, state)
-            if cfg.bn_recalibrate:
-                recalibrate_batch_norm(final, train_set.with_pairs(train_set.pairs, transform=ToTensors()), spec,
-                                       device=device, amp="off", progress=progress)
-            card = final.card
-            card.metrics = {}
-            for name, dataset in ([(_selection_name(cfg), val_set)] if val_set is not None else []) + list(report_sets.items()):
-                m = evaluate(final, dataset, spec, amp="off", progress=progress)
-                card.metrics[name] = _summary(m)
-                print(
-                    f"final ({FINAL_DIR}/, fp32{', BN recalibrated' if cfg.bn_recalibrate else ''}): {name} "
-                    f"G {m['global_accuracy']:.4f} C {m['class_accuracy']:.4f} mIoU {m['miou']:.4f} BF {m['bf']:.4f}",
-                    flush=True,
-                )
-            card.training["bn_recalibrated"] = cfg.bn_recalibrate
-            card.training["evaluated_precision"] = "fp32"
-            model_io.save(final, out / FINAL_DIR, card)
-            if val_set is not None:
-                summary["final_val"] = card.metrics[_selection_name(cfg)]
-            summary["final_metrics"] = card.metrics
-            summary["training_seconds"] = round(time.time() - run_started, 1)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+        return _finalize(run, progress=progress, started=run_started)
     finally:
         cleanup_distributed()
+
+
+def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
+    """Output folder and effective config, data splits, model, loss, optimiser, schedule, loader."""
+    device = resolve_device(cfg.device, info)
+    out = Path(cfg.out)
+    ckpt_path = out / LAST_CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume given but there is no checkpoint at {ckpt_path}")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    aug = TrainAugment(
+        crop=cfg.crop, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter, gamma=cfg.gamma,
+        hue=cfg.hue, blur=cfg.blur, noise=cfg.noise,
+    )
+    train_set, val_set, report_sets = _open_splits(cfg, aug)
+    if info.is_main:
+        print(f"training on {len(train_set)} images ({cfg.train_split}"
+              + (f" without {_selection_name(cfg)}" if _holds_out(cfg) else "") + ")"
+              + (f"; selecting on {_selection_name(cfg)} ({len(val_set)} images)" if val_set is not None else "")
+              + "".join(f"; reporting {k} ({len(v)} images)" for k, v in report_sets.items()), flush=True)
+    first_img, _ = train_set.load(0)
+    spec = model_io.InputSpec(height=first_img.shape[0], width=first_img.shape[1])
+
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.encoder_weights:
+        kwargs["encoder_weights"] = cfg.encoder_weights
+    model = get_model(cfg.model, num_classes=train_set.num_classes, **kwargs).to(device)
+    if cfg.init_weights and not resume:
+        loaded, skipped = init_from_model_folder(model, cfg.init_weights)
+        if info.is_main:
+            print(f"initialised {loaded} tensors from {cfg.init_weights}"
+                  + (f"; skipped {len(skipped)} that differ: {skipped[:4]}" if skipped else ""), flush=True)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    weights = _class_weights(cfg, train_set)
+    criterion = SegmentationLoss(
+        None if weights is None else torch.as_tensor(weights, dtype=torch.float32),
+        ignore_index=train_set.ignore_index if train_set.ignore_index is not None else -100,
+        normalization=cfg.loss_normalization,
+        label_smoothing=cfg.label_smoothing,
+    ).to(device)
+    optimizer = _optimizer(cfg, model)
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop and validation sizes
+    if cfg.cache:
+        train_set.preload()  # decoded once, before DataLoader workers fork (they share the pages)
+    sampler = DistributedSampler(
+        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    loader = DataLoader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
+        worker_init_fn=_worker_init if cfg.num_workers else None,
+    )
+    steps_per_epoch = len(loader)
+    if cfg.max_iters_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_iters_per_epoch)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images give no full batch of {cfg.batch_size} per process")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(cfg, step, steps_per_epoch))
+    return _Run(cfg=cfg, info=info, device=device, out=out, command=command, aug=aug, train_set=train_set,
+                val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
+                optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
+                steps_per_epoch=steps_per_epoch, state=_State(command=command))
+
+
+def _resume(run: _Run) -> None:
+    """Weights, optimiser, schedule, counters and RNG streams from the last checkpoint."""
+    ck = load_checkpoint(run.ckpt_path)
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{run.ckpt_path}: checkpoint version {ck.get('version')} is not {CHECKPOINT_VERSION}")
+    if ck["model_config"] != model_config(run.model):
+        raise ValueError(f"{run.ckpt_path} holds {ck['model_config']}, but the config builds {model_config(run.model)}")
+    run.model.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    run.state = _State(**ck["state"])
+    if run.state.command:  # checkpoints written before the field existed have none
+        run.state.resumed_with.append(run.command)
+    restore_rng_state(ck["rng"])
+    if run.info.is_main:
+        _truncate_history(run.history_path, run.state.epoch)
+        print(f"resuming {run.out} after epoch {run.state.epoch} (best val mIoU {run.state.best_miou:.4f})",
+              flush=True)
+
+
+def _train_epoch(run: _Run, *, progress: bool) -> dict[str, Any]:
+    """One pass over the training data; returns the epoch's history record."""
+    from tqdm.auto import tqdm
+
+    cfg, info, state = run.cfg, run.info, run.state
+    epoch = state.epoch
+    seed = _epoch_seed(cfg, epoch, info.rank)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    run.aug.epoch_seed = seed
+    run.aug.reseed(seed)
+    run.sampler.set_epoch(epoch)
+    run.ddp_model.train()
+    t0 = time.time()
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+               disable=not (progress and info.is_main), dynamic_ncols=True)
+    for it, (images, labels) in enumerate(run.loader):
+        if it >= run.steps_per_epoch:
+            break
+        x = normalize(images.to(run.device, non_blocking=True), run.spec)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels.to(run.device, non_blocking=True)
+        with autocast_context(run.device, cfg.amp):
+            logits = run.ddp_model(x)
+        loss = run.criterion(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        state.step += 1
+        loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        elapsed = time.time() - t0
+        bar.set_postfix(
+            loss=f"{loss_sum[0] / loss_sum[1]:.4f}",
+            img_s=f"{(it + 1) * cfg.batch_size * info.world_size / max(elapsed, 1e-9):.1f}",
+            lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+        )
+        bar.update(1)
+    bar.close()
+    all_reduce_sum(loss_sum, info)
+    state.epoch = epoch + 1
+    return {
+        "epoch": state.epoch,
+        "step": state.step,
+        "train_loss": float(loss_sum[0] / loss_sum[1]),
+        "lr": run.scheduler.get_last_lr()[0],
+        "epoch_seconds": round(time.time() - t0, 2),
+    }
+
+
+def _validate_and_select(run: _Run, record: dict[str, Any], *, progress: bool) -> None:
+    """Evaluate on the selection split when due; the best epoch so far is saved as best/."""
+    cfg, state = run.cfg, run.state
+    is_last = state.epoch == cfg.epochs
+    if not (run.info.is_main and run.val_set is not None and (state.epoch % cfg.val_every == 0 or is_last)):
+        return
+    m = evaluate(run.model, run.val_set, run.spec, amp=cfg.amp, progress=progress, channels_last=cfg.channels_last)
+    record.update({f"val_{k}": m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")})
+    if m["miou"] > state.best_miou:
+        state.best_miou, state.best_epoch = float(m["miou"]), state.epoch
+        card = _make_card(cfg, run.model, run.train_set, run.spec, m, run.command, run.device, state)
+        model_io.save(run.model, run.out / BEST_DIR, card)
+        record["best"] = True
+    print(
+        f"epoch {state.epoch}: loss {record['train_loss']:.4f}  val G {m['global_accuracy']:.4f} "
+        f"C {m['class_accuracy']:.4f} mIoU {m['miou']:.4f} BF {m['bf']:.4f}" + ("  (best)" if record.get("best") else ""),
+        flush=True,
+    )
+
+
+def _checkpoint(run: _Run, record: dict[str, Any]) -> None:
+    """The epoch's history line, the resumable checkpoint (atomic) and the curves."""
+    with open(run.history_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    atomic_torch_save(
+        {
+            "version": CHECKPOINT_VERSION,
+            "model_config": model_config(run.model),
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "state": vars(run.state).copy(),
+            "rng": capture_rng_state(),
+            "config": run.cfg.to_dict(),
+        },
+        run.ckpt_path,
+    )
+    try:
+        plot_history(run.history_path, run.out / "curves.png")
+    except Exception as e:  # a plot must never kill a long run
+        print(f"warning: could not plot training curves: {e}", file=sys.stderr)
+
+
+def _finalize(run: _Run, *, progress: bool, started: float) -> dict[str, Any]:
+    """The model that ships (best on the selection split, or the last epoch without one), measured
+    in fp32 on every split the run reports, saved as final/ with its card; the run's summary."""
+    cfg, state, out = run.cfg, run.state, run.out
+    summary: dict[str, Any] = {"out": str(out), "epochs": state.epoch, "best_epoch": state.best_epoch,
+                               "best_val_miou": state.best_miou}
+    if not run.info.is_main:
+        return summary
+    if run.val_set is not None and (out / BEST_DIR).is_dir():
+        final = model_io.load(out / BEST_DIR, map_location=str(run.device))
+    else:  # nothing to select on (e.g. a final run on all the data): the last epoch ships
+        final = run.model
+        final.card = _make_card(cfg, run.model, run.train_set, run.spec, None, run.command, run.device, state)
+    if cfg.bn_recalibrate:
+        recalibrate_batch_norm(final, run.train_set.with_pairs(run.train_set.pairs, transform=ToTensors()), run.spec,
+                               device=run.device, amp="off", progress=progress)
+    card = final.card
+    card.metrics = {}
+    splits = ([(_selection_name(cfg), run.val_set)] if run.val_set is not None else []) + list(run.report_sets.items())
+    for name, dataset in splits:
+        m = evaluate(final, dataset, run.spec, amp="off", progress=progress)
+        card.metrics[name] = card_metrics(m)
+        print(
+            f"final ({FINAL_DIR}/, fp32{', BN recalibrated' if cfg.bn_recalibrate else ''}): {name} "
+            f"G {m['global_accuracy']:.4f} C {m['class_accuracy']:.4f} mIoU {m['miou']:.4f} BF {m['bf']:.4f}",
+            flush=True,
+        )
+    card.training["bn_recalibrated"] = cfg.bn_recalibrate
+    card.training["evaluated_precision"] = "fp32"
+    model_io.save(final, out / FINAL_DIR, card)
+    if run.val_set is not None:
+        summary["final_val"] = card.metrics[_selection_name(cfg)]
+    summary["final_metrics"] = card.metrics
+    summary["training_seconds"] = round(time.time() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
