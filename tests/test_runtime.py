@@ -107,3 +107,19 @@ def test_backends_declare_their_capabilities(toy_model, toy_bayesian_model, tmp_
     assert caps.batch == 2 and not caps.probs and not caps.uncertainty
     with_probs = export_onnx(toy_model[1], tmp_path / "b.onnx", ExportOptions(outputs=("labels", "probs")))
     assert load_backend(with_probs).capabilities.probs
+
+
+def test_predict_runs_the_shipped_model_without_torch(tmp_path):
+    """perception-predict resolves its model as the node does: the shipped folder's model.onnx, no torch."""
+    import cv2
+
+    img = tmp_path / "frame.png"
+    cv2.imwrite(str(img), np.full((360, 480, 3), 100, np.uint8))
+    code = NO_TORCH + (
+        "from perception.inference.predict import main; "
+        f"sys.exit(main([{str(img)!r}, '--out', {str(tmp_path / 'out')!r}, '--save-labels']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    labels = cv2.imread(str(tmp_path / "out" / "frame_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == (360, 480) and labels.max() < 11

@@ -17,7 +17,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-predict", description=__doc__)
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--model", required=True, help="model folder, .onnx or .engine")
+    p.add_argument("--model", help="model folder, .onnx or .engine (default: the shipped models/segnet_basic_camvid)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
+                   help="as perception-node chooses: an engine -> TensorRT, a folder -> its model.onnx (or PyTorch "
+                        "for MC-dropout uncertainty), an .onnx -> ONNX Runtime")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask")
     p.add_argument("--no-legend", action="store_true")
@@ -46,13 +49,13 @@ def expand_images(items: list[str]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from perception.inference import load_backend
+    from perception.inference.resolve import resolve_backend
     from perception.inference.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut, uncertainty_to_bgr
 
     try:
         images = expand_images(args.images)
-        backend = load_backend(args.model, device=args.device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        backend = resolve_backend(args.model, backend=args.backend, device=args.device)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         print(f"perception-predict: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
