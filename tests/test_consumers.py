@@ -558,3 +558,43 @@ def test_a_killed_file_recording_keeps_its_video_but_the_last_second(toy_model, 
     for i, img in enumerate(frames):  # lossy H.264, so compare by PSNR
         assert img.shape == overlays[i].shape
         assert cv2.PSNR(img, overlays[i]) > 28, f"frame {i} is not overlay {i}"
+
+
+def test_view_shows_a_bayesian_models_uncertainty_as_a_heat_map(toy_bayesian_model):
+    """A page that picks the uncertainty stream gets JPEG heat maps, and only then does the node
+    compute uncertainty (MC dropout is the expensive stream)."""
+    import asyncio
+
+    aiohttp = pytest.importorskip("aiohttp")
+    _, model_dir = toy_bayesian_model
+    node, pub, t, result = start_node("synthetic://?width=64&height=48&fps=10&frames=100000", model_dir, n_subs=0)
+    url, stop, vt = _serve_view(pub.endpoint)
+    t.start()
+
+    async def page() -> tuple[dict, np.ndarray]:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url + "ws") as ws:
+            info, showing = None, None
+            await ws.send_str(json.dumps({"stream": "uncertainty"}))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                m = await asyncio.wait_for(ws.receive(), 30)
+                if m.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(m.data)
+                    info = data.get("info", info)
+                    showing = data.get("stream", showing)  # status messages say what the page is shown
+                elif m.type == aiohttp.WSMsgType.BINARY and showing == "uncertainty":
+                    assert pub.wants("uncertainty"), "the node computes uncertainty once a page shows it"
+                    return info, cv2.imdecode(np.frombuffer(m.data, np.uint8), cv2.IMREAD_COLOR)
+            raise AssertionError("no uncertainty frame reached the page")
+
+    try:
+        assert not pub.wants("uncertainty")
+        info, heat = asyncio.run(page())
+    finally:
+        stop.set()
+        node.stop()
+        t.join(timeout=30)
+        vt.join(timeout=10)
+        pub.close()
+    assert info is not None and info["bayesian"] is True
+    assert heat.shape == (48, 64, 3)

@@ -24,7 +24,7 @@ from typing import Any
 
 __all__ = ["ViewState", "build_parser", "main", "make_app"]
 
-VIEW_STREAMS = ("overlay", "color_mask")
+VIEW_STREAMS = ("overlay", "color_mask", "uncertainty")  # uncertainty: Bayesian models, as a heat map
 STALE_AFTER_S = 3.0  # the node sends stats every second: this long without any message means it is gone
 
 
@@ -117,7 +117,12 @@ class _Upstream(threading.Thread):
                     if msg.header["encoding"] == "jpeg":
                         jpeg = bytes(msg.data)
                     else:
-                        ok, buf = cv2.imencode(".jpg", msg.data, [cv2.IMWRITE_JPEG_QUALITY, 85])
+                        img = msg.data
+                        if msg.stream == "uncertainty":  # float per pixel -> heat map (brighter = less sure)
+                            from perception.inference.postprocess import uncertainty_to_bgr
+
+                            img = uncertainty_to_bgr(img)
+                        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
                         jpeg = buf.tobytes() if ok else None
                 self.state.on_message(msg, jpeg)
                 self.on_change()
@@ -166,7 +171,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
         sent_seq, sent_info, sent_stats, sent_status = None, None, None, None
 
         async def read_choices() -> None:
-            nonlocal stream, sent_seq
+            nonlocal stream, sent_seq, sent_status
             async for m in ws:
                 if m.type != WSMsgType.TEXT:
                     continue
@@ -177,7 +182,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
                 if choice in VIEW_STREAMS and choice != stream:
                     watch(choice, +1)
                     watch(stream, -1)
-                    stream, sent_seq = choice, None
+                    stream, sent_seq, sent_status = choice, None, None  # the page hears of the switch first
                     changed.set()
 
         reader = asyncio.create_task(read_choices())
