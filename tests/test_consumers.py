@@ -598,3 +598,54 @@ def test_view_shows_a_bayesian_models_uncertainty_as_a_heat_map(toy_bayesian_mod
         pub.close()
     assert info is not None and info["bayesian"] is True
     assert heat.shape == (48, 64, 3)
+
+
+def test_foxglove_bridge_gives_each_camera_its_channels(toy_model):
+    import asyncio
+    import socket
+    import struct
+
+    websockets = pytest.importorskip("websockets")
+    pytest.importorskip("foxglove")
+    from perception.stream.foxglove_bridge import FoxgloveBridge
+    from perception.stream.node.cli import main as node_main
+
+    _, model_dir = toy_model
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    node = threading.Thread(target=node_main, args=([
+        "--source", "a=synthetic://?width=64&height=48&fps=20&frames=200",
+        "--source", "b=synthetic://?width=32&height=24&fps=20&frames=200", "--realtime",  # 10 s each
+        "--model", str(model_dir), "--backend", "torch", "--publish", endpoint],), daemon=True)
+    node.start()
+    bridge = FoxgloveBridge(endpoint, port=0, cameras=["a", "b"])
+    stop = threading.Event()
+    bt = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
+    bt.start()
+
+    async def client():
+        async with websockets.connect(f"ws://127.0.0.1:{bridge.port}", subprotocols=["foxglove.sdk.v1"]) as ws:
+            channels = {}
+            while not channels:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if m["op"] == "advertise":
+                    channels = {c["topic"]: c for c in m["channels"]}
+            assert {"/segnet/a/mask", "/segnet/b/mask", "/segnet/a/stats", "/segnet/b/overlay"} <= set(channels)
+            await ws.send(json.dumps({"op": "subscribe", "subscriptions": [
+                {"id": 1, "channelId": channels["/segnet/b/mask"]["id"]}]}))
+            raw_image = _protobuf_class(channels["/segnet/b/mask"])
+            while True:
+                data = await asyncio.wait_for(ws.recv(), 30)
+                if isinstance(data, bytes):
+                    return raw_image.FromString(data[13:]), struct.unpack_from("<I", data, 1)[0]
+
+    try:
+        msg, sub_id = asyncio.run(client())
+        assert bridge.watched() == {"segnet/b/mask"}, "only camera b's mask is asked of the node"
+    finally:
+        stop.set()
+        bt.join(timeout=10)
+        bridge.close()
+        node.join(timeout=60)
+    assert sub_id == 1 and (msg.width, msg.height, msg.frame_id) == (32, 24, "b")

@@ -52,7 +52,7 @@ class FoxgloveBridge:
 
     def __init__(self, endpoint: str, *, namespace: str = "segnet", host: str = "127.0.0.1", port: int = 8765,
                  image_format: str = "jpeg", name: str = "segnet-perception",
-                 curve: tuple[str, str] | None = None) -> None:
+                 curve: tuple[str, str] | None = None, cameras: list[str] | None = None) -> None:
         import foxglove
         from foxglove.channels import CompressedImageChannel, RawImageChannel
 
@@ -67,29 +67,29 @@ class FoxgloveBridge:
         self._watchers: dict[str, set[int]] = {}
         self.forwarded: dict[str, int] = {}
         self.skipped = 0
+        # Channels by the node's topic: one set per camera of a node that runs several (cameras=[...]).
+        prefixes = [f"{self.namespace}/{c}".strip("/") for c in cameras] if cameras else [self.namespace]
         self.channels: dict[str, Any] = {}
-        for stream in ("mask", "uncertainty"):
-            self.channels[stream] = RawImageChannel(self._foxglove_topic(stream), context=self.context)
-        for stream in _IMAGE_STREAMS:
-            cls = CompressedImageChannel if image_format == "jpeg" else RawImageChannel
-            self.channels[stream] = cls(self._foxglove_topic(stream), context=self.context)
-        self.channels["stats"] = foxglove.Channel(self._foxglove_topic("stats"), schema=_STATS_SCHEMA,
-                                                  context=self.context)
-        self.channels["info"] = foxglove.Channel(self._foxglove_topic("info"), schema=_INFO_SCHEMA,
-                                                 context=self.context)
-        self._by_id = {ch.id(): stream for stream, ch in self.channels.items()}
+        for prefix in prefixes:
+            def topic(stream: str) -> str:
+                return f"{prefix}/{stream}" if prefix else stream
+
+            for stream in ("mask", "uncertainty"):
+                self.channels[topic(stream)] = RawImageChannel("/" + topic(stream), context=self.context)
+            for stream in _IMAGE_STREAMS:
+                cls = CompressedImageChannel if image_format == "jpeg" else RawImageChannel
+                self.channels[topic(stream)] = cls("/" + topic(stream), context=self.context)
+            self.channels[topic("stats")] = foxglove.Channel("/" + topic("stats"), schema=_STATS_SCHEMA,
+                                                             context=self.context)
+            self.channels[topic("info")] = foxglove.Channel("/" + topic("info"), schema=_INFO_SCHEMA,
+                                                            context=self.context)
+        self._by_id = {ch.id(): zmq_topic for zmq_topic, ch in self.channels.items()}
         # Nothing subscribed upstream until a Foxglove client asks; JPEG passes through undecoded.
         self.sub = Subscriber(endpoint, topics=[], decode_jpeg=False, curve=curve)
         self.server = foxglove.start_server(name=name, host=host, port=port, server_listener=self,
                                             context=self.context)
         self.port = self.server.port
         self.host = host
-
-    def _foxglove_topic(self, stream: str) -> str:
-        return f"/{self.namespace}/{stream}" if self.namespace else f"/{stream}"
-
-    def _zmq_topic(self, stream: str) -> str:
-        return f"{self.namespace}/{stream}" if self.namespace else stream
 
     # foxglove.websocket.ServerListener (called from the SDK's threads)
     def on_subscribe(self, client, channel) -> None:
@@ -99,28 +99,28 @@ class FoxgloveBridge:
         self._changes.put((self._by_id.get(channel.id, ""), client.id, False))
 
     def watched(self) -> set[str]:
-        """Streams subscribed upstream now (some Foxglove client watches them)."""
+        """The node's topics subscribed upstream now (some Foxglove client watches them)."""
         return {s for s, ids in self._watchers.items() if ids}
 
     def _apply_changes(self) -> None:
         while True:
             try:
-                stream, client, on = self._changes.get_nowait()
+                topic, client, on = self._changes.get_nowait()
             except queue.Empty:
                 return
-            if not stream:
+            if not topic:
                 continue
-            ids = self._watchers.setdefault(stream, set())
+            ids = self._watchers.setdefault(topic, set())
             before = bool(ids)
             (ids.add if on else ids.discard)(client)
             if bool(ids) != before:
-                (self.sub.subscribe if ids else self.sub.unsubscribe)(self._zmq_topic(stream))
+                (self.sub.subscribe if ids else self.sub.unsubscribe)(topic)
 
     def forward(self, msg) -> None:
         """Log one node message on its Foxglove channel."""
         from foxglove.messages import CompressedImage, RawImage, Timestamp
 
-        channel = self.channels.get(msg.stream)
+        channel = self.channels.get(msg.topic)
         if channel is None:
             return
         h = msg.header
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
     p.add_argument("--port", type=int, default=8765, help="WebSocket port (Foxglove's default 8765; 0: any free)")
     p.add_argument("--namespace", default="segnet")
+    p.add_argument("--camera", action="append", metavar="NAME",
+                   help="a node running several cameras: bridge this one (repeatable; channels /<namespace>/<camera>/...)")
     p.add_argument("--image-format", choices=("jpeg", "raw"), default="jpeg",
                    help="colour mask and overlay as CompressedImage jpeg (default) or RawImage bgr8")
     from perception.stream.security import add_client_arguments
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         bridge = FoxgloveBridge(args.endpoint, namespace=args.namespace, host=args.host, port=args.port,
-                                image_format=args.image_format, curve=curve)
+                                image_format=args.image_format, curve=curve, cameras=args.camera)
     except zmq.ZMQError as e:
         print(f"perception-foxglove: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
         return 2
