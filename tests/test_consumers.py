@@ -575,9 +575,9 @@ def test_view_shows_a_bayesian_models_uncertainty_as_a_heat_map(toy_bayesian_mod
         async with aiohttp.ClientSession() as session, session.ws_connect(url + "ws") as ws:
             info, showing = None, None
             await ws.send_str(json.dumps({"stream": "uncertainty"}))
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                m = await asyncio.wait_for(ws.receive(), 30)
+                m = await asyncio.wait_for(ws.receive(), 60)
                 if m.type == aiohttp.WSMsgType.TEXT:
                     data = json.loads(m.data)
                     info = data.get("info", info)
@@ -649,3 +649,53 @@ def test_foxglove_bridge_gives_each_camera_its_channels(toy_model):
         bridge.close()
         node.join(timeout=60)
     assert sub_id == 1 and (msg.width, msg.height, msg.frame_id) == (32, 24, "b")
+
+
+def test_view_offers_each_camera_of_a_node(toy_model):
+    import asyncio
+    import socket
+
+    aiohttp = pytest.importorskip("aiohttp")
+    from perception.stream.node.cli import main as node_main
+    from perception.stream.view import serve
+
+    _, model_dir = toy_model
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    node = threading.Thread(target=node_main, args=([
+        "--source", "a=synthetic://?width=64&height=48&fps=20&frames=200",
+        "--source", "b=synthetic://?width=32&height=24&fps=20&frames=200", "--realtime",
+        "--model", str(model_dir), "--backend", "torch", "--publish", endpoint],), daemon=True)
+    node.start()
+    stop = threading.Event()
+
+    async def run() -> tuple[list, dict, np.ndarray]:
+        got_url = asyncio.get_running_loop().create_future()
+        server = asyncio.create_task(serve(endpoint, "127.0.0.1", 0, "segnet", stop, ready=got_url.set_result,
+                                           cameras=["a", "b"]))
+        url = await asyncio.wait_for(got_url, 20)
+        try:
+            async with aiohttp.ClientSession() as session, session.ws_connect(url + "ws") as ws:
+                cameras, info, showing = None, None, None
+                await ws.send_str(json.dumps({"camera": "b"}))
+                while True:
+                    m = await asyncio.wait_for(ws.receive(), 60)
+                    if m.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(m.data)
+                        cameras = data.get("cameras", cameras)
+                        info = data.get("info", info)
+                        showing = data.get("camera", showing)
+                    elif m.type == aiohttp.WSMsgType.BINARY and showing == "b" and (info or {}).get("frame_id") == "b":
+                        return cameras, info, cv2.imdecode(np.frombuffer(m.data, np.uint8), cv2.IMREAD_COLOR)
+        finally:
+            stop.set()
+            await server
+
+    try:
+        cameras, info, frame = asyncio.run(run())
+    finally:
+        stop.set()
+        node.join(timeout=60)
+    assert cameras == ["a", "b"]
+    assert info["frame_id"] == "b" and frame.shape == (24, 32, 3), "the page shows camera b's frames and info"

@@ -81,21 +81,18 @@ class _Upstream(threading.Thread):
     """Owns the ZeroMQ subscriber (one thread, as ZeroMQ wants): reads the node, JPEG-encodes raw
     frames for the browser, and applies subscription changes the web side asks for."""
 
-    def __init__(self, endpoint: str, namespace: str, state: ViewState, on_change,
+    def __init__(self, endpoint: str, states: dict[str, ViewState], on_change,
                  curve: tuple[str, str] | None = None) -> None:
         super().__init__(daemon=True, name="perception-view-upstream")
         from perception.stream.client import Subscriber
 
-        self.namespace = namespace.strip("/")
-        self.sub = Subscriber(endpoint, topics=[self._topic("info"), self._topic("stats")], decode_jpeg=False,
-                              latest_only=True, curve=curve)
-        self.state = state
+        # states: topic prefix ("segnet", or "segnet/front" per camera) -> what its pages show.
+        self.sub = Subscriber(endpoint, topics=[f"{p}/{s}" for p in states for s in ("info", "stats")],
+                              decode_jpeg=False, latest_only=True, curve=curve)
+        self.states = states
         self.on_change = on_change
         self.requests: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self.stop_event = threading.Event()
-
-    def _topic(self, stream: str) -> str:
-        return f"{self.namespace}/{stream}" if self.namespace else stream
 
     def run(self) -> None:
         import cv2
@@ -104,10 +101,10 @@ class _Upstream(threading.Thread):
             while not self.stop_event.is_set():
                 while True:
                     try:
-                        stream, on = self.requests.get_nowait()
+                        topic, on = self.requests.get_nowait()
                     except queue.Empty:
                         break
-                    (self.sub.subscribe if on else self.sub.unsubscribe)(self._topic(stream))
+                    (self.sub.subscribe if on else self.sub.unsubscribe)(topic)
                 msg = self.sub.recv(timeout=0.1)
                 if msg is None:
                     self.on_change()  # lets pages see the connection go stale
@@ -124,7 +121,9 @@ class _Upstream(threading.Thread):
                             img = uncertainty_to_bgr(img)
                         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
                         jpeg = buf.tobytes() if ok else None
-                self.state.on_message(msg, jpeg)
+                state = self.states.get(msg.topic.rsplit("/", 1)[0])
+                if state is not None:
+                    state.on_message(msg, jpeg)
                 self.on_change()
         finally:
             self.sub.close()
@@ -134,15 +133,20 @@ def _page() -> str:
     return resources.files("perception.stream").joinpath("view_page.html").read_text(encoding="utf-8")
 
 
-def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str] | None = None):
-    """The aiohttp application (the upstream reader starts and stops with it)."""
+def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str] | None = None,
+             cameras: list[str] | None = None):
+    """The aiohttp application (the upstream reader starts and stops with it). ``cameras``: the
+    cameras of a node that runs several; the page offers a choice between them."""
     from aiohttp import WSMsgType, web
 
-    state = ViewState()
+    ns = namespace.strip("/")
+    names = list(cameras) if cameras else [""]
+    prefix_of = {c: (f"{ns}/{c}" if c else ns).strip("/") for c in names}
+    states = {prefix_of[c]: ViewState() for c in names}
     app = web.Application()
     upstream: list[_Upstream] = []  # started with the app (a closure, not app state: aiohttp's AppKey
     # needs a module-level frame, which a server run from a thread does not have)
-    viewers: dict[str, int] = {s: 0 for s in VIEW_STREAMS}
+    viewers: dict[str, int] = {}  # node topic -> pages showing it
     wakers: set[asyncio.Event] = set()  # one per page: every page wakes on every change
 
     def notify() -> None:
@@ -155,39 +159,47 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
                                      "default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
                                      "script-src 'self' 'unsafe-inline'; connect-src 'self'"})
 
-    def watch(stream: str, delta: int) -> None:
-        before = viewers[stream]
-        viewers[stream] = max(0, before + delta)
-        if (before == 0) != (viewers[stream] == 0):
-            upstream[0].requests.put((stream, viewers[stream] > 0))
+    def watch(camera: str, stream: str, delta: int) -> None:
+        topic = f"{prefix_of[camera]}/{stream}"
+        before = viewers.get(topic, 0)
+        viewers[topic] = max(0, before + delta)
+        if (before == 0) != (viewers[topic] == 0):
+            upstream[0].requests.put((topic, viewers[topic] > 0))
 
     async def websocket(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=10, max_msg_size=4096)
         await ws.prepare(request)
-        stream = "overlay"
-        watch(stream, +1)
+        stream, camera = "overlay", names[0]
+        watch(camera, stream, +1)
         changed = asyncio.Event()
         wakers.add(changed)
         sent_seq, sent_info, sent_stats, sent_status = None, None, None, None
+        await ws.send_str(json.dumps({"type": "cameras", "cameras": [c for c in names if c]}))
 
         async def read_choices() -> None:
-            nonlocal stream, sent_seq, sent_status
+            nonlocal stream, camera, sent_seq, sent_info, sent_stats, sent_status
             async for m in ws:
                 if m.type != WSMsgType.TEXT:
                     continue
                 try:
-                    choice = json.loads(m.data).get("stream")
+                    choice = json.loads(m.data)
+                    new_stream = choice.get("stream", stream)
+                    new_camera = choice.get("camera", camera)
                 except (ValueError, AttributeError):
                     continue
-                if choice in VIEW_STREAMS and choice != stream:
-                    watch(choice, +1)
-                    watch(stream, -1)
-                    stream, sent_seq, sent_status = choice, None, None  # the page hears of the switch first
+                if new_stream in VIEW_STREAMS and new_camera in prefix_of and (new_stream, new_camera) != (stream, camera):
+                    watch(new_camera, new_stream, +1)
+                    watch(camera, stream, -1)
+                    if new_camera != camera:
+                        sent_info = sent_stats = None  # the other camera's info and stats, at once
+                    stream, camera = new_stream, new_camera
+                    sent_seq, sent_status = None, None  # the page hears of the switch first
                     changed.set()
 
         reader = asyncio.create_task(read_choices())
         try:
             while not ws.closed and not reader.done():
+                state = states[prefix_of[camera]]
                 with state.lock:
                     info, stats, frame = state.info, state.stats, state.frames.get(stream)
                 status = state.status()
@@ -198,7 +210,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
                     await ws.send_str(json.dumps({"type": "stats", "stats": stats}))
                     sent_stats = stats
                 if status != sent_status:
-                    await ws.send_str(json.dumps({**status, "stream": stream}))
+                    await ws.send_str(json.dumps({**status, "stream": stream, "camera": camera}))
                     sent_status = status
                 if frame is not None and frame[0] != sent_seq:
                     sent_seq = frame[0]
@@ -214,12 +226,12 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
         finally:
             reader.cancel()
             wakers.discard(changed)
-            watch(stream, -1)
+            watch(camera, stream, -1)
         return ws
 
     async def start_upstream(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
-        up = _Upstream(endpoint, namespace, state, lambda: loop.call_soon_threadsafe(notify), curve)
+        up = _Upstream(endpoint, states, lambda: loop.call_soon_threadsafe(notify), curve)
         upstream.append(up)
         up.start()
 
@@ -248,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", type=_parse_http, default=("127.0.0.1", 8080), metavar="HOST:PORT",
                    help="where to serve the page (default 127.0.0.1:8080, loopback only; port 0: any free)")
     p.add_argument("--namespace", default="segnet")
+    p.add_argument("--camera", action="append", metavar="NAME",
+                   help="a node running several cameras: offer this one on the page (repeatable)")
     from perception.stream.security import add_client_arguments
 
     add_client_arguments(p)
@@ -255,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(endpoint: str, host: str, port: int, namespace: str, stop: threading.Event,
-                ready=None, curve: tuple[str, str] | None = None) -> None:
+                ready=None, curve: tuple[str, str] | None = None, cameras: list[str] | None = None) -> None:
     """Serve until ``stop`` is set; ``ready(url)`` is called once the socket listens."""
     from aiohttp import web
 
-    runner = web.AppRunner(make_app(endpoint, namespace=namespace, curve=curve), handle_signals=False)
+    runner = web.AppRunner(make_app(endpoint, namespace=namespace, curve=curve, cameras=cameras),
+                           handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -298,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve(args.endpoint, host, port, args.namespace, stop,
                           ready=lambda url: print(f"perception-view: open {url}", file=sys.stderr, flush=True),
-                          curve=curve))
+                          curve=curve, cameras=args.camera))
     except zmq.ZMQError as e:
         print(f"perception-view: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
         return 2
