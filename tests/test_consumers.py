@@ -699,3 +699,30 @@ def test_view_offers_each_camera_of_a_node(toy_model):
         node.join(timeout=60)
     assert cameras == ["a", "b"]
     assert info["frame_id"] == "b" and frame.shape == (24, 32, 3), "the page shows camera b's frames and info"
+
+
+def test_mcap_bag_records_uncertainty_as_32fc1(toy_bayesian_model, tmp_path):
+    """A Bayesian node's uncertainty in a bag: sensor_msgs/Image 32FC1, equal to what was published."""
+    from perception.stream.record import main as record_main
+
+    _, model_dir = toy_bayesian_model
+    node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=3", model_dir, n_subs=2)
+    bag = tmp_path / "bag"
+    rec: dict = {}
+    rt = threading.Thread(target=lambda: rec.setdefault("rc", record_main(
+        [pub.endpoint, "--out", str(bag), "--format", "mcap", "--streams", "uncertainty,stats", "--timeout", "30"])))
+    published: dict[int, np.ndarray] = {}
+    with Subscriber(pub.endpoint, topics=["segnet/uncertainty"]) as sub:
+        rt.start()
+        t.start()
+        t.join(timeout=60)
+        while (msg := sub.recv(timeout=1.0)) is not None:
+            published[msg.header["stamp_ns"]] = msg.data.copy()
+    rt.join(timeout=30)
+    pub.close()
+    assert rec.get("rc") == 0 and len(published) == 3
+    got = _read_bag(bag)
+    assert got.pop("__types__")["/segnet/uncertainty"] == "sensor_msgs/msg/Image"
+    for _, m in got["/segnet/uncertainty"]:
+        assert m.encoding == "32FC1" and m.is_bigendian == 0
+        assert np.array_equal(_image(m), published[_stamp(m.header)])
