@@ -102,6 +102,15 @@ def make_video(path: Path, n: int = 8, size=(64, 48), fps: float = 10.0) -> Path
     return path
 
 
+def free_endpoint() -> str:
+    """A loopback TCP endpoint nobody listens on (for a node started by its command line)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def start_node(source_uri: str, model_dir: Path, *, n_subs: int = 1, backend: str = "torch",
                publish: str = "tcp://127.0.0.1:*", source_options=None, **settings):
     """A node publishing on ``publish`` (a free loopback port by default), in a thread not yet started:

@@ -3,13 +3,12 @@ camera ends only its own pipeline."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import numpy as np
 
-from conftest import make_video
+from conftest import free_endpoint, make_video
 from perception.inference import load_backend
 from perception.stream.client import Subscriber
 from perception.stream.node.cameras import BatchingBackend, parse_camera_specs
@@ -74,10 +73,7 @@ def test_two_video_cameras_in_one_node_and_a_dead_one(toy_model, tmp_path):
     _, model_dir = toy_model
     front = make_video(tmp_path / "front.avi", n=6)
     rear = make_video(tmp_path / "rear.avi", n=4, size=(80, 60))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"tcp://127.0.0.1:{port}"
+    endpoint = free_endpoint()
     rc: dict = {}
     node = threading.Thread(target=lambda: rc.setdefault("rc", node_main([
         "--source", f"front={front}", "--source", f"rear={rear}", "--source", "dead=rtsp://127.0.0.1:9/none",
@@ -117,9 +113,7 @@ def test_record_keeps_each_camera_apart(toy_model, tmp_path):
 
     _, model_dir = toy_model
     for fmt in ("files", "mcap"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        endpoint = free_endpoint()
         out = tmp_path / fmt
         rec: dict = {}
         rt = threading.Thread(target=lambda: rec.setdefault("rc", record_main(

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import make_video, start_node
+from conftest import free_endpoint, make_video, start_node
 from perception.stream.client import Subscriber
 
 rosbags = pytest.importorskip("rosbags", reason="the [viz] extra is not installed")
@@ -600,25 +600,29 @@ def test_view_shows_a_bayesian_models_uncertainty_as_a_heat_map(toy_bayesian_mod
     assert heat.shape == (48, 64, 3)
 
 
+def _two_camera_node(model_dir) -> tuple[str, threading.Thread]:
+    """perception-node with cameras a (64x48) and b (32x24), 10 s each at 20 fps, in a started thread."""
+    from perception.stream.node.cli import main as node_main
+
+    endpoint = free_endpoint()
+    node = threading.Thread(target=node_main, args=([
+        "--source", "a=synthetic://?width=64&height=48&fps=20&frames=200",
+        "--source", "b=synthetic://?width=32&height=24&fps=20&frames=200", "--realtime",
+        "--model", str(model_dir), "--backend", "torch", "--publish", endpoint],), daemon=True)
+    node.start()
+    return endpoint, node
+
+
 def test_foxglove_bridge_gives_each_camera_its_channels(toy_model):
     import asyncio
-    import socket
     import struct
 
     websockets = pytest.importorskip("websockets")
     pytest.importorskip("foxglove")
     from perception.stream.foxglove_bridge import FoxgloveBridge
-    from perception.stream.node.cli import main as node_main
 
     _, model_dir = toy_model
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    node = threading.Thread(target=node_main, args=([
-        "--source", "a=synthetic://?width=64&height=48&fps=20&frames=200",
-        "--source", "b=synthetic://?width=32&height=24&fps=20&frames=200", "--realtime",  # 10 s each
-        "--model", str(model_dir), "--backend", "torch", "--publish", endpoint],), daemon=True)
-    node.start()
+    endpoint, node = _two_camera_node(model_dir)
     bridge = FoxgloveBridge(endpoint, port=0, cameras=["a", "b"])
     stop = threading.Event()
     bt = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
@@ -653,21 +657,12 @@ def test_foxglove_bridge_gives_each_camera_its_channels(toy_model):
 
 def test_view_offers_each_camera_of_a_node(toy_model):
     import asyncio
-    import socket
 
     aiohttp = pytest.importorskip("aiohttp")
-    from perception.stream.node.cli import main as node_main
     from perception.stream.view import serve
 
     _, model_dir = toy_model
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    node = threading.Thread(target=node_main, args=([
-        "--source", "a=synthetic://?width=64&height=48&fps=20&frames=200",
-        "--source", "b=synthetic://?width=32&height=24&fps=20&frames=200", "--realtime",
-        "--model", str(model_dir), "--backend", "torch", "--publish", endpoint],), daemon=True)
-    node.start()
+    endpoint, node = _two_camera_node(model_dir)
     stop = threading.Event()
 
     async def run() -> tuple[list, dict, np.ndarray]:

@@ -3,7 +3,6 @@ a camera that comes up after the node, goes away, comes back, and finally goes a
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import start_node
+from conftest import free_endpoint, start_node
 from perception.stream.client import Subscriber
 from perception.stream.node.sources import SourceOptions
 
@@ -67,15 +66,9 @@ class _RtspServer:
             self.proc.wait(timeout=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_node_rides_out_a_real_rtsp_camera_coming_and_going(toy_model, tmp_path):
     _, model_dir = toy_model
-    server = _RtspServer(_free_port(), _h264_video(tmp_path / "camera.mp4"))
+    server = _RtspServer(int(free_endpoint().rsplit(":", 1)[1]), _h264_video(tmp_path / "camera.mp4"))
     uri = f"rtsp://127.0.0.1:{server.port}/stream"
     # Started before its camera: the node waits for it under the reconnect policy, not an error.
     node, pub, t, result = start_node(uri, model_dir, n_subs=1, source_options=SourceOptions(

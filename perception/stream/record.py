@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
-DEFAULT_STREAMS = {"files": "mask,overlay,stats,info", "mcap": "mask,overlay,stats,info"}
+DEFAULT_STREAMS = "mask,overlay,stats,info"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-bag-duration needs --format mcap and a positive number of seconds")
     if args.chunk_size <= 0:
         parser.error("--chunk-size must be a positive number of bytes")
-    streams = [s.strip() for s in (args.streams or DEFAULT_STREAMS[args.format]).split(",") if s.strip()]
+    streams = [s.strip() for s in (args.streams or DEFAULT_STREAMS).split(",") if s.strip()]
     allowed = ("mask", "overlay", "stats", "info") if args.format == "files" else \
         ("mask", "color_mask", "overlay", "uncertainty", "stats", "info")
     if bad := [s for s in streams if s not in allowed]:

@@ -53,13 +53,17 @@ def generate_keys(folder: str | Path, *, names: tuple[str, ...] = ("server", "cl
     return written
 
 
-def load_public_key(path: str | Path) -> bytes:
+def _load_certificate(path: str | Path) -> tuple[bytes | None, bytes | None]:
     import zmq.auth
 
     try:
-        public, _ = zmq.auth.load_certificate(str(path))
+        return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
         raise CurveError(f"{path}: not a readable CURVE key file ({e})") from None
+
+
+def load_public_key(path: str | Path) -> bytes:
+    public, _ = _load_certificate(path)
     if not public:
         raise CurveError(f"{path}: holds no public key")
     return public
@@ -67,12 +71,7 @@ def load_public_key(path: str | Path) -> bytes:
 
 def load_key_pair(path: str | Path) -> tuple[bytes, bytes]:
     """(public, secret) from a ``*.key_secret`` file."""
-    import zmq.auth
-
-    try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as e:
-        raise CurveError(f"{path}: not a readable CURVE key file ({e})") from None
+    public, secret = _load_certificate(path)
     if not secret:
         raise CurveError(f"{path}: holds no secret key (pass the .key_secret file)")
     return public, secret

@@ -97,6 +97,8 @@ class _Upstream(threading.Thread):
     def run(self) -> None:
         import cv2
 
+        from perception.inference.postprocess import uncertainty_to_bgr
+
         try:
             while not self.stop_event.is_set():
                 while True:
@@ -116,8 +118,6 @@ class _Upstream(threading.Thread):
                     else:
                         img = msg.data
                         if msg.stream == "uncertainty":  # float per pixel -> heat map (brighter = less sure)
-                            from perception.inference.postprocess import uncertainty_to_bgr
-
                             img = uncertainty_to_bgr(img)
                         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
                         jpeg = buf.tobytes() if ok else None

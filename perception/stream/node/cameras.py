@@ -60,7 +60,8 @@ class BatchingBackend:
 
     def __init__(self, backend, *, max_batch: int = 8) -> None:
         self.backend = backend
-        self.max_batch = max_batch if backend.capabilities.batch in (None,) else max(1, backend.capabilities.batch)
+        fixed = backend.capabilities.batch  # a graph with a fixed batch: at most that many per run
+        self.max_batch = max_batch if fixed is None else max(1, fixed)
         self._pending: list[_Request] = []
         self._cv = threading.Condition()
         self._closed = False
@@ -127,11 +128,15 @@ class BatchingBackend:
             for r in group:
                 r.done.set()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop batching (the wrapped backend stays open: its owner closes it)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         self._worker.join(timeout=5)
+
+    def close(self) -> None:
+        self.stop()
         self.backend.close()
 
 
@@ -159,7 +164,5 @@ def run_cameras(
     for t in threads:
         while t.is_alive():
             t.join(timeout=0.5)
-    with shared._cv:  # the wrapped backend is closed by the caller
-        shared._closed = True
-        shared._cv.notify_all()
+    shared.stop()  # the wrapped backend is closed by the caller
     return max(codes.values(), default=1)

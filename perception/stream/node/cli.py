@@ -57,7 +57,7 @@ class NodeConfig:
     max_frames: int | None = opt(None, check=_at_least(1))
     image_encoding: str = opt("bgr8", choices=("bgr8", "jpeg"), help="for color_mask and overlay")
     mask_encoding: str = opt("mono8", choices=("mono8", "png"),
-                             help="mask as raw class ids (mono8) or a lossless PNG, 25-100x smaller "
+                             help="mask as raw class ids (mono8) or a lossless PNG, 35-98x smaller "
                                   "(for wireless links; docs/benchmarks.md)")
     class_map: str | None = opt(None, metavar="FILE",
                                 help="YAML of output classes as groups of the model's (e.g. drivable: [Road]); "

@@ -224,6 +224,7 @@ class LiveCaptureSource(_CaptureSource):
     ``reconnecting``; with ``reconnect_attempts=0`` it is an error at once."""
 
     live = True
+    _never_opened = False  # down since start (for the final error message)
 
     def _open_or_raise(self) -> None:
         if not self._open():
@@ -252,7 +253,7 @@ class LiveCaptureSource(_CaptureSource):
                     break
             else:
                 self.state = "failed"
-                what = "never opened" if getattr(self, "_never_opened", False) else "lost"
+                what = "never opened" if self._never_opened else "lost"
                 raise SourceError(f"{self.uri}: {what}, and {o.reconnect_attempts} reconnect attempts failed")
 
     def stalled(self) -> bool:
