@@ -123,6 +123,44 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
         assert torch.equal(v, last[k]), k
     assert final.card.metrics == {} and final.card.training["train_images"] == 13
 
+    # Shipping it: the drive it trained on is labelled as such, and the held-out run of the same recipe
+    # (which chose the number of epochs) is measured on that drive and cited, with its own command.
+    heldout = tmp_path / "heldout"
+    assert train_main(["--model", "segnet_basic", "--data", str(root), "--train-split", "train+val", "--holdout",
+                       "d2", "--epochs", "1", "--crop", "32x48", "--batch-size", "4", "--no-progress", "--amp", "off",
+                       "--out", str(heldout)]) == 0
+    ship = _ship_model_module()
+    dest = tmp_path / "models" / "all_data"
+    flags = ["--data", str(root), "--split", "train+val", "--groups", "d2", "--also", "val"]
+    with pytest.raises(SystemExit, match="trained on 4 frames of holdout_d2"):
+        ship.main([str(out / "final"), str(dest), *flags, "--recipe-run", str(out / "final")])
+    assert ship.main([str(out / "final"), str(dest), *flags, "--recipe-run", str(heldout / "final")]) == 0
+    card = json.loads((dest / "model.json").read_text())
+    assert set(card["metrics"]) == {"holdout_d2", "val"}
+    recipe = card["training"]["recipe_run"]
+    assert recipe["train_images"] == 9 and recipe["command"].startswith("perception-train") and "--holdout d2" in recipe["command"]
+    from perception.eval.cli import main as eval_main
+
+    for model_dir, got in ((heldout / "final", recipe["metrics"]["holdout_d2"]), (dest, card["metrics"]["holdout_d2"])):
+        doc_path = tmp_path / "eval.json"
+        assert eval_main(["--model", str(model_dir), "--data", str(root), "--split", "train+val", "--groups", "d2",
+                          "--json", str(doc_path), "--no-progress"]) == 0
+        assert json.loads(doc_path.read_text())["miou"] == pytest.approx(got["miou"], abs=1e-12)
+    readme = (dest / "README.md").read_text()
+    assert "holdout_d2 (measured; 4 of 4 frames were in training)" in readme
+    assert "val (measured; 2 of 2 frames were in training)" in readme
+    assert "no selection split: the last epoch ships" in readme and "the recipe's held-out run (9 images" in readme
+    assert "A held-out drive is a road the model never saw" not in readme
+
+
+def _ship_model_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "tools" / "ship_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def test_time_budget_chooses_epochs_once_and_resume_keeps_them(tmp_path, capsys):
     from perception.train.cli import main as train_main

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also recompute batch-norm statistics over the training split (no augmentation) and keep "
                    "them if that scores a higher mIoU on --split (the selection split)")
     p.add_argument("--mc-samples", type=int, help="also measure Monte-Carlo dropout (Bayesian models), seed 0")
+    p.add_argument("--also", action="append", default=[], metavar="SPLIT[:GROUP,...]",
+                   help="also measure this split (e.g. val, or train+val:0006R0); repeatable")
+    p.add_argument("--recipe-run", metavar="MODEL_DIR",
+                   help="for a run trained without a selection split: the held-out run of the same recipe that "
+                   "chose its number of epochs; measured on --split/--groups and cited in the card")
     p.add_argument(
         "--training-command",
         help="the command that started the run, for a run whose checkpoints predate recording it "
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = [g for g in args.groups.split(",") if g] if args.groups else None
     ds = open_dataset(args.data, args.split, transform=ToTensors(), groups=groups)
     split_name = metrics_key(args.split, groups)
-    split_flags = f"--split {args.split}" + (f" --groups {args.groups}" if groups else "")
+    split_flags = _split_flags(args.split, groups)
     # channels_last as perception-eval uses on a CPU: dropout masks are drawn in memory order, so the
     # MC numbers reproduce only with the same layout.
     m = evaluate(model, ds, card.input, amp="off", progress=True, channels_last=True)
@@ -90,6 +95,34 @@ def main(argv: list[str] | None = None) -> int:
             model, m = recal, m_recal
             card.training["bn_recalibrated"] = True
     card.metrics = {split_name: card_metrics(m)}
+    # Each row: (label, metrics, eval flags). A split the run trained on says so: its numbers measure
+    # how well the model fits frames it has seen, not how it does on a new road.
+    trained_on = _frames_trained_on(card, args.data, ds)
+    rows = [(_row_label(split_name, trained_on, len(ds)), m, split_flags)]
+    for spec in args.also:
+        also_split, _, also_groups = spec.partition(":")
+        also_groups = [g for g in also_groups.split(",") if g] or None
+        also_ds = open_dataset(args.data, also_split, transform=ToTensors(), groups=also_groups)
+        also_m = evaluate(model, also_ds, card.input, amp="off", progress=True, channels_last=True)
+        key = metrics_key(also_split, also_groups)
+        card.metrics[key] = card_metrics(also_m)
+        rows.append((_row_label(key, _frames_trained_on(card, args.data, also_ds), len(also_ds)), also_m,
+                     _split_flags(also_split, also_groups)))
+    recipe_run = None
+    if args.recipe_run:
+        recipe_model = load(args.recipe_run)
+        rt = recipe_model.card.training
+        recipe_trained_on = _frames_trained_on(recipe_model.card, args.data, ds)
+        if recipe_trained_on:
+            raise SystemExit(f"error: --recipe-run {args.recipe_run} trained on {recipe_trained_on} frames of {split_name}; "
+                             "it must be the run that held them out")
+        rm = evaluate(recipe_model, ds, recipe_model.card.input, amp="off", progress=True, channels_last=True)
+        recipe_run = {"model": str(args.recipe_run), "command": rt.get("command"), "machine": rt.get("machine"),
+                      "train_images": rt.get("train_images"), "epoch": rt.get("epoch"),
+                      "epochs": rt.get("config", {}).get("epochs"), "metrics": {split_name: card_metrics(rm)}}
+        card.training["recipe_run"] = recipe_run
+        rows.append((f"{split_name}, the recipe's held-out run ({rt.get('train_images')} images without these "
+                     f"frames, epoch {rt.get('epoch')} of {rt.get('config', {}).get('epochs')})", rm, None))
     mc = None
     if args.mc_samples:
         mc = evaluate(model, ds, card.input, amp="off", mc_samples=args.mc_samples, seed=0, progress=True,
@@ -102,28 +135,36 @@ def main(argv: list[str] | None = None) -> int:
     if (run_dir / "metrics.jsonl").is_file():
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         card.training["train_hours"] = round(sum(r.get("epoch_seconds", 0.0) for r in history) / 3600, 3)
+        seconds = sorted(r["epoch_seconds"] for r in history if "epoch_seconds" in r)
+        if seconds:
+            card.training["median_epoch_seconds"] = round(seconds[len(seconds) // 2], 1)
+            card.training["idle_hours"] = round(seconds[len(seconds) // 2] * len(history) / 3600, 3)
     import torch
 
     save(model, dest, card, weights_dtype=torch.float16 if args.weights_dtype == "float16" else None)
     arch = card.architecture["name"]
     paper = PAPER_TEST.get(arch)
     t = card.training
+    selected = t.get("selection")
     lines = [
         f"# {card.id}",
         "",
         f"`{arch}` ({sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters) trained on the "
         f"{t.get('train_images', '?')} CamVid images of split `{t.get('train_split', 'train')}`"
         + (f" without drive(s) {', '.join(t['holdout'])}" if t.get("holdout") else "")
-        + f"; model selected on {split_name} by mIoU.",
+        + (f"; model selected on {selected} by mIoU." if selected else
+           f" for {t.get('config', {}).get('epochs')} epochs with no selection split: the last epoch ships"
+           + (f", the number of epochs chosen by the recipe's held-out run (`{recipe_run['model']}`, below)."
+              if recipe_run else ".")),
         "",
         f"Status: **{args.status}**.",
         "",
-        "## Measured (this folder's weights, fp32, 360x480, void ignored)",
+        "## Measured (fp32, native resolution, void ignored)",
         "",
         "| split | G | C | mIoU | BF |",
         "|---|---|---|---|---|",
-        f"| {split_name} (measured) | {100 * m['global_accuracy']:.1f} | {100 * m['class_accuracy']:.1f} | "
-        f"{100 * m['miou']:.1f} | {100 * m['bf']:.1f} |",
+        *(f"| {label} | {100 * r['global_accuracy']:.1f} | {100 * r['class_accuracy']:.1f} | "
+          f"{100 * r['miou']:.1f} | {100 * r['bf']:.1f} |" for label, r, _ in rows),
     ]
     if mc is not None:
         lines.append(
@@ -139,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         *(["A held-out drive is a road the model never saw in training: the honest proxy for a new road.",
-            "The test split is not in this repository and is evaluated independently."] if groups else
-          ["Val shares a driving sequence with train, so val scores run above test; the test split is not in",
-           "this repository and is evaluated independently."]),
+            "The test split is not in this repository and is evaluated independently."] if groups and not trained_on
+          else ["This model trained on every frame measured above, so its own rows show how it fits roads it has "
+                "seen;", "the recipe's held-out run predicts a new road. The test split is not in this repository "
+                "and is evaluated independently."] if trained_on and recipe_run
+          else ["Val shares a driving sequence with train, so val scores run above test; the test split is not in",
+                "this repository and is evaluated independently."]),
         "",
         "Per-class accuracy on " + split_name + ": "
         + ", ".join(f"{c} {100 * v:.1f}" for c, v in zip(card.classes, m["per_class_accuracy"])),
@@ -149,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Reproduce",
         "",
         "```bash",
-        card.extra["eval_command"],
+        *(f"perception-eval --model {dest} --data {args.data} {flags}" for _, _, flags in rows if flags),
         *([card.extra["eval_command"] + f" --mc-samples {args.mc_samples}"] if args.mc_samples else []),
         "```",
         "",
@@ -164,11 +208,17 @@ def main(argv: list[str] | None = None) -> int:
              *t["resumed_with"], "```", ""]
             if t.get("resumed_with") else []
         ),
-        f"Machine: {t.get('machine', {}).get('gpu', t.get('machine', {}).get('cpu'))} "
-        f"({t.get('machine', {}).get('cpu_count')} CPU cores), torch {t.get('machine', {}).get('torch')}; "
-        f"weights from epoch {t.get('epoch')} of {t.get('config', {}).get('epochs')} (best {t.get('selection') or 'val'} "
-        f"mIoU); date {t.get('date')}.",
+        f"Machine: {_machine(t.get('machine', {}))}; "
+        f"weights from epoch {t.get('epoch')} of {t.get('config', {}).get('epochs')} "
+        + (f"(best {selected} mIoU)" if selected else "(the last)") + f"; date {t.get('date')}.",
         "",
+        *(
+            ["The recipe's held-out run (its weights are not shipped; they chose this run's number of epochs):",
+             "", "```bash", str(recipe_run["command"]), "```", "",
+             f"Machine: {_machine(recipe_run['machine'])}; selected epoch {recipe_run['epoch']} of "
+             f"{recipe_run['epochs']}. Measured here in fp32 from its weights (`{recipe_run['model']}`).", ""]
+            if recipe_run else []
+        ),
         "Input: uint8 frames; the model card (`model.json`) gives the colour order, normalisation and",
         "input size. Load with `perception.models.load(folder)`.",
         "",
@@ -176,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     if history:
         lines += [f"Training time: {card.training['train_hours']:.2f} h for {len(history)} epochs (sum of epoch "
                   "times, validation not included), on the machine above"
-                  + (" while it trained other runs beside this one." if t.get("machine", {}).get("gpu") else "."), ""]
+                  + (" while it trained other runs beside this one." if t.get("machine", {}).get("gpu") else "."),
+                  f"Median epoch {card.training['median_epoch_seconds']:.0f} s, so {card.training['idle_hours']:.2f} h "
+                  "at that rate (the sum also counts time the run spent paused while the machine measured other "
+                  "things).", ""]
         if "weights_dtype" in card.training:
             lines += [f"Weights stored as {card.training['weights_dtype']} (upcast to float32 on load); the "
                       "numbers above are measured from the stored weights.", ""]
@@ -186,6 +239,39 @@ def main(argv: list[str] | None = None) -> int:
     (dest / "README.md").write_text("\n".join(lines))
     print(json.dumps({k: m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")}, indent=2))
     return 0
+
+
+def _split_flags(split: str, groups: list[str] | None) -> str:
+    return f"--split {split}" + (f" --groups {','.join(groups)}" if groups else "")
+
+
+def _machine(machine: dict) -> str:
+    return (f"{machine.get('gpu', machine.get('cpu'))} ({machine.get('cpu_count')} CPU cores), "
+            f"torch {machine.get('torch')}")
+
+
+def _frames_trained_on(card, data: str, measured) -> int:
+    """How many frames of ``measured`` the card's run trained on (matched by file stem, so a JPEG copy of
+    the data counts as the same frames)."""
+    t = card.training
+    if not t.get("train_split"):
+        return 0
+    train_set = open_dataset(data, t["train_split"], exclude_groups=t.get("holdout") or None)
+    trained = {img.stem for img, _ in train_set.pairs}
+    if t.get("holdout_list"):
+        from perception.data.splits import read_name_list
+
+        list_path = Path(t["holdout_list"])
+        if list_path.is_file():
+            held = {Path(n).stem for n in read_name_list(list_path)}
+            trained -= held
+    return sum(img.stem in trained for img, _ in measured.pairs)
+
+
+def _row_label(key: str, trained_on: int, total: int) -> str:
+    if not trained_on:
+        return f"{key} (measured; never trained on)"
+    return f"{key} (measured; {trained_on} of {total} frames were in training)"
 
 
 if __name__ == "__main__":
