@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"(best {selected} mIoU)" if selected else "(the last)") + f"; date {t.get('date')}.",
         "",
         *(
-            ["The recipe's held-out run (its weights are not shipped; they chose this run's number of epochs):",
+            ["The recipe's held-out run (it chose this run's number of epochs; its weights and card are shipped beside this model):",
              "", "```bash", str(recipe_run["command"]), "```", "",
              f"Machine: {_machine(recipe_run['machine'])}; selected epoch {recipe_run['epoch']} of "
              f"{recipe_run['epochs']}. Measured here in fp32 from its weights (`{recipe_run['model']}`).", ""]
