@@ -151,6 +151,18 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
     assert "val (measured; 2 of 2 frames were in training)" in readme
     assert "no selection split: the last epoch ships" in readme and "the recipe's held-out run (9 images" in readme
     assert "A held-out drive is a road the model never saw" not in readme
+    assert recipe["architecture"] == "segnet_basic" and "no held-out run of this network" not in readme
+
+    # The Bayesian twin trained on everything cites the plain network's held-out run: the card says whose.
+    bayes = tmp_path / "bayes"
+    assert train_main(["--model", "bayesian_segnet_basic", "--data", str(root), "--train-split", "train+val",
+                       "--val-split", "none", "--epochs", "1", "--crop", "32x48", "--batch-size", "4", "--no-progress",
+                       "--amp", "off", "--out", str(bayes)]) == 0
+    dest_b = tmp_path / "models" / "bayes"
+    assert ship.main([str(bayes / "final"), str(dest_b), *flags[:6], "--recipe-run", str(heldout / "final")]) == 0
+    readme_b = (dest_b / "README.md").read_text()
+    assert "the recipe's held-out run, `segnet_basic` (9 images" in readme_b
+    assert "It trained `segnet_basic`, not `bayesian_segnet_basic`" in readme_b
 
 
 def _ship_model_module():

@@ -117,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --recipe-run {args.recipe_run} trained on {recipe_trained_on} frames of {split_name}; "
                              "it must be the run that held them out")
         rm = evaluate(recipe_model, ds, recipe_model.card.input, amp="off", progress=True, channels_last=True)
-        recipe_run = {"model": str(args.recipe_run), "command": rt.get("command"), "machine": rt.get("machine"),
-                      "train_images": rt.get("train_images"), "epoch": rt.get("epoch"),
+        recipe_arch = recipe_model.card.architecture["name"]
+        recipe_run = {"model": str(args.recipe_run), "architecture": recipe_arch, "command": rt.get("command"),
+                      "machine": rt.get("machine"), "train_images": rt.get("train_images"), "epoch": rt.get("epoch"),
                       "epochs": rt.get("config", {}).get("epochs"), "metrics": {split_name: card_metrics(rm)}}
         card.training["recipe_run"] = recipe_run
-        rows.append((f"{split_name}, the recipe's held-out run ({rt.get('train_images')} images without these "
-                     f"frames, epoch {rt.get('epoch')} of {rt.get('config', {}).get('epochs')})", rm, None))
+        # A held-out run of another architecture (e.g. the plain network for its Bayesian twin) is evidence
+        # for the recipe, not a measurement of this network: the row names what it measured.
+        other_arch = f", `{recipe_arch}`" if recipe_arch != card.architecture["name"] else ""
+        rows.append((f"{split_name}, the recipe's held-out run{other_arch} ({rt.get('train_images')} images without "
+                     f"these frames, epoch {rt.get('epoch')} of {rt.get('config', {}).get('epochs')})", rm, None))
     mc = None
     if args.mc_samples:
         mc = evaluate(model, ds, card.input, amp="off", mc_samples=args.mc_samples, seed=0, progress=True,
@@ -216,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             ["The recipe's held-out run (it chose this run's number of epochs; its weights and card are shipped beside this model):",
              "", "```bash", str(recipe_run["command"]), "```", "",
              f"Machine: {_machine(recipe_run['machine'])}; selected epoch {recipe_run['epoch']} of "
-             f"{recipe_run['epochs']}. Measured here in fp32 from its weights (`{recipe_run['model']}`).", ""]
+             f"{recipe_run['epochs']}. Measured here in fp32 from its weights (`{recipe_run['model']}`).", "",
+             *([f"It trained `{recipe_run['architecture']}`, not `{arch}`: no held-out run of this network with "
+                "this recipe exists, so its row estimates the recipe on a new road, not this network.", ""]
+               if recipe_run["architecture"] != arch else [])]
             if recipe_run else []
         ),
         "Input: uint8 frames; the model card (`model.json`) gives the colour order, normalisation and",
