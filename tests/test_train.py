@@ -112,6 +112,22 @@ def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
     assert len(training["resumed_with"]) == 1 and "--resume" in training["resumed_with"][0]
 
 
+def test_compiled_training_matches_eager(toy_data, tmp_path):
+    # --compile changes how the step runs, not what it computes: the first epoch's loss (one step, before
+    # any update) matches eager to float tolerance, later ones closely, and the checkpoint and the shipped
+    # folder hold the plain module's names.
+    args = [*TINY, "--data", str(toy_data), "--epochs", "2", "--max-iters-per-epoch", "1", "--val-every", "2"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert train_main([*args, "--out", str(eager)]) == 0
+    assert train_main([*args, "--out", str(compiled), "--compile"]) == 0
+    rows = [[json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+            for out in (eager, compiled)]
+    assert rows[1][0] == pytest.approx(rows[0][0], rel=1e-4)
+    assert rows[1][1] == pytest.approx(rows[0][1], rel=2e-2)
+    assert _state(compiled).keys() == _state(eager).keys()
+    assert load(compiled / "final").card.training["config"]["compile"] is True
+
+
 def test_resume_without_checkpoint_is_an_error(toy_data, tmp_path, capsys):
     assert train_main([*TINY, "--data", str(toy_data), "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -94,6 +94,8 @@ class TrainConfig:
                                   help="valid_pixels (Caffe's) or weights (PyTorch's weighted mean)")
     amp: str = opt("off", choices=("bf16", "fp16", "off"))
     channels_last: bool = opt(False)
+    compile: bool = opt(False, help="torch.compile the training forward and backward (1.1x for SegNet on a "
+                                   "2-core Zen 4 CPU: tools/bench_train_step.py; a minute or two of compiling first)")
     val_every: int = opt(1, check=(lambda v: v >= 1, ">= 1"), help="validate every N epochs")
     time_budget_s: float | None = opt(None, flag="--time-budget", metavar="SECONDS", check=(lambda v: v > 0, "> 0"),
                                       help="after the warmup epochs, cut --epochs so the run ends within SECONDS "

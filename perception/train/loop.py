@@ -345,6 +345,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
             run.ddp_model = nn.parallel.DistributedDataParallel(
                 run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
             )
+        if cfg.compile:
+            # Only the training step is compiled: checkpoints, validation and the shipped folder use the
+            # plain module (no `_orig_mod.` prefixes in saved names).
+            run.ddp_model = torch.compile(run.ddp_model)
         run_started = time.time()
         bookkeeping_seconds = 0.0  # checkpoint + plot of the last epoch: part of an epoch's cost
         while run.state.epoch < cfg.epochs:
