@@ -128,6 +128,55 @@ def test_compiled_training_matches_eager(toy_data, tmp_path):
     assert load(compiled / "final").card.training["config"]["compile"] is True
 
 
+def test_compact_resume_state_moves_a_run_to_another_folder(toy_data, tmp_path, capsys):
+    import importlib.util
+    import shutil
+
+    from perception.models.registry import get_model
+
+    out = tmp_path / "run"
+    assert train_main([*TINY, "--data", str(toy_data), "--epochs", "2", "--out", str(out)]) == 0
+    spec = importlib.util.spec_from_file_location("compact", Path(__file__).parents[1] / "tools" / "compact_resume_state.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):  # what training_state/ carries; no best/ folder
+        shutil.copy(out / name, moved / name)
+    assert tool.main([str(out / "last.pt"), str(moved / "last.pt"), "--max-mb", "1e-4"]) == 1
+    assert not (moved / "last.pt").exists()  # over the limit: nothing written
+    assert tool.main([str(out / "last.pt"), str(moved / "last.pt")]) == 0
+    full, small = load_checkpoint(out / "last.pt"), load_checkpoint(moved / "last.pt")
+    assert "optimizer" not in small and small["compact"] == {"dtype": "float16", "optimizer": False}
+    assert (moved / "last.pt").stat().st_size < 0.6 * (out / "last.pt").stat().st_size
+    # Loading casts back to float32: the weights are the originals rounded once to fp16.
+    net = get_model("segnet_basic", num_classes=3)
+    net.load_state_dict(small["model"])
+    for k, v in net.state_dict().items():
+        ref = full["model"][k]
+        assert v.dtype == ref.dtype and torch.equal(v, ref.half().to(ref.dtype) if ref.is_floating_point() else ref), k
+
+    capsys.readouterr()
+    assert train_main(["--out", str(moved), "--resume", "--data", str(toy_data), "--epochs", "3", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "without optimiser moments" in err and "best is missing" in err
+    rows = [json.loads(x) for x in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1].get("best") is True  # selection restarted
+    assert load(moved / "final").card.training["epoch"] == 3
+
+    # Keeping the optimiser (bf16 moments): resume loads them cast to float32, with nothing to restart.
+    moved2 = tmp_path / "moved2"
+    shutil.copytree(moved, moved2, ignore=shutil.ignore_patterns("last.pt", "final", "best"))
+    (moved2 / "metrics.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in rows[:2]))
+    assert tool.main([str(out / "last.pt"), str(moved2 / "last.pt"), "--keep-optimizer", "--dtype", "bfloat16"]) == 0
+    kept = load_checkpoint(moved2 / "last.pt")
+    assert kept["compact"] == {"dtype": "bfloat16", "optimizer": True}
+    assert all(st["exp_avg"].dtype == torch.bfloat16 for st in kept["optimizer"]["state"].values())
+    capsys.readouterr()
+    assert train_main(["--out", str(moved2), "--resume", "--data", str(toy_data), "--epochs", "3", "--no-progress"]) == 0
+    assert "without optimiser moments" not in capsys.readouterr().err
+
+
 def test_resume_without_checkpoint_is_an_error(toy_data, tmp_path, capsys):
     assert train_main([*TINY, "--data", str(toy_data), "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import torch
 
 from perception.core.fileio import atomic_write_bytes
 
-__all__ = ["atomic_torch_save", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["atomic_torch_save", "load_checkpoint", "compact_checkpoint", "capture_rng_state", "restore_rng_state"]
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -51,3 +51,30 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def compact_checkpoint(ck: dict[str, Any], *, dtype: torch.dtype = torch.float16,
+                       keep_optimizer: bool = False) -> dict[str, Any]:
+    """A smaller copy of a training checkpoint, to keep a large run's resume state under a size limit
+    (e.g. a git host's 100 MB per file): floating-point weights (and optimiser moments, if kept) cast to
+    ``dtype``, the optimiser state dropped unless ``keep_optimizer``.
+
+    Resuming from it is close to, not identical to, an uninterrupted run: loading casts the weights back
+    to float32 (one rounding), and without optimiser state AdamW restarts its moments at the saved point
+    of the schedule. ``compact`` in the result records what was reduced.
+    """
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+            return value.to(dtype)
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        return value
+
+    out = {k: v for k, v in ck.items() if k not in ("model", "optimizer")}
+    out["model"] = cast(ck["model"])
+    if keep_optimizer and "optimizer" in ck:
+        # param_groups hold hyper-parameters (floats, not tensors); only the per-parameter state is cast.
+        out["optimizer"] = {"state": cast(ck["optimizer"]["state"]), "param_groups": ck["optimizer"]["param_groups"]}
+    out["compact"] = {"dtype": str(dtype).removeprefix("torch."), "optimizer": "optimizer" in out}
+    return out

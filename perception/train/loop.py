@@ -449,10 +449,21 @@ def _resume(run: _Run) -> None:
         raise ValueError(f"{run.ckpt_path}: checkpoint version {ck.get('version')} is not {CHECKPOINT_VERSION}")
     if ck["model_config"] != model_config(run.model):
         raise ValueError(f"{run.ckpt_path} holds {ck['model_config']}, but the config builds {model_config(run.model)}")
-    run.model.load_state_dict(ck["model"])
-    run.optimizer.load_state_dict(ck["optimizer"])
+    run.model.load_state_dict(ck["model"])  # copies into the float32 parameters (a compact state is fp16)
+    if "optimizer" in ck:
+        run.optimizer.load_state_dict(ck["optimizer"])  # casts moments to the parameters' dtype
+    else:
+        print(f"warning: {run.ckpt_path} is a compact resume state without optimiser moments: the optimiser "
+              "restarts them here (the schedule continues), so this run will not end bit-identical to an "
+              "uninterrupted one", file=sys.stderr, flush=True)
     run.scheduler.load_state_dict(ck["scheduler"])
     run.state = _State(**ck["state"])
+    if run.state.best_epoch > 0 and not (run.out / BEST_DIR / model_io.CARD_FILE).is_file():
+        # The resume state came without the run's best/ folder (another machine): selection starts over
+        # from here rather than comparing against weights that no longer exist.
+        print(f"warning: {run.out / BEST_DIR} is missing; the best epoch so far ({run.state.best_epoch}, "
+              f"mIoU {run.state.best_miou:.4f}) is forgotten and selection restarts", file=sys.stderr, flush=True)
+        run.state.best_miou, run.state.best_epoch = -1.0, -1
     if run.state.command:  # checkpoints written before the field existed have none
         run.state.resumed_with.append(run.command)
     restore_rng_state(ck["rng"])
