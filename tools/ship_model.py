@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         card.metrics[key] = card_metrics(also_m)
         rows.append((_row_label(key, _frames_trained_on(card, args.data, also_ds), len(also_ds)), also_m,
                      _split_flags(also_split, also_groups)))
+    arch = card.architecture["name"]
     recipe_run = None
     if args.recipe_run:
         recipe_model = load(args.recipe_run)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         card.training["recipe_run"] = recipe_run
         # A held-out run of another architecture (e.g. the plain network for its Bayesian twin) is evidence
         # for the recipe, not a measurement of this network: the row names what it measured.
-        other_arch = f", `{recipe_arch}`" if recipe_arch != card.architecture["name"] else ""
+        other_arch = f", `{recipe_arch}`" if recipe_arch != arch else ""
         rows.append((f"{split_name}, the recipe's held-out run{other_arch} ({rt.get('train_images')} images without "
                      f"these frames, epoch {rt.get('epoch')} of {rt.get('config', {}).get('epochs')})", rm, None))
     mc = None
@@ -146,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     save(model, dest, card, weights_dtype=torch.float16 if args.weights_dtype == "float16" else None)
-    arch = card.architecture["name"]
     paper = PAPER_TEST.get(arch)
     t = card.training
     selected = t.get("selection")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"(best {selected} mIoU)" if selected else "(the last)") + f"; date {t.get('date')}.",
         "",
         *(
-            ["The recipe's held-out run (it chose this run's number of epochs; its weights and card are shipped beside this model):",
+            ["The recipe's held-out run (it chose this run's number of epochs):",
              "", "```bash", str(recipe_run["command"]), "```", "",
              f"Machine: {_machine(recipe_run['machine'])}; selected epoch {recipe_run['epoch']} of "
              f"{recipe_run['epochs']}. Measured here in fp32 from its weights (`{recipe_run['model']}`).", "",
