@@ -73,21 +73,27 @@ def test_only_allowed_clients_receive_anything(keys, toy_model):
         pub.close()
 
 
-def test_a_wrong_server_key_is_a_clear_error_for_echo(keys, toy_model, capsys):
-    from perception.stream.echo import main as echo_main
+@pytest.mark.parametrize("client", ["echo", "record"])
+def test_a_wrong_server_key_is_a_clear_error_for_clients(client, keys, toy_model, capsys, tmp_path):
+    if client == "echo":
+        from perception.stream.echo import main as client_main
+        extra = []
+    else:
+        from perception.stream.record import main as client_main
+        extra = ["--out", str(tmp_path / "rec")]
 
     _, model_dir = toy_model
     node, pub, t = _secure_node(keys, model_dir)
     t.start()
     try:
-        rc = echo_main([pub.endpoint, "--timeout", "20", "--curve-server-key", str(keys / "stranger.key"),
-                        "--curve-secret-key", str(keys / "client.key_secret")])
+        rc = client_main([pub.endpoint, "--timeout", "20", "--curve-server-key", str(keys / "stranger.key"),
+                          "--curve-secret-key", str(keys / "client.key_secret"), *extra])
     finally:
         node.stop()
         t.join(timeout=30)
         pub.close()
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and "CURVE handshake" in err[0]
+    assert rc == 1 and len(err) == 1 and "CURVE handshake" in err[0] and "--curve-server-key" in err[0], err
 
 
 def test_key_files_and_options_fail_in_one_line(keys, tmp_path, capsys, toy_model):

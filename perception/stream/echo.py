@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     next_rate = time.monotonic() + 1.0
     import zmq
 
-    from perception.stream.security import CurveError, client_keys_from_args
+    from perception.stream.security import CurveError, client_keys_from_args, handshake_failed
 
     try:
         sub_ctx = Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False, curve=client_keys_from_args(args))
@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             now = time.monotonic()
             if msg is None:
                 if sub.handshake_failures:
-                    print(f"perception-echo: error: the CURVE handshake with {args.endpoint} failed (wrong "
-                          "--curve-server-key, this client's key is not allowed, or the node does not use CURVE)",
-                          file=sys.stderr)
+                    print(f"perception-echo: error: {handshake_failed(args.endpoint)}", file=sys.stderr)
                     return 1
                 if args.timeout is not None and now - last_msg > args.timeout:
                     print(f"perception-echo: nothing received for {args.timeout:g}s on {args.endpoint}", file=sys.stderr)

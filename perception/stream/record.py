@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from perception.core.cli import stop_on_signals
     from perception.stream.client import Subscriber
     from perception.stream.rosbag import UnrecordableMessage
-    from perception.stream.security import CurveError, client_keys_from_args
+    from perception.stream.security import CurveError, client_keys_from_args, handshake_failed
 
     try:
         curve = client_keys_from_args(args)
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 msg = sub.recv(timeout=0.2)
                 if msg is None:
                     if sub.handshake_failures:
-                        print(f"perception-record: error: the CURVE handshake with {args.endpoint} failed",
-                              file=sys.stderr)
+                        print(f"perception-record: error: {handshake_failed(args.endpoint)}", file=sys.stderr)
                         rc = 1
                         break
                     if args.timeout is not None and time.monotonic() - last > args.timeout:
@@ -258,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = 1
     finally:
         sink.close()
-    print(f"recorded {frames} frames to {out}" + (f" ({skipped} messages skipped)" if skipped else ""),
-          file=sys.stderr)
+    if rc == 0 or frames:  # after an error with nothing recorded, the error is the one line
+        print(f"recorded {frames} frames to {out}" + (f" ({skipped} messages skipped)" if skipped else ""),
+              file=sys.stderr)
     return rc
 
 

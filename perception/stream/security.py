@@ -136,6 +136,12 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
                    help="this client's key pair (client.key_secret), listed on the node with --curve-allow")
 
 
+def handshake_failed(endpoint: str) -> str:
+    """The one line a client prints when the node refused its CURVE handshake."""
+    return (f"the CURVE handshake with {endpoint} failed (wrong --curve-server-key, this client's key is not "
+            "allowed, or the node does not use CURVE)")
+
+
 def client_keys_from_args(args: argparse.Namespace) -> tuple[str, str] | None:
     """(server key file, secret key file), None without CURVE; both or neither must be given."""
     server, secret = getattr(args, "curve_server_key", None), getattr(args, "curve_secret_key", None)
