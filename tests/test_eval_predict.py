@@ -124,8 +124,10 @@ def test_postprocess_helpers():
     assert out is not big and out.any() and not big.any()  # drawn on a copy unless in_place
 
 
-def test_ship_model_card_is_reproduced_by_perception_eval(toy_bayesian_model, tmp_path, capsys):
-    """tools/ship_model.py measures the card's numbers; perception-eval must print the same ones."""
+@pytest.mark.parametrize("weights_dtype", ["float32", "float16"])
+def test_ship_model_card_is_reproduced_by_perception_eval(weights_dtype, toy_bayesian_model, tmp_path, capsys):
+    """tools/ship_model.py measures the card's numbers; perception-eval of the shipped folder must print the
+    same ones, also where the folder stores the weights at half precision."""
     import importlib.util
     from pathlib import Path
 
@@ -135,7 +137,8 @@ def test_ship_model_card_is_reproduced_by_perception_eval(toy_bayesian_model, tm
     data, model_dir = toy_bayesian_model
     dest = tmp_path / "models" / "toy_shipped"
     assert ship.main([str(model_dir), str(dest), "--data", str(data), "--mc-samples", "2", "--try-bn-recalibration",
-                      "--training-command", "perception-train --model bayesian_segnet_basic"]) == 0
+                      "--training-command", "perception-train --model bayesian_segnet_basic",
+                      "--weights-dtype", weights_dtype]) == 0
     card = json.loads((dest / "model.json").read_text())
     assert card["id"] == "toy_shipped" and set(card["metrics"]) == {"val", "val_mc2"}
     assert card["training"]["command"] == "perception-train --model bayesian_segnet_basic"

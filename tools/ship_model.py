@@ -59,10 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _round_as_stored(model, weights_dtype: str) -> None:
+    """Round the model's floating tensors as the shipped file will store them (load() upcasts them again),
+    so that every number measured afterwards is the shipped model's."""
+    if weights_dtype == "float32":
+        return
+    import torch
+
+    from perception.models.io import cast_floating
+
+    state = model.state_dict()
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in cast_floating(state, getattr(torch, weights_dtype)).items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model = load(args.source)
     card = model.card
+    _round_as_stored(model, args.weights_dtype)
     dest = Path(args.dest)
     card.id = dest.name
     if args.training_command and args.training_command != card.training.get("command"):
@@ -86,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         recal = copy.deepcopy(model)
         train_set = open_dataset(args.data, card.training.get("train_split", "train"), transform=ToTensors())
         recalibrate_batch_norm(recal, train_set, card.input, device="cpu", amp="off", progress=True)
+        _round_as_stored(recal, args.weights_dtype)
         m_recal = evaluate(recal, ds, card.input, amp="off", progress=True, channels_last=True)
         keep = m_recal["miou"] > m["miou"]
         print(f"batch-norm recalibration: {args.split} mIoU {m['miou']:.4f} -> {m_recal['miou']:.4f} "
@@ -146,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             card.training["idle_hours"] = round(seconds[len(seconds) // 2] * len(history) / 3600, 3)
     import torch
 
-    save(model, dest, card, weights_dtype=torch.float16 if args.weights_dtype == "float16" else None)
+    save(model, dest, card, weights_dtype=None if args.weights_dtype == "float32" else getattr(torch, args.weights_dtype))
     paper = PAPER_TEST.get(arch)
     t = card.training
     selected = t.get("selection")
