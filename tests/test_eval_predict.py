@@ -152,3 +152,24 @@ def test_ship_model_card_is_reproduced_by_perception_eval(weights_dtype, toy_bay
         doc = json.loads(out.read_text())
         for k in ("global_accuracy", "class_accuracy", "miou", "bf"):
             assert doc[k] == pytest.approx(card["metrics"][key][k], abs=1e-12), (key, k)
+
+
+def test_benchmark_times_and_scores_mc_dropout_only_for_a_bayesian_model(toy_bayesian_model, toy_model, tmp_path):
+    """tools/benchmark.py's MC rows run the node's uncertainty path; a model without dropout is an error row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).parents[1] / "tools" / "benchmark.py"
+    docs = {}
+    for name, (data, model_dir) in (("bayesian", toy_bayesian_model), ("plain", toy_model)):
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([sys.executable, str(tool), "--model", str(model_dir), "--backends", "torch-mc8",
+                            "--runs", "2", "--warmup", "1", "--rounds", "1", "--threads", "1", "--data", str(data),
+                            "--json", str(out)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        docs[name] = {row["backend"]: row for row in json.loads(out.read_text())["results"]}
+    bayes = docs["bayesian"]
+    assert set(bayes) == {"torch", "torch-mc8"} and not any("error" in row for row in bayes.values())
+    assert 0.0 <= bayes["torch-mc8"]["val_miou"] <= 1.0 and bayes["torch-mc8"]["ratio_vs_torch_fp32"] > 0
+    assert "error" not in docs["plain"]["torch"] and "needs a model with dropout" in docs["plain"]["torch-mc8"]["error"]

@@ -43,6 +43,9 @@ BACKENDS = {
     # flip test-time augmentation inside the graph: each frame and its mirror, logits averaged
     "onnxruntime-flip": ("onnxruntime", {}, {"unpool": "onnx", "tta": "flip"}),
     "onnxruntime-int8-flip": ("onnxruntime", {}, {"unpool": "onnx", "int8": True, "tta": "flip"}),
+    # Bayesian models: 8 MC-dropout passes per frame for the uncertainty (what the node runs for them)
+    "torch-mc8": ("torch", {"precision": "fp32", "mc_samples": 8, "uncertainty": True}, None),
+    "torch-bf16-mc8": ("torch", {"precision": "bf16", "mc_samples": 8, "uncertainty": True}, None),
 }
 BASELINE = "torch"
 
@@ -130,19 +133,22 @@ def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.
 
         kind, opts, _ = BACKENDS[name]
         opts = dict(opts)
+        uncertainty = opts.pop("uncertainty", False)
         if args["threads"]:
             opts["threads"] = args["threads"]
         backend = load_backend(onnx_path or model, backend=kind, **opts)
+        if uncertainty and not backend.capabilities.uncertainty:
+            raise ValueError(f"{name} needs a model with dropout (a Bayesian one)")
         card = backend.card
         h, w = args["size"] or (card.input.height, card.input.width)
         rng = np.random.default_rng(0)
         frames = rng.integers(0, 256, (args["batch"], h, w, 3), dtype=np.uint8)
         for _ in range(args["warmup"]):
-            backend.infer(frames)
+            backend.infer(frames, uncertainty=uncertainty)
         times = []
         for _ in range(args["runs"]):
             t0 = time.perf_counter()
-            backend.infer(frames)
+            backend.infer(frames, uncertainty=uncertainty)
             times.append(time.perf_counter() - t0)
         t = np.array(times) * 1e3
         res = {"backend": name, "onnx": onnx_path, "median_ms": float(np.median(t)),
@@ -152,7 +158,7 @@ def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.
             from perception.eval.scoring import evaluate_backend
 
             ds = open_dataset(args["data"], args["split"], groups=args["groups"])
-            r = evaluate_backend(backend, ds, boundary=False, progress=False)
+            r = evaluate_backend(backend, ds, boundary=False, progress=False, uncertainty=uncertainty)
             res["val_miou"] = r["miou"]
             res["val_global_accuracy"] = r["global_accuracy"]
         res["peak_mb"] = _peak_rss_mb()
