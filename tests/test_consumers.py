@@ -517,6 +517,34 @@ def test_consumer_commands_fail_in_one_line(tmp_path, capsys):
         view_main(["tcp://127.0.0.1:5555", "--http", "no-port"])
 
 
+@pytest.mark.parametrize("fmt", ["files", "mcap"])
+def test_a_recording_that_times_out_with_nothing_received_leaves_no_folder(fmt, tmp_path, capsys):
+    """Nothing arrives before --timeout: rc 1, one line, and no empty --out folder; a folder that was
+    there before is left alone."""
+    import zmq
+
+    from perception.stream.record import main as record_main
+
+    if fmt == "mcap":
+        pytest.importorskip("mcap")
+    ctx = zmq.Context.instance()
+    silent = ctx.socket(zmq.PUB)  # a node that never publishes
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        out = tmp_path / "rec"
+        assert record_main([f"tcp://127.0.0.1:{port}", "--out", str(out), "--format", fmt, "--timeout", "0.3"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "nothing received" in err[0], err
+        assert not out.exists()
+        kept = tmp_path / "existing"
+        kept.mkdir()
+        (kept / "notes.txt").write_text("mine")
+        assert record_main([f"tcp://127.0.0.1:{port}", "--out", str(kept), "--format", fmt, "--timeout", "0.3"]) == 1
+        assert (kept / "notes.txt").read_text() == "mine"
+    finally:
+        silent.close(linger=0)
+
+
 def test_a_killed_file_recording_keeps_its_video_but_the_last_second(toy_model, tmp_path):
     """perception-record --format files killed with SIGKILL: overlay.mp4 still plays (OpenCV's FFmpeg
     reads it), holds every frame but at most the last second's, and its frames are the overlays sent."""

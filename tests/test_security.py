@@ -94,6 +94,7 @@ def test_a_wrong_server_key_is_a_clear_error_for_clients(client, keys, toy_model
         pub.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "CURVE handshake" in err[0] and "--curve-server-key" in err[0], err
+    assert not (tmp_path / "rec").exists()  # nothing recorded: no folder left behind
 
 
 def test_key_files_and_options_fail_in_one_line(keys, tmp_path, capsys, toy_model):

@@ -9,12 +9,15 @@ the node reports that its source has ended.
 one-second fragments (a recorder killed outright loses at most the last second), stats as JSON lines,
 the latest info as JSON. ``--format mcap``: a ROS 2 bag folder (metadata.yaml + .mcap, CDR) that
 ``ros2 bag``, rosbags and Foxglove open; see perception/stream/rosbag.py for the topics and types.
+A recording that ends in an error (``--timeout``, a failed CURVE handshake) before any message arrived
+removes the --out folder it created; one stopped by ``--duration`` or Ctrl-C keeps its (empty) output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out = Path(args.out)
+    # A recording that fails before anything arrives leaves nothing behind (a folder this run made).
+    made_out = not out.exists()
     if args.format == "mcap":
         from perception.stream.rosbag import BagError, BagWriter
 
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     stopped = stop_on_signals()
     frames = 0
     skipped = 0
+    written = 0
     rc = 0
     t_end = None if args.duration is None else time.monotonic() + args.duration
     last = time.monotonic()
@@ -219,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         sub = Subscriber(args.endpoint, topics=topics, decode_jpeg=args.format == "files", curve=curve)
     except zmq.ZMQError as e:
         sink.close()
+        if made_out:
+            shutil.rmtree(out, ignore_errors=True)
         print(f"perception-record: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
         return 2
     try:
@@ -246,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr, flush=True)
                     skipped += 1
                     continue
+                written += 1
                 if msg.stream == frame_stream:
                     frames += 1
                 if msg.stream == "stats" and isinstance(msg.data, dict) and msg.data.get("final") is True:
@@ -257,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = 1
     finally:
         sink.close()
+    if rc != 0 and not written and made_out:
+        shutil.rmtree(out, ignore_errors=True)
     if rc == 0 or frames:  # after an error with nothing recorded, the error is the one line
         print(f"recorded {frames} frames to {out}" + (f" ({skipped} messages skipped)" if skipped else ""),
               file=sys.stderr)
