@@ -304,18 +304,25 @@ def test_foxglove_bridge_forwards_only_what_a_client_watches(toy_model):
     assert "fps" in got["stats"][-1] and "latency_ms" in got["stats"][-1]
 
 
+def _chromium_or_skip() -> str:
+    """Chromium's executable; a test skips (before it starts anything) where there is none."""
+    import shutil
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("needs Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+    return exe
+
+
 class _Chromium:
     """Headless Chromium driven over the DevTools protocol (a plain WebSocket, no driver package)."""
 
     def __init__(self, tmp_path: Path) -> None:
-        import shutil
         import urllib.request
 
         from websockets.sync.client import connect
 
-        exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-        if exe is None:
-            pytest.skip("needs Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+        exe = _chromium_or_skip()
         profile = tmp_path / "chromium-profile"
         self.proc = subprocess.Popen(
             [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
@@ -411,6 +418,7 @@ def test_view_in_chromium_shows_the_road_and_live_stats(shipped_model, camvid_ro
     the colour mask it shows the road's palette colour over much of the frame, and its stats update."""
     pytest.importorskip("aiohttp")
     pytest.importorskip("websockets")
+    _chromium_or_skip()
     from perception.stream.node.sources import SourceOptions
 
     frames_dir = tmp_path / "frames"
@@ -454,6 +462,7 @@ def test_view_in_chromium_shows_the_road_and_live_stats(shipped_model, camvid_ro
 def test_view_says_when_the_node_stops_and_carries_on_when_it_restarts(toy_model, tmp_path):
     pytest.importorskip("aiohttp")
     pytest.importorskip("websockets")
+    _chromium_or_skip()
     _, model_dir = toy_model
     source = "synthetic://?width=64&height=48&fps=20&frames=100000"
     node, pub, t, result = start_node(source, model_dir, n_subs=0)
@@ -481,7 +490,9 @@ def test_view_says_when_the_node_stops_and_carries_on_when_it_restarts(toy_model
 
 def test_consumer_commands_fail_in_one_line(tmp_path, capsys):
     """Bad endpoints, busy ports and used folders: a one-line error and a non-zero status, nothing written."""
+    import gc
     import socket
+    import warnings
 
     from perception.stream.foxglove_bridge import main as foxglove_main
     from perception.stream.record import main as record_main
@@ -502,9 +513,16 @@ def test_consumer_commands_fail_in_one_line(tmp_path, capsys):
             (record_main, ["--recover", str(tmp_path / "nothing")], "holds no .mcap files"),
         ]
         for main, argv, text in cases:
-            assert main(argv) != 0, argv
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert main(argv) != 0, argv
+                gc.collect()
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and text in err[0], (argv, err)
+            # A failed start closes what it opened: a forgotten subscriber retrying an endpoint once
+            # stalled every ZeroMQ socket of the process (see perception/stream/monitor.py).
+            unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+            assert not unclosed, (argv, unclosed)
     finally:
         busy.close()
     bag = tmp_path / "bag"

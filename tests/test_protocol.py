@@ -300,6 +300,130 @@ def test_subscriber_survives_a_peer_that_sends_over_the_size_limit():
             pub.close(linger=0)
 
 
+def _passes_a_message(ctx, within_s: float = 10.0) -> bool:
+    """A fresh PUB/SUB pair on ``ctx`` passes a message: the context's I/O thread is not stuck."""
+    import time
+
+    import zmq
+
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            pub.send(b"ping")
+            if sub.poll(100):
+                return True
+        return False
+    finally:
+        pub.close(linger=0)
+        sub.close(linger=0)
+
+
+_STUCK_CONTEXTS: list = []  # a stuck I/O thread hangs term(): such a context is kept from the collector
+
+
+def _retrying_context():
+    """A private context whose sockets retry a refused connection every millisecond: a subscriber
+    of a dead endpoint then makes in seconds the monitor events of hours (at the default 100 ms)."""
+    import zmq
+
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.RECONNECT_IVL, 1)
+    return ctx
+
+
+def _resource_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_an_unread_subscriber_cannot_stall_the_other_sockets():
+    """libzmq sends monitor events from its I/O thread with a blocking send: an unread monitor queue
+    at its high-water mark (1000 + 1000 by default) stalled every socket of the context, the node's
+    publisher included. A subscriber nobody reads while its node is down must not do that."""
+    import time
+
+    from conftest import free_endpoint
+
+    from perception.stream.client import Subscriber
+
+    ctx = _retrying_context()
+    healthy = False
+    sub = Subscriber(free_endpoint(), context=ctx)  # nothing listens there: libzmq keeps retrying
+    try:
+        deadline = time.monotonic() + 5  # ~900 events a second here: past the old limit in ~2 s
+        healthy = True
+        while healthy and time.monotonic() < deadline:
+            healthy = _passes_a_message(ctx)
+        events = sum(1 for _ in sub._monitor.events())
+        assert healthy, "a fresh socket pair stopped passing messages: the I/O thread is stuck"
+        assert events > 2000, f"only {events} monitor events queued: the test did not reach the old limit"
+    finally:
+        sub.close()
+        if healthy:
+            ctx.destroy(linger=0)
+        else:
+            _STUCK_CONTEXTS.append(ctx)
+
+
+def test_a_subscriber_dropped_without_close_is_closed_in_the_order_libzmq_needs():
+    """The garbage collector closes a forgotten subscriber (or publisher): monitoring off first, then its sockets,
+    with no "unclosed socket" warning and nothing stuck (libzmq#3575: the reading end of a monitor
+    closed while monitoring is on blocks the I/O thread for good)."""
+    import gc
+    import warnings
+
+    from conftest import free_endpoint
+
+    from perception.stream.client import Subscriber
+    from perception.stream.publisher import Publisher
+
+    ctx = _retrying_context()
+    healthy = False
+    try:
+        for i in range(20):  # subscribers retrying a dead endpoint a thousand times a second
+            kept = (Subscriber(free_endpoint(), context=ctx) if i % 2
+                    else Publisher("tcp://127.0.0.1:*", "s", context=ctx))
+            sockets = (kept.sock, kept._monitor.pair)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                del kept
+                gc.collect()
+            assert all(s.closed for s in sockets)
+            assert not _resource_warnings(caught)
+        healthy = _passes_a_message(ctx)
+        assert healthy, "a fresh socket pair stopped passing messages: the I/O thread is stuck"
+    finally:
+        if healthy:
+            ctx.destroy(linger=0)
+        else:
+            _STUCK_CONTEXTS.append(ctx)
+
+
+def test_a_subscriber_that_cannot_connect_closes_what_it_opened():
+    """A bad endpoint raises, and the sockets made before it are closed then (in order), not left to
+    the garbage collector."""
+    import gc
+    import warnings
+
+    import zmq
+
+    from perception.stream.client import Subscriber
+
+    ctx = zmq.Context()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(zmq.ZMQError):
+                Subscriber("not-an-endpoint", context=ctx)
+            gc.collect()
+        assert not _resource_warnings(caught)
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_png_masks_are_checked_before_they_are_inflated():
     import cv2
 

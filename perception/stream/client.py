@@ -14,17 +14,21 @@ multipart messages, so it is done here, on whole messages.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 
 import zmq
 
+from perception.stream.monitor import SocketMonitor, close_monitored
 from perception.stream.protocol import DEFAULT_LIMITS, Limits, Message, ProtocolError, decode_message
 
 __all__ = ["Subscriber", "Message", "ProtocolError"]
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-_RECONNECTING = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
+# libzmq re-making a connection says CONNECT_RETRIED when it schedules the next try, CONNECTED when
+# one succeeds (CONNECT_DELAYED, on every try, would only add to the events to read).
+_RECONNECTING = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
 _RECONNECT_GRACE_S = 1.0
 
 
@@ -38,23 +42,36 @@ class Subscriber:
             raise ValueError("on_error must be 'skip' or 'raise'")
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        # Refuse oversize messages in libzmq itself, before they reach Python.
-        self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-        # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
-        # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED)
+        try:
+            self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            # Refuse oversize messages in libzmq itself, before they reach Python.
+            self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+            # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
+            # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
+            self._monitor = SocketMonitor(self.sock, zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED)
+        except BaseException:
+            self.sock.close(linger=0)
+            raise
+        # One dropped without close() is closed by the garbage collector in the order libzmq needs.
+        self._finalizer = weakref.finalize(self, close_monitored, self.sock, self._monitor)
+        # Not at interpreter exit: a daemon thread may still be using the socket then (libzmq sockets
+        # are not thread-safe), and the process's end closes everything anyway.
+        self._finalizer.atexit = False
         self._lost_at: float | None = None  # a disconnect libzmq has not (yet) followed with a reconnect
-        if curve is not None:  # (node's public key file, this client's key pair file)
-            from perception.stream.security import configure_client
+        try:
+            if curve is not None:  # (node's public key file, this client's key pair file)
+                from perception.stream.security import configure_client
 
-            configure_client(self.sock, *curve)
+                configure_client(self.sock, *curve)
+            self.sock.connect(endpoint)
+        except BaseException:
+            self.close()  # a bad endpoint or key file leaves no socket behind
+            raise
         self.handshake_failures = 0  # CURVE: wrong server key, or this client's key is not allowed
-        self.sock.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
+        self._poller.register(self._monitor.pair, zmq.POLLIN)
         self.reconnects = 0  # connections dropped (a peer over the size limit, a restarted node) and re-made
         for t in [topics] if isinstance(topics, str) else topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
@@ -78,10 +95,7 @@ class Subscriber:
         self._pending.pop(topic.encode(), None)
 
     def _check_connection(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)["event"]
+        for event in self._monitor.events():
             if event & _HANDSHAKE_FAILED:
                 self.handshake_failures += 1  # libzmq retries on its own; hammering a refusing node helps nobody
                 self._lost_at = None
@@ -106,7 +120,7 @@ class Subscriber:
             if self._lost_at is not None:  # wake up in time to re-make a dropped connection
                 remaining = 200 if remaining is None else min(remaining, 200)
             ready = dict(self._poller.poll(remaining))
-            if self._monitor in ready or self._lost_at is not None:
+            if self._monitor.pair in ready or self._lost_at is not None:
                 self._check_connection()
             if self.sock in ready:
                 return True
@@ -169,9 +183,7 @@ class Subscriber:
                 yield msg
 
     def close(self) -> None:
-        self.sock.disable_monitor()
-        self._monitor.close(linger=0)
-        self.sock.close(linger=0)
+        self._finalizer()  # close_monitored, once
 
     def __enter__(self) -> "Subscriber":
         return self

@@ -86,8 +86,12 @@ class FoxgloveBridge:
         self._by_id = {ch.id(): zmq_topic for zmq_topic, ch in self.channels.items()}
         # Nothing subscribed upstream until a Foxglove client asks; JPEG passes through undecoded.
         self.sub = Subscriber(endpoint, topics=[], decode_jpeg=False, curve=curve)
-        self.server = foxglove.start_server(name=name, host=host, port=port, server_listener=self,
-                                            context=self.context)
+        try:
+            self.server = foxglove.start_server(name=name, host=host, port=port, server_listener=self,
+                                                context=self.context)
+        except BaseException:
+            self.sub.close()  # a port in use: the caller gets the error, not a subscriber left running
+            raise
         self.port = self.server.port
         self.host = host
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import errno
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
+from perception.stream.monitor import SocketMonitor, close_monitored
 from perception.stream.protocol import DEFAULT_LIMITS, Limits, encode_header, encode_map, topic_for
 
 __all__ = ["Publisher", "PublisherError", "PublisherView"]
@@ -49,8 +50,17 @@ class Publisher:
         # the node and other subscribers carry on.
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.curve = curve  # a security.CurveServer: encrypt, and admit only the clients it allows
+        try:
+            self._monitor = SocketMonitor(self.sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        except BaseException:
+            self.sock.close(linger=0)
+            raise
+        # One dropped without close() is closed by the garbage collector in the order libzmq needs.
+        self._finalizer = weakref.finalize(self, close_monitored, self.sock, self._monitor, linger_ms)
+        # Not at interpreter exit: a daemon thread may still be using the socket then (libzmq sockets
+        # are not thread-safe), and the process's end closes everything anyway.
+        self._finalizer.atexit = False
         try:
             if curve is not None:
                 curve.apply(self.sock)
@@ -64,7 +74,7 @@ class Publisher:
         # One poller for the life of the socket: poll() runs on every loop iteration of the node.
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
+        self._poller.register(self._monitor.pair, zmq.POLLIN)
         self.prefixes: set[bytes] = set()  # active subscription prefixes
         self.peers = 0  # connected subscriber sockets
         self.subscribe_events = 0
@@ -99,12 +109,11 @@ class Publisher:
             if self.sock in events:
                 while self.sock.poll(0, zmq.POLLIN):
                     self._on_subscription(self.sock.recv())
-            if self._monitor in events:
-                while self._monitor.poll(0, zmq.POLLIN):
-                    ev = recv_monitor_message(self._monitor)
-                    if ev["event"] == zmq.EVENT_ACCEPTED:
+            if self._monitor.pair in events:
+                for event in self._monitor.events():
+                    if event == zmq.EVENT_ACCEPTED:
                         self.peers += 1
-                    elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                    elif event == zmq.EVENT_DISCONNECTED:
                         self.peers = max(0, self.peers - 1)
             events = dict(poller.poll(0))
 
@@ -186,12 +195,10 @@ class Publisher:
         return v
 
     def close(self, linger_ms: int | None = None) -> None:
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(linger=0)
-        self.sock.close(linger=linger_ms)
+        if linger_ms is not None and self._finalizer.alive:
+            self._finalizer.detach()
+            close_monitored(self.sock, self._monitor, linger_ms)
+        self._finalizer()  # close_monitored with the constructor's linger, once
         if self.curve is not None:
             self.curve.stop()
 

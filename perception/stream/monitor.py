@@ -1,0 +1,74 @@
+"""A libzmq socket monitor that cannot stall the process's ZeroMQ I/O thread.
+
+libzmq delivers monitor events from its I/O thread with a *blocking* send on an inproc PAIR socket
+(``socket_base_t::monitor_event``). That send blocks for good, and with it every socket of the
+context (no connection is accepted or made any more), in two cases:
+
+- the events are not read and the PAIR's queue fills: a subscriber retrying an endpoint where nothing
+  listens makes several a second (a try every 100 ms), and pyzmq's ``get_monitor_socket`` keeps the
+  default high-water marks (1000 + 1000 messages), so an unread monitor hangs the process within
+  minutes;
+- the reading PAIR is closed while monitoring is still on (zeromq/libzmq#3575), which is what the
+  garbage collector does to an object that was never closed: it closes the two sockets in either order.
+
+:class:`SocketMonitor` reads through an unbounded PAIR (``RCVHWM`` 0; an event is a few dozen bytes),
+turns monitoring off before it closes that PAIR, and uses an address of its own (pyzmq's default is
+named after the socket's file descriptor, which the OS hands out again). :func:`close_monitored` is
+the one order in which a monitored socket may be closed; owners also register it with
+``weakref.finalize`` so that one dropped without ``close()`` is closed in that order too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+__all__ = ["SocketMonitor", "close_monitored"]
+
+_addresses = itertools.count()
+
+
+class SocketMonitor:
+    """Events (``zmq.EVENT_*`` bit masks) of ``sock``, read from :attr:`pair`."""
+
+    def __init__(self, sock: zmq.Socket, events: int) -> None:
+        self._sock = sock
+        address = f"inproc://perception-monitor-{os.getpid()}-{next(_addresses)}"
+        self.pair = sock.context.socket(zmq.PAIR)
+        self.pair.setsockopt(zmq.RCVHWM, 0)  # 0: no limit, so libzmq's send never waits for a reader
+        self.pair.setsockopt(zmq.LINGER, 0)
+        # Connect before monitoring starts (inproc allows connecting first): an event libzmq sends
+        # before a reader is attached would block just the same.
+        self.pair.connect(address)
+        try:
+            sock.monitor(address, events)
+        except zmq.ZMQError:
+            self.pair.close(linger=0)
+            raise
+
+    def events(self) -> Iterator[int]:
+        """The events queued so far (without waiting)."""
+        while self.pair.poll(0):
+            yield recv_monitor_message(self.pair)["event"]
+
+    def close(self) -> None:
+        """Turn monitoring off, then close the reading PAIR (the other order can hang libzmq)."""
+        if self.pair.closed:
+            return
+        if not self._sock.closed:
+            try:
+                self._sock.monitor(None, 0)
+            except zmq.ZMQError:
+                pass
+        self.pair.close(linger=0)
+
+
+def close_monitored(sock: zmq.Socket, monitor: SocketMonitor, linger_ms: int | None = 0) -> None:
+    """Close a monitored socket: its monitor first, then the socket."""
+    monitor.close()
+    if not sock.closed:
+        sock.close(linger=linger_ms)
