@@ -14,12 +14,11 @@ multipart messages, so it is done here, on whole messages.
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Iterable, Iterator
 
 import zmq
 
-from perception.stream.monitor import SocketMonitor, close_monitored
+from perception.stream.monitor import monitor_owned
 from perception.stream.protocol import DEFAULT_LIMITS, Limits, Message, ProtocolError, decode_message
 
 __all__ = ["Subscriber", "Message", "ProtocolError"]
@@ -42,22 +41,14 @@ class Subscriber:
             raise ValueError("on_error must be 'skip' or 'raise'")
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
-        try:
-            self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
-            self.sock.setsockopt(zmq.LINGER, 0)
-            # Refuse oversize messages in libzmq itself, before they reach Python.
-            self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-            # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
-            # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
-            self._monitor = SocketMonitor(self.sock, zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED)
-        except BaseException:
-            self.sock.close(linger=0)
-            raise
-        # One dropped without close() is closed by the garbage collector in the order libzmq needs.
-        self._finalizer = weakref.finalize(self, close_monitored, self.sock, self._monitor)
-        # Not at interpreter exit: a daemon thread may still be using the socket then (libzmq sockets
-        # are not thread-safe), and the process's end closes everything anyway.
-        self._finalizer.atexit = False
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Refuse oversize messages in libzmq itself, before they reach Python.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
+        # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
+        self._monitor, self._finalizer = monitor_owned(
+            self, self.sock, zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED)
         self._lost_at: float | None = None  # a disconnect libzmq has not (yet) followed with a reconnect
         try:
             if curve is not None:  # (node's public key file, this client's key pair file)

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import weakref
 from collections.abc import Iterator
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["SocketMonitor", "close_monitored"]
+__all__ = ["SocketMonitor", "close_monitored", "monitor_owned"]
 
 _addresses = itertools.count()
 
@@ -72,3 +73,20 @@ def close_monitored(sock: zmq.Socket, monitor: SocketMonitor, linger_ms: int | N
     monitor.close()
     if not sock.closed:
         sock.close(linger=linger_ms)
+
+
+def monitor_owned(owner: object, sock: zmq.Socket, events: int,
+                  linger_ms: int | None = 0) -> tuple[SocketMonitor, weakref.finalize]:
+    """Monitor ``sock`` for ``owner`` (a Subscriber, a Publisher): the monitor, and a finalizer that
+    closes both in order, once (call it to close; the garbage collector calls it for an owner dropped
+    without closing). ``sock`` is closed here if the monitor cannot be made."""
+    try:
+        monitor = SocketMonitor(sock, events)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    finalizer = weakref.finalize(owner, close_monitored, sock, monitor, linger_ms)
+    # Not at interpreter exit: a daemon thread may still be using the socket then (libzmq sockets
+    # are not thread-safe), and the process's end closes everything anyway.
+    finalizer.atexit = False
+    return monitor, finalizer

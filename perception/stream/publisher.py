@@ -14,13 +14,12 @@ from __future__ import annotations
 import errno
 import threading
 import time
-import weakref
 from typing import Any
 
 import numpy as np
 import zmq
 
-from perception.stream.monitor import SocketMonitor, close_monitored
+from perception.stream.monitor import close_monitored, monitor_owned
 from perception.stream.protocol import DEFAULT_LIMITS, Limits, encode_header, encode_map, topic_for
 
 __all__ = ["Publisher", "PublisherError", "PublisherView"]
@@ -51,16 +50,8 @@ class Publisher:
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
         self.curve = curve  # a security.CurveServer: encrypt, and admit only the clients it allows
-        try:
-            self._monitor = SocketMonitor(self.sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        except BaseException:
-            self.sock.close(linger=0)
-            raise
-        # One dropped without close() is closed by the garbage collector in the order libzmq needs.
-        self._finalizer = weakref.finalize(self, close_monitored, self.sock, self._monitor, linger_ms)
-        # Not at interpreter exit: a daemon thread may still be using the socket then (libzmq sockets
-        # are not thread-safe), and the process's end closes everything anyway.
-        self._finalizer.atexit = False
+        self._monitor, self._finalizer = monitor_owned(self, self.sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED,
+                                                       linger_ms)
         try:
             if curve is not None:
                 curve.apply(self.sock)
