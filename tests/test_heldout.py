@@ -134,8 +134,11 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
     flags = ["--data", str(root), "--split", "train+val", "--groups", "d2", "--also", "val"]
     with pytest.raises(SystemExit, match="trained on 4 frames of holdout_d2"):
         ship.main([str(out / "final"), str(dest), *flags, "--recipe-run", str(out / "final")])
-    assert ship.main([str(out / "final"), str(dest), *flags, "--recipe-run", str(heldout / "final")]) == 0
+    assert ship.main([str(out / "final"), str(dest), *flags, "--recipe-run", str(heldout / "final"),
+                      "--note", "trained over two stretches"]) == 0
     card = json.loads((dest / "model.json").read_text())
+    assert card["extra"]["notes"] == ["trained over two stretches"]
+    assert "- trained over two stretches" in (dest / "README.md").read_text()
     assert set(card["metrics"]) == {"holdout_d2", "val"}
     recipe = card["training"]["recipe_run"]
     assert recipe["train_images"] == 9 and recipe["command"].startswith("perception-train") and "--holdout d2" in recipe["command"]
@@ -163,6 +166,27 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
     readme_b = (dest_b / "README.md").read_text()
     assert "the recipe's held-out run, `segnet_basic` (9 images" in readme_b
     assert "It trained `segnet_basic`, not `bayesian_segnet_basic`" in readme_b
+
+
+@pytest.mark.parametrize(
+    ("resumes", "says", "never_says"),
+    [
+        (None, "continued (same config) with:", "exact"),  # a run older than the record
+        ([{"after_epoch": 3, "compact": False, "selection_restarted": False}], "exact resume", "compact"),
+        ([{"after_epoch": 4, "compact": True, "selection_restarted": True},
+          {"after_epoch": 44, "compact": True, "selection_restarted": True}],
+         "after epoch 4, 44 it continued from a compact resume state", "exact"),
+    ],
+)
+def test_ship_model_claims_an_exact_resume_only_where_the_trainer_recorded_one(resumes, says, never_says):
+    ship = _ship_model_module()
+    training = {"resumed_with": ["perception-train --out r --resume"], "config": {"epochs": 100},
+                **({"resumes": resumes} if resumes is not None else {})}
+    text = "\n".join(ship._resume_lines(training))
+    assert says in text and never_says not in text and "perception-train --out r --resume" in text
+    if resumes and resumes[-1]["selection_restarted"]:
+        assert "the best of epochs 45-100" in text
+    assert ship._resume_lines({"config": {"epochs": 5}}) == []  # never resumed: nothing to say
 
 
 def _ship_model_module():

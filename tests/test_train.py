@@ -110,6 +110,9 @@ def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
     training = json.loads((out / "final" / "model.json").read_text())["training"]
     assert "--resume" not in training["command"] and training["command"].startswith("perception-train ")
     assert len(training["resumed_with"]) == 1 and "--resume" in training["resumed_with"][0]
+    (resume,) = training["resumes"]
+    assert resume["after_epoch"] == ck["state"]["epoch"]
+    assert resume["compact"] is False and resume["selection_restarted"] is False
 
 
 def test_compiled_training_matches_eager(toy_data, tmp_path):
@@ -162,7 +165,9 @@ def test_compact_resume_state_moves_a_run_to_another_folder(toy_data, tmp_path, 
     assert "without optimiser moments" in err and "best is missing" in err
     rows = [json.loads(x) for x in (moved / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1].get("best") is True  # selection restarted
-    assert load(moved / "final").card.training["epoch"] == 3
+    training = load(moved / "final").card.training
+    assert training["epoch"] == 3
+    assert [(r["after_epoch"], r["compact"], r["selection_restarted"]) for r in training["resumes"]] == [(2, True, True)]
 
     # Keeping the optimiser (bf16 moments): resume loads them cast to float32, with nothing to restart.
     moved2 = tmp_path / "moved2"

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe-run", metavar="MODEL_DIR",
                    help="for a run trained without a selection split: the held-out run of the same recipe that "
                    "chose its number of epochs; measured on --split/--groups and cited in the card")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a fact about the run the card cannot know (e.g. how it was resumed, for a run older than "
+                   "the trainer's record of that); kept in model.json and shown in the README; repeatable")
     p.add_argument(
         "--training-command",
         help="the command that started the run, for a run whose checkpoints predate recording it "
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                       channels_last=True)
         card.metrics[f"{split_name}_mc{args.mc_samples}"] = card_metrics(mc)
     card.extra["status"] = args.status
+    if args.note:
+        card.extra["notes"] = list(args.note)
     card.extra["eval_command"] = f"perception-eval --model {dest} --data {args.data} {split_flags}"
     run_dir = Path(args.source).resolve().parent  # runs/NAME/final -> runs/NAME (history, curves)
     history = []
@@ -222,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         str(t.get("command")),
         "```",
         "",
-        *(
-            ["The run was stopped and continued (same config, exact resume) with:", "", "```bash",
-             *t["resumed_with"], "```", ""]
-            if t.get("resumed_with") else []
-        ),
+        *_resume_lines(t),
         f"Machine: {_machine(t.get('machine', {}))}; "
         f"weights from epoch {t.get('epoch')} of {t.get('config', {}).get('epochs')} "
         + (f"(best {selected} mIoU)" if selected else "(the last)") + f"; date {t.get('date')}.",
@@ -255,12 +256,39 @@ def main(argv: list[str] | None = None) -> int:
         if "weights_dtype" in card.training:
             lines += [f"Weights stored as {card.training['weights_dtype']} (upcast to float32 on load); the "
                       "numbers above are measured from the stored weights.", ""]
+    if card.extra.get("notes"):
+        lines += ["Notes:", "", *(f"- {n}" for n in card.extra["notes"]), ""]
     if (run_dir / "curves.png").is_file():
         shutil.copyfile(run_dir / "curves.png", dest / "training_curves.png")
         lines += ["![training curves](training_curves.png)", ""]
     (dest / "README.md").write_text("\n".join(lines))
     print(json.dumps({k: m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")}, indent=2))
     return 0
+
+
+def _resume_lines(training: dict) -> list[str]:
+    """How the run was continued, claiming an exact resume only where the trainer recorded one."""
+    commands = training.get("resumed_with")
+    if not commands:
+        return []
+    resumes = training.get("resumes")
+    if resumes is None:  # a run older than the record: say what is known
+        head = "The run was stopped and continued (same config) with:"
+    elif not any(r["compact"] or r["selection_restarted"] for r in resumes):
+        head = "The run was stopped and continued (same config, exact resume) with:"
+    else:
+        compact = [str(r["after_epoch"]) for r in resumes if r["compact"]]
+        restarted = [r["after_epoch"] for r in resumes if r["selection_restarted"]]
+        head = "The run was stopped and continued (same config) with the commands below"
+        if compact:
+            head += (f"; after epoch {', '.join(compact)} it continued from a compact resume state (fp16 weights, "
+                     "optimiser moments restarted, schedule continued), so it is not bit-identical to an "
+                     "uninterrupted run")
+        if restarted:
+            head += (f"; selection restarted after epoch {restarted[-1]}, so the weights are the best of epochs "
+                     f"{restarted[-1] + 1}-{training.get('config', {}).get('epochs')}")
+        head += ":"
+    return [head, "", "```bash", *commands, "```", ""]
 
 
 def _split_flags(split: str, groups: list[str] | None) -> str:

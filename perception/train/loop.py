@@ -209,6 +209,9 @@ class _State:
     best_epoch: int = -1
     command: str = ""  # the command that started the run; a resumed run's card still names it
     resumed_with: list[str] = field(default_factory=list)
+    # One record per resume (after_epoch, compact, selection_restarted, machine): whether the run can
+    # claim to equal an uninterrupted one, and which epochs its selection compared.
+    resumes: list[dict[str, Any]] = field(default_factory=list)
     time_budget_s: float | None = None  # set where the number of epochs was chosen to fit a time budget
 
 
@@ -224,6 +227,7 @@ def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, comma
         training={
             "command": state.command or command,
             **({"resumed_with": list(state.resumed_with)} if state.resumed_with else {}),
+            **({"resumes": [dict(r) for r in state.resumes]} if state.resumes else {}),
             "config": cfg.to_dict(),
             "data": str(cfg.data),
             "train_split": cfg.train_split,
@@ -450,6 +454,7 @@ def _resume(run: _Run) -> None:
     if ck["model_config"] != model_config(run.model):
         raise ValueError(f"{run.ckpt_path} holds {ck['model_config']}, but the config builds {model_config(run.model)}")
     run.model.load_state_dict(ck["model"])  # copies into the float32 parameters (a compact state is fp16)
+    compact = "compact" in ck  # fp16 weights at least; maybe no optimiser moments either
     if "optimizer" in ck:
         run.optimizer.load_state_dict(ck["optimizer"])  # casts moments to the parameters' dtype
     else:
@@ -458,14 +463,20 @@ def _resume(run: _Run) -> None:
               "uninterrupted one", file=sys.stderr, flush=True)
     run.scheduler.load_state_dict(ck["scheduler"])
     run.state = _State(**ck["state"])
+    selection_restarted = False
     if run.state.best_epoch > 0 and not (run.out / BEST_DIR / model_io.CARD_FILE).is_file():
         # The resume state came without the run's best/ folder (another machine): selection starts over
         # from here rather than comparing against weights that no longer exist.
         print(f"warning: {run.out / BEST_DIR} is missing; the best epoch so far ({run.state.best_epoch}, "
               f"mIoU {run.state.best_miou:.4f}) is forgotten and selection restarts", file=sys.stderr, flush=True)
         run.state.best_miou, run.state.best_epoch = -1.0, -1
+        selection_restarted = True
     if run.state.command:  # checkpoints written before the field existed have none
         run.state.resumed_with.append(run.command)
+        machine = machine_description(run.device)
+        run.state.resumes.append({"after_epoch": run.state.epoch, "compact": compact,
+                                  "selection_restarted": selection_restarted,
+                                  "machine": machine.get("gpu", machine["cpu"])})
     restore_rng_state(ck["rng"])
     if run.info.is_main:
         _truncate_history(run.history_path, run.state.epoch)
