@@ -173,9 +173,11 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
     [
         (None, "continued (same config) with:", "exact"),  # a run older than the record
         ([{"after_epoch": 3, "compact": False, "selection_restarted": False}], "exact resume", "compact"),
-        ([{"after_epoch": 4, "compact": True, "selection_restarted": True},
-          {"after_epoch": 44, "compact": True, "selection_restarted": True}],
+        ([{"after_epoch": 4, "compact": True, "optimizer_restarted": True, "selection_restarted": True},
+          {"after_epoch": 44, "compact": True, "optimizer_restarted": True, "selection_restarted": True}],
          "after epoch 4, 44 it continued from a compact resume state", "exact"),
+        ([{"after_epoch": 7, "compact": True, "optimizer_restarted": False, "selection_restarted": False}],
+         "after epoch 7 it continued from a compact resume state", "moments"),  # --keep-optimizer
     ],
 )
 def test_ship_model_claims_an_exact_resume_only_where_the_trainer_recorded_one(resumes, says, never_says):
@@ -185,7 +187,7 @@ def test_ship_model_claims_an_exact_resume_only_where_the_trainer_recorded_one(r
     text = "\n".join(ship._resume_lines(training))
     assert says in text and never_says not in text and "perception-train --out r --resume" in text
     if resumes and resumes[-1]["selection_restarted"]:
-        assert "the best of epochs 45-100" in text
+        assert "the best of epochs 45-100" in text and "restarted its moments after epoch 4, 44" in text
     assert ship._resume_lines({"config": {"epochs": 5}}) == []  # never resumed: nothing to say
 
 

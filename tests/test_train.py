@@ -112,7 +112,7 @@ def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
     assert len(training["resumed_with"]) == 1 and "--resume" in training["resumed_with"][0]
     (resume,) = training["resumes"]
     assert resume["after_epoch"] == ck["state"]["epoch"]
-    assert resume["compact"] is False and resume["selection_restarted"] is False
+    assert resume["compact"] is False and resume["optimizer_restarted"] is False and resume["selection_restarted"] is False
 
 
 def test_compiled_training_matches_eager(toy_data, tmp_path):
@@ -167,7 +167,8 @@ def test_compact_resume_state_moves_a_run_to_another_folder(toy_data, tmp_path, 
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1].get("best") is True  # selection restarted
     training = load(moved / "final").card.training
     assert training["epoch"] == 3
-    assert [(r["after_epoch"], r["compact"], r["selection_restarted"]) for r in training["resumes"]] == [(2, True, True)]
+    assert [(r["after_epoch"], r["compact"], r["optimizer_restarted"], r["selection_restarted"])
+            for r in training["resumes"]] == [(2, True, True, True)]
 
     # Keeping the optimiser (bf16 moments): resume loads them cast to float32, with nothing to restart.
     moved2 = tmp_path / "moved2"
@@ -180,6 +181,7 @@ def test_compact_resume_state_moves_a_run_to_another_folder(toy_data, tmp_path, 
     capsys.readouterr()
     assert train_main(["--out", str(moved2), "--resume", "--data", str(toy_data), "--epochs", "3", "--no-progress"]) == 0
     assert "without optimiser moments" not in capsys.readouterr().err
+    assert [(r["compact"], r["optimizer_restarted"]) for r in load(moved2 / "final").card.training["resumes"]] == [(True, False)]
 
 
 def test_resume_without_checkpoint_is_an_error(toy_data, tmp_path, capsys):

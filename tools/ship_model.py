@@ -274,16 +274,18 @@ def _resume_lines(training: dict) -> list[str]:
     resumes = training.get("resumes")
     if resumes is None:  # a run older than the record: say what is known
         head = "The run was stopped and continued (same config) with:"
-    elif not any(r["compact"] or r["selection_restarted"] for r in resumes):
+    elif not any(r["compact"] or r.get("optimizer_restarted") or r["selection_restarted"] for r in resumes):
         head = "The run was stopped and continued (same config, exact resume) with:"
     else:
         compact = [str(r["after_epoch"]) for r in resumes if r["compact"]]
+        moments = [str(r["after_epoch"]) for r in resumes if r.get("optimizer_restarted")]
         restarted = [r["after_epoch"] for r in resumes if r["selection_restarted"]]
         head = "The run was stopped and continued (same config) with the commands below"
         if compact:
-            head += (f"; after epoch {', '.join(compact)} it continued from a compact resume state (fp16 weights, "
-                     "optimiser moments restarted, schedule continued), so it is not bit-identical to an "
-                     "uninterrupted run")
+            head += (f"; after epoch {', '.join(compact)} it continued from a compact resume state (weights "
+                     "rounded once to half precision), so it is not bit-identical to an uninterrupted run")
+        if moments:
+            head += f"; the optimiser restarted its moments after epoch {', '.join(moments)} (the schedule continued)"
         if restarted:
             head += (f"; selection restarted after epoch {restarted[-1]}, so the weights are the best of epochs "
                      f"{restarted[-1] + 1}-{training.get('config', {}).get('epochs')}")

@@ -209,8 +209,8 @@ class _State:
     best_epoch: int = -1
     command: str = ""  # the command that started the run; a resumed run's card still names it
     resumed_with: list[str] = field(default_factory=list)
-    # One record per resume (after_epoch, compact, selection_restarted, machine): whether the run can
-    # claim to equal an uninterrupted one, and which epochs its selection compared.
+    # One record per resume (after_epoch, compact, optimizer_restarted, selection_restarted, machine):
+    # whether the run can claim to equal an uninterrupted one, and which epochs its selection compared.
     resumes: list[dict[str, Any]] = field(default_factory=list)
     time_budget_s: float | None = None  # set where the number of epochs was chosen to fit a time budget
 
@@ -475,6 +475,7 @@ def _resume(run: _Run) -> None:
         run.state.resumed_with.append(run.command)
         machine = machine_description(run.device)
         run.state.resumes.append({"after_epoch": run.state.epoch, "compact": compact,
+                                  "optimizer_restarted": "optimizer" not in ck,
                                   "selection_restarted": selection_restarted,
                                   "machine": machine.get("gpu", machine["cpu"])})
     restore_rng_state(ck["rng"])
