@@ -121,3 +121,38 @@ def test_key_files_and_options_fail_in_one_line(keys, tmp_path, capsys, toy_mode
     assert node_main(base[:-1] + ["tcp://0.0.0.0:*", "--curve-secret-key", str(keys / "server.key_secret"),
                                   "--curve-allow", str(keys)]) == 0
     assert "reachable from other machines" not in capsys.readouterr().err
+
+
+def test_a_curve_server_started_right_after_another_stopped_gets_the_zap_endpoint(keys):
+    """libzmq releases a closed socket's inproc endpoint asynchronously: a node restarted in the same process
+    found the ZAP endpoint of the previous one's authenticator still bound (1 start in 3 failed here),
+    and the publisher reported it as its TCP endpoint being in use."""
+    ctx = zmq.Context()
+    try:
+        for _ in range(100):
+            server = CurveServer(keys / "server.key_secret", keys / "client.key")
+            sock = ctx.socket(zmq.XPUB)
+            try:
+                server.apply(sock)
+                sock.bind("tcp://127.0.0.1:*")
+            finally:
+                sock.close(linger=0)
+                server.stop()
+    finally:
+        ctx.term()
+
+
+def test_two_curve_servers_on_one_context_is_a_clear_error(keys):
+    from perception.stream.publisher import Publisher
+
+    ctx = zmq.Context()
+    first = Publisher("tcp://127.0.0.1:*", "a", context=ctx, curve=CurveServer(keys / "server.key_secret", keys / "client.key"))
+    second_server = CurveServer(keys / "server.key_secret", keys / "client.key")
+    second_server.zap_wait_s = 0.05
+    try:
+        with pytest.raises(CurveError, match="one per context"):
+            Publisher("tcp://127.0.0.1:*", "b", context=ctx, curve=second_server)
+        assert second_server._auth is None
+    finally:
+        first.close(linger_ms=0)
+        ctx.term()  # returns: every socket either publisher opened is closed

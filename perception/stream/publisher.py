@@ -52,9 +52,13 @@ class Publisher:
         self.curve = curve  # a security.CurveServer: encrypt, and admit only the clients it allows
         self._monitor, self._finalizer = monitor_owned(self, self.sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED,
                                                        linger_ms)
-        try:
-            if curve is not None:
+        if curve is not None:
+            try:
                 curve.apply(self.sock)
+            except BaseException:
+                self.close(linger_ms=0)
+                raise
+        try:
             self.sock.bind(endpoint)
         except zmq.ZMQError as e:
             self.close(linger_ms=0)

@@ -91,6 +91,7 @@ class CurveServer:
         self.allowed = {load_public_key(f) for f in files}
         self.rejected = 0
         self._auth = None
+        self.zap_wait_s = ZAP_WAIT_S
 
     # zmq.auth's credentials-provider interface
     def callback(self, domain: str, key: bytes) -> bool:
@@ -103,11 +104,8 @@ class CurveServer:
 
     def apply(self, sock: zmq.Socket) -> None:
         """Call before bind: starts the authenticator on the socket's context."""
-        from zmq.auth.thread import ThreadAuthenticator
-
         if self._auth is None:
-            self._auth = ThreadAuthenticator(sock.context)
-            self._auth.start()
+            self._auth = _start_authenticator(sock.context, self.zap_wait_s)
             self._auth.configure_curve_callback(domain="*", credentials_provider=self)
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
@@ -117,6 +115,35 @@ class CurveServer:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+# libzmq closes a socket asynchronously (its reaper thread), so the ZAP endpoint of an authenticator
+# that was just stopped stays bound for a few milliseconds: a CURVE server started right after another
+# stopped (a node restarted in the same process) waits that long instead of failing.
+ZAP_WAIT_S = 2.0
+
+
+def _start_authenticator(context: zmq.Context, wait_s: float):
+    """A started ZAP authenticator on ``context``. ZAP is one endpoint per context
+    (inproc://zeromq.zap.01): wait up to ``wait_s`` for a stopped one to release it."""
+    import time
+
+    from zmq.auth.thread import ThreadAuthenticator
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        auth = ThreadAuthenticator(context)
+        try:
+            auth.start()
+            return auth
+        except zmq.ZMQError as e:
+            auth.stop()  # closes the REP socket it made
+            if e.errno != zmq.EADDRINUSE:
+                raise
+            if time.monotonic() >= deadline:
+                raise CurveError("another CURVE server's authenticator runs on this ZeroMQ context "
+                                 "(one per context: stop it, or give this server its own context)") from None
+            time.sleep(0.005)
 
 
 def configure_client(sock: zmq.Socket, server_key_file: str | Path, secret_key_file: str | Path) -> None:

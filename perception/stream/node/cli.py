@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if bool(cfg.curve_secret_key) != bool(cfg.curve_allow):
         close_sources()
         return fail("--curve-secret-key and --curve-allow go together")
-    if cfg.curve_secret_key:
-        from perception.stream.security import CurveError, CurveServer
+    from perception.stream.security import CurveError, CurveServer
 
+    if cfg.curve_secret_key:
         try:
             curve = CurveServer(cfg.curve_secret_key, cfg.curve_allow)
         except CurveError as e:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                   "without encryption or authentication: anyone who can connect receives every stream "
                   "(see perception-keys: --curve-secret-key/--curve-allow)",
                   file=sys.stderr, flush=True)
-    except PublisherError as e:
+    except (PublisherError, CurveError) as e:
         close_sources()
         return fail(str(e))
 
