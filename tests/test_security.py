@@ -156,3 +156,34 @@ def test_two_curve_servers_on_one_context_is_a_clear_error(keys):
     finally:
         first.close(linger_ms=0)
         ctx.term()  # returns: every socket either publisher opened is closed
+
+
+def test_an_authenticator_that_cannot_bind_its_pipe_is_retried_not_hung(monkeypatch):
+    """pyzmq's authenticator binds its pipe after the ZAP endpoint; if that bind fails, its stop() would block
+    for good sending TERMINATE to a pipe with no peer. The retry closes the pipe first."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    from perception.stream import security
+
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.PAIR)
+    taken.bind("inproc://perception-test-taken")
+    made = []
+    init = ThreadAuthenticator.__init__
+
+    def first_one_gets_a_taken_pipe(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+        if len(made) == 1:
+            self.pipe_endpoint = "inproc://perception-test-taken"
+
+    monkeypatch.setattr(ThreadAuthenticator, "__init__", first_one_gets_a_taken_pipe)
+    started = []
+    worker = threading.Thread(target=lambda: started.append(security._start_authenticator(ctx, 2.0)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the retry hung on the failed authenticator's pipe"
+    assert len(made) == 2 and started and started[0].is_alive()
+    started[0].stop()
+    taken.close(linger=0)
+    ctx.term()

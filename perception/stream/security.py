@@ -137,7 +137,11 @@ def _start_authenticator(context: zmq.Context, wait_s: float):
             auth.start()
             return auth
         except zmq.ZMQError as e:
-            auth.stop()  # closes the REP socket it made
+            # Its pipe (if made) has no peer yet: stop() would block sending TERMINATE on it.
+            if getattr(auth, "pipe", None) is not None:
+                auth.pipe.close(linger=0)
+                auth.pipe = None
+            auth.stop()  # now closes just the ZAP socket it made
             if e.errno != zmq.EADDRINUSE:
                 raise
             if time.monotonic() >= deadline:
