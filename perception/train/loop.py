@@ -107,15 +107,41 @@ def _lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return (1 - progress) ** 0.9  # poly
 
 
+def _is_encoder_param(name: str) -> bool:
+    return name.startswith("encoders.") or name.startswith("encoder.")
+
+
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on biases and batch-norm parameters (as Caffe's decay_mult: 0 on biases).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Parameter groups: no weight decay on biases and batch-norm parameters (as Caffe's decay_mult: 0 on
+    biases); with ``--encoder-lr-mult`` or ``--freeze-encoder-epochs`` the encoder's parameters form groups
+    of their own (tagged ``encoder``), after the others, so group 0 stays the decoder's."""
+    split = cfg.encoder_lr_mult != 1.0 or cfg.freeze_encoder_epochs > 0
+    buckets: dict[tuple[bool, bool], list] = {(e, d): [] for e in (False, True) for d in (True, False)}
+    for name, p in getattr(model, "module", model).named_parameters():
+        buckets[(split and _is_encoder_param(name), p.ndim > 1)].append(p)
+    if split and not (buckets[(True, True)] or buckets[(True, False)]):
+        raise ValueError(f"--encoder-lr-mult/--freeze-encoder-epochs: {cfg.model} has no 'encoders' parameters")
+    groups = []
+    for (enc, decay), params in buckets.items():
+        if params or (not enc):
+            groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                           "lr": cfg.lr * (cfg.encoder_lr_mult if enc else 1.0), "encoder": enc})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _lr_lambdas(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> list:
+    """One schedule per parameter group: the shared one, and zero for the encoder while it is frozen."""
+    frozen_steps = int(round(cfg.freeze_encoder_epochs * steps_per_epoch))
+
+    def shared(step: int) -> float:
+        return _lr_factor(cfg, step, steps_per_epoch)
+
+    def encoder(step: int) -> float:
+        return 0.0 if step < frozen_steps else _lr_factor(cfg, step, steps_per_epoch)
+
+    return [encoder if g.get("encoder") else shared for g in optimizer.param_groups]
 
 
 def _worker_init(worker_id: int) -> None:
@@ -234,6 +260,7 @@ def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, comma
             **({"holdout": list(cfg.holdout or []), "holdout_list": cfg.holdout_list} if _holds_out(cfg) else {}),
             "selection": _selection_name(cfg) if (_holds_out(cfg) or cfg.val_split) else None,
             "train_images": len(dataset),
+            **({"encoder": dict(model.encoder_provenance)} if getattr(model, "encoder_provenance", None) else {}),
             "epoch": state.epoch,
             **({"epochs_chosen_for_time_budget_s": state.time_budget_s} if state.time_budget_s else {}),
             "machine": machine_description(device),
@@ -439,7 +466,7 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
         steps_per_epoch = min(steps_per_epoch, cfg.max_iters_per_epoch)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images give no full batch of {cfg.batch_size} per process")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(cfg, step, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambdas(cfg, optimizer, steps_per_epoch))
     return _Run(cfg=cfg, info=info, device=device, out=out, command=command, aug=aug, train_set=train_set,
                 val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
                 optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
