@@ -8,7 +8,7 @@ import torch
 from perception.models import get_model, list_models, load, register_model, save
 from perception.models.io import ModelCard
 from perception.models.registry import model_config
-from perception.models.segnet import load_vgg16_bn_encoder
+from perception.models.pretrained import load_encoder as load_vgg16_bn_encoder
 
 # Table 1 of the paper (K = 11) and the SegNet figure from section 3.
 PAPER_PARAMS = {
@@ -171,5 +171,5 @@ def test_encoder_init_from_local_vgg16_bn(tmp_path):
     assert "encoder_weights" not in model_config(model)["kwargs"]  # init-only, not architecture
     bad = tmp_path / "bad.pth"
     torch.save({"features.0.weight": torch.randn(64, 3, 3, 3)}, bad)
-    with pytest.raises(ValueError, match="VGG16-BN"):
+    with pytest.raises(ValueError, match="vgg16_bn"):
         load_vgg16_bn_encoder(model, bad)

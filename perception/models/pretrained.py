@@ -187,8 +187,8 @@ def load_encoder(model: nn.Module, source: str | Path, *, spec: InputSpec | None
     """Copy pretrained VGG16 convolutions into ``model``'s encoder; returns their provenance (also kept as
     ``model.encoder_provenance`` for the model card)."""
     spec = spec or InputSpec()
+    blocks = _encoder_blocks(model)  # before reading: a model that cannot take them is the first error
     weights = read_encoder_weights(source)
-    blocks = _encoder_blocks(model)
     convs = list(weights.convs)
     if weights.input_convention == "caffe_bgr":
         convs[0] = fold_caffe_input(*convs[0], spec)
