@@ -128,6 +128,7 @@ def test_valid_images_with_padded_rows_round_trip(h, w, pad, enc):
     buf[:, :row] = img.reshape(h, -1).view(np.uint8)
     header = {"v": SCHEMA_VERSION, "seq": 1, "stamp_ns": 2, "frame_id": "c", "encoding": enc,
               "height": h, "width": w, "step": row + pad}
-    msg = decode_message([b"segnet/mask", encode_header(header), buf.tobytes()], SMALL)
+    topic = {"mono8": b"segnet/mask", "bgr8": b"segnet/overlay", "32FC1": b"segnet/uncertainty"}[enc]
+    msg = decode_message([topic, encode_header(header), buf.tobytes()], SMALL)
     assert np.array_equal(msg.data, img if channels == 3 else img[..., 0])
     _consume(msg)

@@ -29,8 +29,9 @@ def test_image_round_trip(encoding, shape, dtype):
     img = (np.arange(np.prod(shape)) % 251).astype(dtype).reshape(shape)
     h = image_header(seq=3, stamp_ns=123, frame_id="cam", image=img, encoding=encoding)
     assert h["step"] == img.strides[0] and h["height"] == 5 and h["width"] == 7 and h["v"] == SCHEMA_VERSION
-    msg = decode_message(_msg("segnet/mask", h, bytes(encode_image(img, encoding))))
-    assert msg.stream == "mask" and msg.header["seq"] == 3
+    stream = {"mono8": "mask", "bgr8": "overlay", "32FC1": "uncertainty"}[encoding]  # what each stream carries
+    msg = decode_message(_msg(f"segnet/{stream}", h, bytes(encode_image(img, encoding))))
+    assert msg.stream == stream and msg.header["seq"] == 3
     assert msg.data.dtype == dtype and np.array_equal(msg.data, img)
 
 
@@ -68,8 +69,8 @@ def _hdr(**kw):
         ([b"s/mask", encode_header(_hdr(v=SCHEMA_VERSION + 1)), b"1234"], "schema version"),
         ([b"s/mask", encode_header(_hdr()), b"123"], "payload is 3 bytes"),
         ([b"s/mask", encode_header(_hdr(step=1)), b"12"], "smaller than a row"),
-        ([b"s/mask", encode_header(_hdr(encoding="rgb16")), b"1234"], "unknown encoding"),
-        ([b"s/mask", encode_header(_hdr(height=-1)), b""], "invalid"),
+        ([b"s/mask", encode_header(_hdr(encoding="rgb16")), b"1234"], "mask carries mono8, png, not 'rgb16'"),
+        ([b"s/mask", encode_header(_hdr(height=-1)), b""], "at least 1x1"),
         ([b"\xff\xfe", encode_header(_hdr()), b"1234"], "UTF-8"),
     ],
 )

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
-__all__ = ["stop_on_signals"]
+__all__ = ["stop_on_signals", "fail"]
+
+EXIT_USAGE = 2  # bad input: a flag, a file, a model (argparse's status for usage errors too)
+
+
+def fail(prog: str, message: str, *, status: int = EXIT_USAGE) -> int:
+    """Print ``prog: error: message`` as one line on stderr and return ``status``, for ``return fail(...)``."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 def stop_on_signals(callback: Callable[[], None] | None = None) -> threading.Event:

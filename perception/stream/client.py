@@ -14,14 +14,15 @@ multipart messages, so it is done here, on whole messages.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import zmq
 
-from perception.stream.monitor import monitor_owned
+from perception.stream.monitor import monitor_owned, own_context_term
 from perception.stream.protocol import DEFAULT_LIMITS, Limits, Message, ProtocolError, decode_message
 
-__all__ = ["Subscriber", "Message", "ProtocolError"]
+__all__ = ["Subscriber", "Message", "ProtocolError", "rejections_text"]
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -31,7 +32,24 @@ _RECONNECTING = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
 _RECONNECT_GRACE_S = 1.0
 
 
+def rejections_text(counts: Counter[str]) -> str:
+    """``"N messages rejected (reason: count, ...)"`` for a count by reason, or "" when there are none."""
+    total = sum(counts.values())
+    if not total:
+        return ""
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
+    return f"{total} message{'s' if total != 1 else ''} rejected ({reasons})"
+
+
 class Subscriber:
+    """Receives, bounds and decodes a node's messages (:func:`~perception.stream.protocol.decode_message`).
+
+    Malformed messages are skipped (``on_error="skip"``) and counted by reason in :attr:`rejected`, or
+    raised (``"raise"``). A connection libzmq drops (a message over the size limit) is re-made; with
+    ``latest_only`` only the newest message per topic is returned. The subscriber owns its ZeroMQ
+    context unless given one; :meth:`close` (or ``with``) closes the socket and terminates it.
+    """
+
     def __init__(
         self, endpoint: str, topics: Iterable[str] | str = ("",), *, latest_only: bool = False,
         rcvhwm: int = 100, limits: Limits = DEFAULT_LIMITS, decode_jpeg: bool = True,
@@ -39,7 +57,8 @@ class Subscriber:
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError("on_error must be 'skip' or 'raise'")
-        self.ctx = context or zmq.Context.instance()
+        # A context of its own unless given one, terminated by close() (after its socket, linger 0).
+        self.ctx = context if context is not None else zmq.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -48,7 +67,8 @@ class Subscriber:
         # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
         # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
         self._monitor, self._finalizer = monitor_owned(
-            self, self.sock, zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED)
+            self, self.sock, zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED,
+            then=() if context is not None else (own_context_term(self.ctx),))
         self._lost_at: float | None = None  # a disconnect libzmq has not (yet) followed with a reconnect
         try:
             if curve is not None:  # (node's public key file, this client's key pair file)
@@ -70,7 +90,8 @@ class Subscriber:
         self.limits = limits
         self.decode_jpeg = decode_jpeg
         self.on_error = on_error
-        self.errors = 0
+        self.errors = 0  # messages rejected as malformed; by reason in `rejected`
+        self.rejected: Counter[str] = Counter()
         self.dropped = 0  # messages superseded in latest_only mode
         self._pending: dict[bytes, list] = {}
         self.endpoint = endpoint
@@ -121,8 +142,9 @@ class Subscriber:
     def _decode(self, frames) -> Message | None:
         try:
             return decode_message(frames, self.limits, decode_jpeg=self.decode_jpeg)
-        except ProtocolError:
+        except ProtocolError as e:
             self.errors += 1
+            self.rejected[e.reason] += 1
             if self.on_error == "raise":
                 raise
             return None
@@ -172,6 +194,10 @@ class Subscriber:
             msg = self.recv()
             if msg is not None:
                 yield msg
+
+    def rejections(self) -> str:
+        """``"N messages rejected (reason: count, ...)"``, or "" when none were: what consumers report."""
+        return rejections_text(self.rejected)
 
     def close(self) -> None:
         self._finalizer()  # close_monitored, once

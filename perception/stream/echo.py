@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict, deque
+
+from perception.stream.protocol import json_text
 
 __all__ = ["build_parser", "main", "summarize", "class_areas"]
 
@@ -47,7 +48,7 @@ def class_areas(header: dict, classes: list[str] | None = None) -> str:
 def summarize(msg, *, areas: bool = False, classes: list[str] | None = None) -> str:
     h = msg.header
     if h.get("encoding") == "msgpack":
-        return f"{msg.topic} seq={h['seq']} " + json.dumps(msg.data, separators=(",", ":"))[:400]
+        return f"{msg.topic} seq={h['seq']} " + json_text(msg.data, separators=(",", ":"))[:400]
     lat = h.get("latency_ms", {})
     lat_s = " ".join(f"{k}={v:.1f}" for k, v in lat.items())
     return (f"{msg.topic} seq={h['seq']} stamp_ns={h['stamp_ns']} frame_id={h['frame_id']} "
@@ -57,20 +58,18 @@ def summarize(msg, *, areas: bool = False, classes: list[str] | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from perception.core.cli import stop_on_signals
+    from perception.core.cli import fail, stop_on_signals
+
+    if args.count is not None and args.count < 1:
+        return fail("perception-echo", f"--count must be >= 1, got {args.count}")
+    if args.timeout is not None and not args.timeout > 0:
+        return fail("perception-echo", f"--timeout must be > 0, got {args.timeout:g}")
     from perception.stream.client import Subscriber
 
     stopped = stop_on_signals()
-    arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
-    n = 0
-    classes: list[str] | None = None  # names for --areas, from the node's info message
-    running: set[str] = set()  # stats topics seen, not yet final
-    finished: set[str] = set()
-    last_msg = time.monotonic()
-    next_rate = time.monotonic() + 1.0
     import zmq
 
-    from perception.stream.security import CurveError, client_keys_from_args, handshake_failed
+    from perception.stream.security import CurveError, client_keys_from_args
 
     try:
         sub_ctx = Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False, curve=client_keys_from_args(args))
@@ -82,43 +81,60 @@ def main(argv: list[str] | None = None) -> int:
               "tcp://127.0.0.1:5555", file=sys.stderr)
         return 2
     with sub_ctx as sub:
-        while not stopped.is_set() and (args.count is None or n < args.count):
-            msg = sub.recv(timeout=0.2)
-            now = time.monotonic()
-            if msg is None:
-                if sub.handshake_failures:
-                    print(f"perception-echo: error: {handshake_failed(args.endpoint)}", file=sys.stderr)
-                    return 1
-                if args.timeout is not None and now - last_msg > args.timeout:
-                    print(f"perception-echo: nothing received for {args.timeout:g}s on {args.endpoint}", file=sys.stderr)
-                    return 1
-            else:
-                n += 1
-                last_msg = now
-                if msg.stream == "info" and isinstance(msg.data, dict) and isinstance(msg.data.get("classes"), list):
-                    classes = [str(c) for c in msg.data["classes"]]
-                arrivals[msg.topic].append(now)
-                if args.json:
-                    data = msg.data if isinstance(msg.data, dict) else None
-                    print(json.dumps({"topic": msg.topic, "header": msg.header, "data": data}), flush=True)
-                elif not args.rate_only:
-                    print(summarize(msg, areas=args.areas, classes=classes), flush=True)
-                if msg.stream == "stats" and isinstance(msg.data, dict):
-                    # One node may run several cameras (one stats topic each): done when all have finished.
-                    (finished if msg.data.get("final") is True else running).add(msg.topic)
-                    if msg.data.get("final") is True:
-                        running.discard(msg.topic)
-                    if finished and not running and not args.stay:
-                        return 0  # the node has finished (its last stats message)
-            if now >= next_rate and (args.rate_only or args.count is None):
-                next_rate = now + 1.0
-                rates = []
-                for topic, ts in sorted(arrivals.items()):
-                    recent = [t for t in ts if now - t < 5.0]
-                    hz = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-                    rates.append(f"{topic}: {hz:.2f} Hz")
-                if rates and args.rate_only:
-                    print("  ".join(rates), flush=True)
+        rc = _echo(sub, args, stopped)
+        if sub.rejections():
+            print(f"perception-echo: {sub.rejections()}", file=sys.stderr, flush=True)
+    return rc
+
+
+def _echo(sub, args: argparse.Namespace, stopped) -> int:
+    """Print messages until --count, --timeout, a signal or the node's final stats; the exit status."""
+    from perception.stream.security import handshake_failed
+
+    arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
+    n = 0
+    classes: list[str] | None = None  # names for --areas, from the node's info message
+    running: set[str] = set()  # stats topics seen, not yet final
+    finished: set[str] = set()
+    last_msg = time.monotonic()
+    next_rate = time.monotonic() + 1.0
+    while not stopped.is_set() and (args.count is None or n < args.count):
+        msg = sub.recv(timeout=0.2)
+        now = time.monotonic()
+        if msg is None:
+            if sub.handshake_failures:
+                print(f"perception-echo: error: {handshake_failed(args.endpoint)}", file=sys.stderr)
+                return 1
+            if args.timeout is not None and now - last_msg > args.timeout:
+                print(f"perception-echo: nothing received for {args.timeout:g}s on {args.endpoint}", file=sys.stderr)
+                return 1
+        else:
+            n += 1
+            last_msg = now
+            if msg.stream == "info" and isinstance(msg.data, dict) and isinstance(msg.data.get("classes"), list):
+                classes = [str(c) for c in msg.data["classes"]]
+            arrivals[msg.topic].append(now)
+            if args.json:
+                data = msg.data if isinstance(msg.data, dict) else None
+                print(json_text({"topic": msg.topic, "header": msg.header, "data": data}), flush=True)
+            elif not args.rate_only:
+                print(summarize(msg, areas=args.areas, classes=classes), flush=True)
+            if msg.stream == "stats" and isinstance(msg.data, dict):
+                # One node may run several cameras (one stats topic each): done when all have finished.
+                (finished if msg.data.get("final") is True else running).add(msg.topic)
+                if msg.data.get("final") is True:
+                    running.discard(msg.topic)
+                if finished and not running and not args.stay:
+                    return 0  # the node has finished (its last stats message)
+        if now >= next_rate and (args.rate_only or args.count is None):
+            next_rate = now + 1.0
+            rates = []
+            for topic, ts in sorted(arrivals.items()):
+                recent = [t for t in ts if now - t < 5.0]
+                hz = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+                rates.append(f"{topic}: {hz:.2f} Hz")
+            if rates and args.rate_only:
+                print("  ".join(rates), flush=True)
     return 0
 
 

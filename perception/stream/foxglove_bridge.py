@@ -28,9 +28,12 @@ import sys
 import threading
 from typing import Any
 
+from perception.stream.protocol import json_safe
+
 __all__ = ["FoxgloveBridge", "build_parser", "main"]
 
 _IMAGE_STREAMS = ("color_mask", "overlay")
+DEFAULT_BACKLOG = 16  # messages queued per Foxglove client (a few frames of each stream it watches)
 # JSON schemas so Foxglove's panels know the fields (they accept any object beyond these).
 _STATS_SCHEMA = {"type": "object", "properties": {
     "fps": {"type": "number"}, "frames_processed": {"type": "integer"}, "frames_dropped": {"type": "integer"},
@@ -52,7 +55,8 @@ class FoxgloveBridge:
 
     def __init__(self, endpoint: str, *, namespace: str = "segnet", host: str = "127.0.0.1", port: int = 8765,
                  image_format: str = "jpeg", name: str = "segnet-perception",
-                 curve: tuple[str, str] | None = None, cameras: list[str] | None = None) -> None:
+                 curve: tuple[str, str] | None = None, cameras: list[str] | None = None,
+                 backlog: int = DEFAULT_BACKLOG) -> None:
         import foxglove
         from foxglove.channels import CompressedImageChannel, RawImageChannel
 
@@ -87,8 +91,10 @@ class FoxgloveBridge:
         # Nothing subscribed upstream until a Foxglove client asks; JPEG passes through undecoded.
         self.sub = Subscriber(endpoint, topics=[], decode_jpeg=False, curve=curve)
         try:
+            # The SDK queues up to message_backlog_size messages per client (default 1024: a client that
+            # never reads holds 1024 frames, hundreds of MB); past it the oldest frames are dropped.
             self.server = foxglove.start_server(name=name, host=host, port=port, server_listener=self,
-                                                context=self.context)
+                                                context=self.context, message_backlog_size=backlog)
         except BaseException:
             self.sub.close()  # a port in use: the caller gets the error, not a subscriber left running
             raise
@@ -130,7 +136,7 @@ class FoxgloveBridge:
         h = msg.header
         stamp = int(h["stamp_ns"])
         if h["encoding"] == "msgpack":
-            channel.log(msg.data, log_time=stamp)
+            channel.log(json_safe(msg.data), log_time=stamp)  # JSON: non-finite numbers as null
         else:
             ts = Timestamp(*divmod(stamp, 1_000_000_000))
             frame_id = str(h.get("frame_id", ""))
@@ -156,11 +162,12 @@ class FoxgloveBridge:
                 continue
             try:
                 self.forward(msg)
-            except (OverflowError, ValueError) as e:  # e.g. a stamp beyond Foxglove's u32 seconds
+            except Exception as e:  # noqa: BLE001  (e.g. a stamp beyond Foxglove's u32 seconds: one message lost, not the bridge)
                 self.skipped += 1
+                self.sub.rejected["unusable"] += 1
                 if self.skipped == 1:
-                    print(f"perception-foxglove: warning: skipping messages Foxglove cannot take ({e})",
-                          file=sys.stderr, flush=True)
+                    print(f"perception-foxglove: warning: skipping messages Foxglove cannot take "
+                          f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.server.stop()
@@ -192,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="segnet")
     p.add_argument("--camera", action="append", metavar="NAME",
                    help="a node running several cameras: bridge this one (repeatable; channels /<namespace>/<camera>/...)")
+    p.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, metavar="N",
+                   help=f"messages queued per Foxglove client (default {DEFAULT_BACKLOG}); a client that reads "
+                        "slower loses the oldest, so its memory stays bounded")
     p.add_argument("--image-format", choices=("jpeg", "raw"), default="jpeg",
                    help="colour mask and overlay as CompressedImage jpeg (default) or RawImage bgr8")
     from perception.stream.security import add_client_arguments
@@ -205,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"perception-foxglove: error: --port {args.port} is not a port number", file=sys.stderr)
         return 2
+    if args.backlog < 1:
+        print(f"perception-foxglove: error: --backlog must be >= 1, got {args.backlog}", file=sys.stderr)
+        return 2
     try:
         import foxglove  # noqa: F401
     except ImportError:
@@ -213,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     import zmq
 
     from perception.core.cli import stop_on_signals
+    from perception.core.logs import configure_service_logging
     from perception.stream.security import CurveError, client_keys_from_args
 
+    configure_service_logging()  # the SDK logs through Python's logging: bogus clients are summarised
     try:
         curve = client_keys_from_args(args)
     except CurveError as e:
@@ -222,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         bridge = FoxgloveBridge(args.endpoint, namespace=args.namespace, host=args.host, port=args.port,
-                                image_format=args.image_format, curve=curve, cameras=args.camera)
+                                image_format=args.image_format, curve=curve, cameras=args.camera,
+                                backlog=args.backlog)
     except zmq.ZMQError as e:
         print(f"perception-foxglove: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
         return 2
@@ -239,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         bridge.run(stop)
     finally:
         bridge.close()
+    if bridge.sub.rejections():
+        print(f"perception-foxglove: {bridge.sub.rejections()}", file=sys.stderr)
     return 0
 
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["SocketMonitor", "close_monitored", "monitor_owned"]
+__all__ = ["SocketMonitor", "close_monitored", "monitor_owned", "own_context_term"]
 
 _addresses = itertools.count()
 
@@ -68,24 +68,48 @@ class SocketMonitor:
         self.pair.close(linger=0)
 
 
-def close_monitored(sock: zmq.Socket, monitor: SocketMonitor, linger_ms: int | None = 0) -> None:
-    """Close a monitored socket: its monitor first, then the socket."""
+def close_monitored(sock: zmq.Socket, monitor: SocketMonitor, linger_ms: int | None = 0,
+                    then: Sequence[Callable[[], None]] = ()) -> None:
+    """Close a monitored socket: its monitor first, then the socket, then ``then`` in order (e.g. stop
+    an authenticator, terminate the socket's own context)."""
     monitor.close()
     if not sock.closed:
         sock.close(linger=linger_ms)
+    for step in then:
+        step()
 
 
-def monitor_owned(owner: object, sock: zmq.Socket, events: int,
-                  linger_ms: int | None = 0) -> tuple[SocketMonitor, weakref.finalize]:
+def own_context_term(ctx: zmq.Context) -> Callable[[], None]:
+    """A step for :func:`close_monitored` that terminates an owner's own context.
+
+    ``zmq_ctx_term`` returns once every message queued on the context's (closed) sockets has gone or
+    their linger has expired. Until then libzmq's I/O thread may still be reading a zero-copy payload
+    (``send(copy=False)``), whose Python buffer pyzmq keeps alive only while its garbage thread runs;
+    at interpreter exit that thread is stopped and the buffers freed. Terminating first is what keeps
+    the last messages (the final stats) and keeps libzmq off freed memory (segfault, or ``Bad address
+    (src/tcp.cpp:227)`` when a large buffer was unmapped).
+    """
+    def term() -> None:
+        if not ctx.closed:
+            ctx.term()
+
+    return term
+
+
+def monitor_owned(owner: object, sock: zmq.Socket, events: int, linger_ms: int | None = 0,
+                  then: Sequence[Callable[[], None]] = ()) -> tuple[SocketMonitor, weakref.finalize]:
     """Monitor ``sock`` for ``owner`` (a Subscriber, a Publisher): the monitor, and a finalizer that
-    closes both in order, once (call it to close; the garbage collector calls it for an owner dropped
-    without closing). ``sock`` is closed here if the monitor cannot be made."""
+    closes both in order, then runs ``then``, once (call it to close; the garbage collector calls it for
+    an owner dropped without closing). ``sock`` is closed here (and ``then`` run) if the monitor cannot
+    be made."""
     try:
         monitor = SocketMonitor(sock, events)
     except BaseException:
         sock.close(linger=0)
+        for step in then:
+            step()
         raise
-    finalizer = weakref.finalize(owner, close_monitored, sock, monitor, linger_ms)
+    finalizer = weakref.finalize(owner, close_monitored, sock, monitor, linger_ms, tuple(then))
     # Not at interpreter exit: a daemon thread may still be using the socket then (libzmq sockets
     # are not thread-safe), and the process's end closes everything anyway.
     finalizer.atexit = False

@@ -42,6 +42,11 @@ __all__ = [
     "jpeg_size",
     "png_size",
     "COMPRESSED_ENCODINGS",
+    "payload_crc32",
+    "REJECT_REASONS",
+    "STREAM_ENCODINGS",
+    "json_safe",
+    "json_text",
 ]
 
 SCHEMA_VERSION = 1
@@ -63,7 +68,18 @@ IMAGE_HEADER_KEYS = ("height", "width", "step")
 
 
 class ProtocolError(ValueError):
-    """A message that does not follow the protocol (or exceeds the decoding limits)."""
+    """A message that does not follow the protocol (or exceeds the decoding limits).
+
+    ``reason`` is a short category (one of :data:`REJECT_REASONS`) that consumers count rejections by.
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+REJECT_REASONS = ("over a limit", "malformed msgpack", "bad header", "bad frames", "wrong stream",
+                  "bad image", "bad jpeg", "bad png", "checksum", "malformed")
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,9 @@ class Limits:
     max_array_len: int = 4096
     max_str_len: int = 64 << 10
     max_image_pixels: int = 64 << 20
+    # Maps and arrays nested deeper than this are malformed (the node's deepest is 3): consumers walk
+    # decoded values recursively (printing, JSON, CDR) and must not meet Python's recursion limit.
+    max_depth: int = 16
 
 
 DEFAULT_LIMITS = Limits()
@@ -109,19 +128,24 @@ def _unpack(data: bytes, limits: Limits) -> Any:
             max_bin_len=0, max_ext_len=0,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as e:
-        raise ProtocolError(f"malformed msgpack: {e}") from None
-    if _holds_bytes(out):  # max_bin_len=0 still lets an empty bin through
-        raise ProtocolError("malformed msgpack: binary values are not allowed in headers and maps")
+        raise ProtocolError(f"malformed msgpack: {e}", reason="malformed msgpack") from None
+    if _holds_bytes(out, limits.max_depth):  # max_bin_len=0 still lets an empty bin through
+        raise ProtocolError("malformed msgpack: binary values are not allowed in headers and maps", reason="malformed msgpack")
     return out
 
 
-def _holds_bytes(obj: Any) -> bool:
-    if isinstance(obj, bytes):
-        return True
-    if isinstance(obj, dict):
-        return any(_holds_bytes(v) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_holds_bytes(v) for v in obj)
+def _holds_bytes(obj: Any, max_depth: int) -> bool:
+    """Whether a decoded value holds a bin anywhere; iterative (a deep value cannot exhaust Python's
+    recursion limit) and bounded: nesting deeper than ``max_depth`` is malformed."""
+    stack = [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, bytes):
+            return True
+        if isinstance(value, (dict, list)):
+            if depth >= max_depth:
+                raise ProtocolError(f"malformed msgpack: nested deeper than {max_depth} levels", reason="malformed msgpack")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
     return False
 
 
@@ -131,18 +155,18 @@ def encode_header(header: dict[str, Any]) -> bytes:
 
 def decode_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if len(data) > limits.max_header_bytes:
-        raise ProtocolError(f"header of {len(data)} bytes exceeds the limit of {limits.max_header_bytes}")
+        raise ProtocolError(f"header of {len(data)} bytes exceeds the limit of {limits.max_header_bytes}", reason="over a limit")
     header = _unpack(data, limits)
     if not isinstance(header, dict):
-        raise ProtocolError("header is not a map")
+        raise ProtocolError("header is not a map", reason="bad header")
     missing = [k for k in REQUIRED_HEADER_KEYS if k not in header]
     if missing:
-        raise ProtocolError(f"header lacks {missing}")
+        raise ProtocolError(f"header lacks {missing}", reason="bad header")
     if not _is_int(header["v"]) or header["v"] > SCHEMA_VERSION:
-        raise ProtocolError(f"schema version {header['v']!r} is not supported (this side speaks {SCHEMA_VERSION})")
+        raise ProtocolError(f"schema version {header['v']!r} is not supported (this side speaks {SCHEMA_VERSION})", reason="bad header")
     for key, ok, what in _HEADER_TYPES:
         if key in header and not ok(header[key]):
-            raise ProtocolError(f"header field {key!r} must be {what}, got {type(header[key]).__name__}")
+            raise ProtocolError(f"header field {key!r} must be {what}, got {type(header[key]).__name__}", reason="bad header")
     return header
 
 
@@ -169,7 +193,15 @@ _HEADER_TYPES = (
     ("model_id", lambda v: isinstance(v, str), "a string"),
     ("class_pixels", lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
      "a list of non-negative integers"),
+    ("crc32", lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2^32)"),
 )
+
+
+def payload_crc32(payload: bytes | memoryview | np.ndarray) -> int:
+    """The ``crc32`` header field: zlib's CRC-32 of the payload frame's bytes, as sent."""
+    import zlib
+
+    return zlib.crc32(memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload)
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -220,10 +252,10 @@ def encode_map(data: dict[str, Any]) -> bytes:
 
 def decode_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if len(data) > limits.max_header_bytes * 16:
-        raise ProtocolError(f"map payload of {len(data)} bytes is too large")
+        raise ProtocolError(f"map payload of {len(data)} bytes is too large", reason="over a limit")
     out = _unpack(data, limits)
     if not isinstance(out, dict):
-        raise ProtocolError("payload is not a map")
+        raise ProtocolError("payload is not a map", reason="malformed msgpack")
     return out
 
 
@@ -271,23 +303,24 @@ def _decode_image(header: dict[str, Any], payload: memoryview | bytes, limits: L
     enc = header["encoding"]
     for k in IMAGE_HEADER_KEYS:
         if not isinstance(header.get(k), int) or header[k] < 0:
-            raise ProtocolError(f"image header field {k!r} missing or invalid")
+            raise ProtocolError(f"image header field {k!r} missing or invalid", reason="bad image")
     h, w, step = header["height"], header["width"], header["step"]
     if h * w > limits.max_image_pixels:
-        raise ProtocolError(f"{w}x{h} image exceeds the pixel limit")
+        raise ProtocolError(f"{w}x{h} image exceeds the pixel limit", reason="over a limit")
     if enc == "jpeg":
+        # Check the JPEG's own size before decoding (a small header over a huge JPEG is a decompression
+        # bomb), and also where it is passed on undecoded (to browsers, Foxglove, bags).
+        size = jpeg_size(payload)
+        if size != (h, w):
+            raise ProtocolError(f"JPEG payload is {size[1]}x{size[0]}, header says {w}x{h}" if size
+                                else "JPEG payload has no readable frame header", reason="bad jpeg")
         if not decode_jpeg:
             return bytes(payload)
         import cv2
 
-        # Check the JPEG's own size before decoding: a small header over a huge JPEG is a decompression bomb.
-        size = jpeg_size(payload)
-        if size != (h, w):
-            raise ProtocolError(f"JPEG payload is {size[1]}x{size[0]}, header says {w}x{h}" if size
-                                else "JPEG payload has no readable frame header")
         img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
         if img is None or img.shape[:2] != (h, w):
-            raise ProtocolError("JPEG payload does not decode to the header's size")
+            raise ProtocolError("JPEG payload does not decode to the header's size", reason="bad jpeg")
         return img
     if enc == "png":
         import cv2
@@ -296,41 +329,104 @@ def _decode_image(header: dict[str, Any], payload: memoryview | bytes, limits: L
         info = png_size(payload)
         if info is None or info[:2] != (h, w):
             raise ProtocolError(f"PNG payload is {info[1]}x{info[0]}, header says {w}x{h}" if info
-                                else "PNG payload has no readable IHDR")
+                                else "PNG payload has no readable IHDR", reason="bad png")
         if info[2:] != (8, 0):
-            raise ProtocolError("PNG masks must be 8-bit greyscale")
+            raise ProtocolError("PNG masks must be 8-bit greyscale", reason="bad png")
         img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_UNCHANGED)
         if img is None or img.shape != (h, w) or img.dtype != np.uint8:
-            raise ProtocolError("PNG payload does not decode to the header's size")
+            raise ProtocolError("PNG payload does not decode to the header's size", reason="bad png")
         return img
     if enc not in ENCODINGS:
-        raise ProtocolError(f"unknown encoding {enc!r}")
+        raise ProtocolError(f"unknown encoding {enc!r}", reason="bad image")
     dtype, channels = ENCODINGS[enc]
     itemsize = np.dtype(dtype).itemsize
     if step < w * channels * itemsize:
-        raise ProtocolError(f"step {step} is smaller than a row ({w * channels * itemsize} bytes)")
+        raise ProtocolError(f"step {step} is smaller than a row ({w * channels * itemsize} bytes)", reason="bad image")
     if len(payload) != step * h:
-        raise ProtocolError(f"payload is {len(payload)} bytes, header says {step} x {h}")
+        raise ProtocolError(f"payload is {len(payload)} bytes, header says {step} x {h}", reason="bad image")
     flat = np.frombuffer(payload, np.uint8).reshape(h, step)[:, : w * channels * itemsize]
     arr = flat.view(dtype).reshape((h, w, channels) if channels > 1 else (h, w))
     return arr
 
 
+# What each stream may carry: consumers (echo, record, the view, the Foxglove bridge) rely on it, so a
+# message that does not fit its stream is rejected here, once, rather than met by each of them.
+STREAM_ENCODINGS: dict[str, tuple[str, ...]] = {
+    "mask": ("mono8", "png"),
+    "color_mask": ("bgr8", "jpeg"),
+    "overlay": ("bgr8", "jpeg"),
+    "uncertainty": ("32FC1",),
+    "stats": ("msgpack",),
+    "info": ("msgpack",),
+}
+
+
+def _check_stream(stream: str, header: dict[str, Any]) -> None:
+    allowed = STREAM_ENCODINGS.get(stream)
+    if allowed is None:
+        raise ProtocolError(f"unknown stream {stream!r}", reason="wrong stream")
+    if header["encoding"] not in allowed:
+        raise ProtocolError(f"{stream} carries {', '.join(allowed)}, not {header['encoding']!r}", reason="wrong stream")
+    if stream in FRAME_STREAMS and not (_is_int(header.get("height")) and _is_int(header.get("width"))
+                                        and header["height"] > 0 and header["width"] > 0):
+        raise ProtocolError(f"{stream} image of {header.get('width')}x{header.get('height')} pixels: must be at "
+                            "least 1x1", reason="bad image")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: JSON has no NaN or Infinity (browsers'
+    JSON.parse and ROS String readers reject them). Iterative, for maps of any decoded depth."""
+    import math
+
+    def fix(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    if not isinstance(value, (dict, list)):
+        return fix(value)
+    root: Any = {} if isinstance(value, dict) else []
+    stack = [(value, root)]
+    while stack:
+        src, dst = stack.pop()
+        items = src.items() if isinstance(src, dict) else enumerate(src)
+        for k, v in items:
+            if isinstance(v, (dict, list)):
+                child: Any = {} if isinstance(v, dict) else []
+                stack.append((v, child))
+                v = child
+            else:
+                v = fix(v)
+            if isinstance(dst, dict):
+                dst[k] = v
+            else:
+                dst.append(v)
+    return root
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """Strict JSON of a decoded map (non-finite floats as null): what consumers write to pages and files."""
+    import json
+
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
 def decode_message(frames: list, limits: Limits = DEFAULT_LIMITS, *, decode_jpeg: bool = True) -> Message:
     """Decode one received multipart message (a list of bytes / zmq.Frame / memoryview)."""
     if len(frames) != 3:
-        raise ProtocolError(f"expected 3 frames [topic, header, payload], got {len(frames)}")
+        raise ProtocolError(f"expected 3 frames [topic, header, payload], got {len(frames)}", reason="bad frames")
     parts = [f.buffer if hasattr(f, "buffer") else f for f in frames]
     total = sum(len(p) for p in parts)
     if total > limits.max_message_bytes:
-        raise ProtocolError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
+        raise ProtocolError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}", reason="over a limit")
     try:
         topic = bytes(parts[0]).decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError("topic is not UTF-8") from None
+        raise ProtocolError("topic is not UTF-8", reason="bad frames") from None
     _, stream = split_topic(topic)
     header = decode_header(bytes(parts[1]), limits)
+    _check_stream(stream, header)
     payload = parts[2]
+    if "crc32" in header and payload_crc32(payload) != header["crc32"]:
+        raise ProtocolError("payload does not match the header's crc32 (corrupted in flight)", reason="checksum")
     if header["encoding"] == "msgpack":
         data: Any = decode_map(bytes(payload), limits)
     else:

@@ -11,18 +11,41 @@ through :class:`PublisherView`, each under its own namespace (``segnet/front``, 
 
 from __future__ import annotations
 
+import atexit
 import errno
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
 import zmq
+import zmq.utils.garbage  # noqa: F401  (its exit handler must be registered before ours, see below)
 
-from perception.stream.monitor import close_monitored, monitor_owned
-from perception.stream.protocol import DEFAULT_LIMITS, Limits, encode_header, encode_map, topic_for
+from perception.stream.monitor import close_monitored, monitor_owned, own_context_term
+from perception.stream.protocol import DEFAULT_LIMITS, Limits, encode_header, encode_map, payload_crc32, topic_for
 
 __all__ = ["Publisher", "PublisherError", "PublisherView"]
+
+# Publishers still open when the interpreter exits are closed first (their queued messages go, and
+# libzmq stops reading their zero-copy payloads) and only then does pyzmq's own exit handler drop the
+# payload references. atexit runs handlers last-registered first, so this one is registered with the
+# first publisher: after pyzmq's garbage collector registered its handler (at import), and after
+# weakref.finalize registered the one that disables every finalizer (at the first finalizer made).
+_open_publishers: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
+_exit_handler_registered = False
+
+
+def _close_open_publishers() -> None:
+    for publisher in list(_open_publishers):
+        publisher._close_at_exit()
+
+
+def _register_exit_handler() -> None:
+    global _exit_handler_registered
+    if not _exit_handler_registered:
+        atexit.register(_close_open_publishers)
+        _exit_handler_registered = True
 
 
 class PublisherError(RuntimeError):
@@ -33,7 +56,7 @@ class Publisher:
     def __init__(
         self, endpoint: str, namespace: str, *, sndhwm: int = 8, linger_ms: int = 2000,
         context: zmq.Context | None = None, limits: Limits = DEFAULT_LIMITS,
-        on_oversize=None, curve=None,
+        on_oversize=None, curve=None, checksum: bool = False,
     ) -> None:
         self.namespace = namespace
         # Consumers refuse (and ZMQ_MAXMSGSIZE disconnects on) messages over limits.max_message_bytes:
@@ -41,7 +64,13 @@ class Publisher:
         self.limits = limits
         self.on_oversize = on_oversize
         self.oversize: dict[str, int] = {}
-        self.ctx = context or zmq.Context.instance()
+        # A context of its own unless given one: close() terminates it, which waits (up to the linger)
+        # for queued zero-copy payloads to go before the process may free them (monitor.own_context_term).
+        self.ctx = context if context is not None else zmq.Context()
+        teardown = [] if curve is None else [curve.stop]  # the authenticator's socket lives on this context
+        if context is None:
+            teardown.append(own_context_term(self.ctx))
+        self._teardown = tuple(teardown)
         self.sock = self.ctx.socket(zmq.XPUB)
         # Every subscribe message, duplicates included: each joining subscriber is seen.
         self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -49,9 +78,15 @@ class Publisher:
         # the node and other subscribers carry on.
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
+        # Each message's header carries its payload's CRC-32 (``crc32``), which subscribers verify: proof
+        # that the bytes received are the bytes meant, at the cost of one pass over each payload.
+        self.checksum = checksum
         self.curve = curve  # a security.CurveServer: encrypt, and admit only the clients it allows
         self._monitor, self._finalizer = monitor_owned(self, self.sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED,
-                                                       linger_ms)
+                                                       linger_ms, self._teardown)
+        self._linger_ms = linger_ms
+        _open_publishers.add(self)
+        _register_exit_handler()
         if curve is not None:
             try:
                 curve.apply(self.sock)
@@ -168,6 +203,8 @@ class Publisher:
         """Send one message; returns its size instead when it is over the limit (then nothing is sent)."""
         topic = topic_str.encode()
         body = memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload
+        if self.checksum:
+            header = {**header, "crc32": payload_crc32(body)}
         head = encode_header(header)
         size = len(topic) + len(head) + body.nbytes if isinstance(body, memoryview) else len(topic) + len(head) + len(body)
         if size > self.limits.max_message_bytes:
@@ -190,12 +227,19 @@ class Publisher:
         return v
 
     def close(self, linger_ms: int | None = None) -> None:
+        """Close the socket (queued messages may take up to the linger to go), stop CURVE's authenticator,
+        and terminate the publisher's own context, which returns once they have gone."""
         if linger_ms is not None and self._finalizer.alive:
             self._finalizer.detach()
-            close_monitored(self.sock, self._monitor, linger_ms)
+            close_monitored(self.sock, self._monitor, linger_ms, self._teardown)
         self._finalizer()  # close_monitored with the constructor's linger, once
-        if self.curve is not None:
-            self.curve.stop()
+        _open_publishers.discard(self)
+
+    def _close_at_exit(self) -> None:
+        # weakref's exit handler has disabled the finalizer by now: close directly, once.
+        if self._finalizer.detach() is not None or not self.sock.closed:
+            close_monitored(self.sock, self._monitor, self._linger_ms, self._teardown)
+        _open_publishers.discard(self)
 
 
 class PublisherView:

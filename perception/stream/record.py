@@ -16,11 +16,14 @@ removes the --out folder it created; one stopped by ``--duration`` or Ctrl-C kee
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from perception.core.cli import fail
+from perception.stream.protocol import json_text
 
 __all__ = ["build_parser", "main"]
 
@@ -121,10 +124,10 @@ class _FileSink:
                 self.video = FragmentedVideo(self.out / "overlay.mp4", self.fps)
             self.video.write(msg.data)
         elif msg.stream == "stats" and self.stats_file is not None:
-            self.stats_file.write(json.dumps({"seq": seq, "stamp_ns": msg.header["stamp_ns"], **msg.data}) + "\n")
+            self.stats_file.write(json_text({"seq": seq, "stamp_ns": msg.header["stamp_ns"], **msg.data}) + "\n")
             self.stats_file.flush()
         elif msg.stream == "info":
-            atomic_write_bytes(self.out / "info.json", json.dumps(msg.data, indent=2).encode())
+            atomic_write_bytes(self.out / "info.json", json_text(msg.data, indent=2).encode())
 
     def close(self) -> None:
         if self.video is not None:
@@ -155,8 +158,7 @@ def _recover(folder: str) -> int:
     try:
         rewritten = recover_bag(folder)
     except (BagError, OSError) as e:
-        print(f"perception-record: error: {e}", file=sys.stderr)
-        return 1
+        return fail("perception-record", str(e))
     if not rewritten:
         print(f"{folder}: every .mcap file was complete; metadata.yaml rebuilt", file=sys.stderr)
     for name, n in rewritten.items():
@@ -175,6 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-bag-duration needs --format mcap and a positive number of seconds")
     if args.chunk_size <= 0:
         parser.error("--chunk-size must be a positive number of bytes")
+    for flag, value in (("--count", args.count), ("--duration", args.duration), ("--timeout", args.timeout)):
+        if value is not None and not value > 0:
+            return fail("perception-record", f"{flag} must be > 0, got {value:g}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return fail("perception-record", f"--out {out} is a file, not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        return fail("perception-record", f"--out {out} cannot be created ({probe} is not a writable folder)")
     streams = [s.strip() for s in (args.streams or DEFAULT_STREAMS).split(",") if s.strip()]
     allowed = ("mask", "overlay", "stats", "info") if args.format == "files" else \
         ("mask", "color_mask", "overlay", "uncertainty", "stats", "info")
@@ -194,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"perception-record: error: {e}", file=sys.stderr)
         return 2
 
-    out = Path(args.out)
     # A recording that fails before anything arrives leaves nothing behind (a folder this run made).
     made_out = not out.exists()
     if args.format == "mcap":
@@ -269,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0 and not written and made_out:
         shutil.rmtree(out, ignore_errors=True)
     if rc == 0 or frames:  # after an error with nothing recorded, the error is the one line
-        print(f"recorded {frames} frames to {out}" + (f" ({skipped} messages skipped)" if skipped else ""),
+        notes = [f"{skipped} messages skipped (no ROS 2 form)"] if skipped else []
+        notes += [sub.rejections()] if sub.rejections() else []
+        print(f"recorded {frames} frames to {out}" + (f" ({'; '.join(notes)})" if notes else ""),
               file=sys.stderr)
     return rc
 

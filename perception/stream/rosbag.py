@@ -22,13 +22,16 @@ recovered, up to its last complete chunk, by :func:`recover_bag` (``perception-r
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from perception.stream.protocol import json_text
 
 __all__ = ["MSG_DEFINITIONS", "BagWriter", "BagError", "UnrecordableMessage", "ros_message", "recover_bag",
            "ros_topic"]
@@ -90,11 +93,14 @@ def ros_message(msg, typestore) -> tuple[str, Any]:
     t = typestore.types
     h = msg.header
     enc = h["encoding"]
-    if enc == "msgpack":
-        return "std_msgs/msg/String", t["std_msgs/msg/String"](data=json.dumps(msg.data, separators=(",", ":")))
+    # Every record's log time is its stamp (stats and info too, which have no header): one outside
+    # builtin_interfaces/Time's range (sec is an int32) has no ROS 2 form, and would make the bag's
+    # metadata claim centuries of duration.
     sec, nsec = divmod(int(h["stamp_ns"]), 1_000_000_000)
-    if not 0 <= sec < 2**31:  # builtin_interfaces/Time.sec is an int32
+    if not 0 <= sec < 2**31:
         raise UnrecordableMessage(f"{msg.topic}: stamp {h['stamp_ns']} ns is outside ROS 2's time range")
+    if enc == "msgpack":  # strict JSON: non-finite numbers become null
+        return "std_msgs/msg/String", t["std_msgs/msg/String"](data=json_text(msg.data, separators=(",", ":")))
     header = t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec),
                                       frame_id=str(h.get("frame_id", "")))
     if enc == "jpeg":
@@ -277,10 +283,15 @@ def _read_records(path: Path) -> tuple[list, bool]:
     return records, complete
 
 
+MCAP_MAGIC = b"\x89MCAP0\r\n"
+
+
 def recover_bag(folder: str | Path) -> dict[str, int]:
     """Make a bag whose recorder was killed readable again: every ``.mcap`` file without a footer is
-    rewritten (atomically) from its complete records, and ``metadata.yaml`` is rebuilt from the
-    files. Returns ``{file name: messages kept}`` for the files it rewrote."""
+    rewritten (atomically) from its complete records, the original kept beside it as ``<name>.orig``,
+    and ``metadata.yaml`` is rebuilt from the files. Returns ``{file name: messages kept}`` for the
+    files it rewrote. A folder holding a ``.mcap`` file that is not MCAP (no magic) is refused before
+    anything is written."""
     from mcap.records import Channel, Message, Schema
     from mcap.writer import Writer
 
@@ -288,8 +299,14 @@ def recover_bag(folder: str | Path) -> dict[str, int]:
 
     folder = Path(folder)
     paths = sorted(folder.glob("*.mcap"), key=lambda p: (len(p.name), p.name))
+    if folder.exists() and not folder.is_dir():
+        raise BagError(f"{folder} is a file; a bag is a folder of .mcap files and metadata.yaml")
     if not paths:
         raise BagError(f"{folder} holds no .mcap files")
+    for path in paths:
+        with open(path, "rb") as f:
+            if f.read(len(MCAP_MAGIC)) != MCAP_MAGIC:
+                raise BagError(f"{path} is not an MCAP file (no MCAP magic at its start); nothing was changed")
     state = _BagState()
     rewritten: dict[str, int] = {}
     for path in paths:
@@ -309,6 +326,13 @@ def recover_bag(folder: str | Path) -> dict[str, int]:
                 for m in messages:
                     w.add_message(channel_ids[m.channel_id], m.log_time, m.data, m.publish_time, m.sequence)
                 w.finish()
+            original = path.with_name(path.name + ".orig")
+            if original.exists():
+                raise BagError(f"{original} exists (an earlier recovery's original): move it away first")
+            try:  # the original stays, under a name readers do not pick up
+                os.link(path, original)
+            except OSError:  # a file system without hard links
+                shutil.copy2(path, original)
             tmp.replace(path)
             rewritten[path.name] = len(messages)
         stats = _FileStats(path.name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import queue
 import sys
 import threading
@@ -22,7 +23,11 @@ import time
 from importlib import resources
 from typing import Any
 
-__all__ = ["ViewState", "build_parser", "main", "make_app"]
+from perception.stream.protocol import json_text
+
+log = logging.getLogger("perception-view")
+
+__all__ = ["ViewState", "ViewCounters", "build_parser", "main", "make_app", "serve"]
 
 VIEW_STREAMS = ("overlay", "color_mask", "uncertainty")  # uncertainty: Bayesian models, as a heat map
 STALE_AFTER_S = 3.0  # the node sends stats every second: this long without any message means it is gone
@@ -111,19 +116,24 @@ class _Upstream(threading.Thread):
                 if msg is None:
                     self.on_change()  # lets pages see the connection go stale
                     continue
-                jpeg = None
-                if msg.stream in VIEW_STREAMS:
-                    if msg.header["encoding"] == "jpeg":
-                        jpeg = bytes(msg.data)
-                    else:
-                        img = msg.data
-                        if msg.stream == "uncertainty":  # float per pixel -> heat map (brighter = less sure)
-                            img = uncertainty_to_bgr(img)
-                        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
-                        jpeg = buf.tobytes() if ok else None
-                state = self.states.get(msg.topic.rsplit("/", 1)[0])
-                if state is not None:
-                    state.on_message(msg, jpeg)
+                try:
+                    jpeg = None
+                    if msg.stream in VIEW_STREAMS:
+                        if msg.header["encoding"] == "jpeg":
+                            jpeg = bytes(msg.data)  # its size was checked against the header (protocol)
+                        else:
+                            img = msg.data
+                            if msg.stream == "uncertainty":  # float per pixel -> heat map (brighter = less sure)
+                                img = uncertainty_to_bgr(img)
+                            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+                            jpeg = buf.tobytes() if ok else None
+                    state = self.states.get(msg.topic.rsplit("/", 1)[0])
+                    if state is not None:
+                        state.on_message(msg, jpeg)
+                except Exception as e:  # noqa: BLE001  (one unusable message must not end the reader)
+                    self.sub.rejected["unusable"] += 1
+                    log.warning("skipping a %s message the page cannot show (%s)", msg.stream, type(e).__name__)
+                    continue
                 self.on_change()
         finally:
             self.sub.close()
@@ -133,11 +143,50 @@ def _page() -> str:
     return resources.files("perception.stream").joinpath("view_page.html").read_text(encoding="utf-8")
 
 
+def _inline_hash(page: str, tag: str) -> str:
+    """The CSP source for the page's one inline ``<tag>`` element ('sha256-...'): the page runs its own
+    script and no other, without 'unsafe-inline'."""
+    import base64
+    import hashlib
+    import re
+
+    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+    if len(bodies) != 1:
+        raise ValueError(f"the view page must hold exactly one inline <{tag}>, found {len(bodies)}")
+    return "sha256-" + base64.b64encode(hashlib.sha256(bodies[0].encode()).digest()).decode()
+
+
+class ViewCounters:
+    """What the view refused (connections, by reason) and rejected (node messages, by reason)."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        self.refused: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()  # the upstream subscriber's, live
+
+    def summary(self) -> str:
+        from perception.stream.client import rejections_text
+
+        parts = [rejections_text(self.rejected)]
+        if self.refused:
+            parts.append(f"{sum(self.refused.values())} connections refused ("
+                         + ", ".join(f"{k}: {n}" for k, n in self.refused.most_common()) + ")")
+        return "; ".join(p for p in parts if p)
+
+
 def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str] | None = None,
-             cameras: list[str] | None = None):
+             cameras: list[str] | None = None, allow_origins: list[str] | None = None,
+             counters: ViewCounters | None = None):
     """The aiohttp application (the upstream reader starts and stops with it). ``cameras``: the
-    cameras of a node that runs several; the page offers a choice between them."""
+    cameras of a node that runs several; the page offers a choice between them. ``allow_origins``:
+    other origins (``http://host:port``) whose pages may open the WebSocket. ``counters`` hears of
+    refused connections and rejected messages."""
     from aiohttp import WSMsgType, web
+
+    allowed_origins = set(allow_origins or ())
+    counters = counters if counters is not None else ViewCounters()
+    refused = counters.refused
 
     ns = namespace.strip("/")
     names = list(cameras) if cameras else [""]
@@ -153,11 +202,29 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
         for event in wakers:
             event.set()
 
+    page = _page()
+    csp = ("default-src 'none'; img-src 'self' blob:; style-src 'unsafe-inline'; "
+           f"script-src '{_inline_hash(page, 'script')}'; connect-src 'self'; frame-ancestors 'none'; "
+           "base-uri 'none'; form-action 'none'")
+
     async def index(request: web.Request) -> web.Response:
-        return web.Response(text=_page(), content_type="text/html",
-                            headers={"Cache-Control": "no-store", "Content-Security-Policy":
-                                     "default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
-                                     "script-src 'self' 'unsafe-inline'; connect-src 'self'"})
+        return web.Response(text=page, content_type="text/html",
+                            headers={"Cache-Control": "no-store", "Content-Security-Policy": csp})
+
+    async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Server"] = "perception-view"  # not aiohttp's name and version
+
+    def origin_allowed(request: web.Request) -> bool:
+        """Browsers send Origin with every WebSocket handshake: only pages this view served (same
+        origin), or origins named with --allow-origin, may read the streams. Clients that are not
+        browsers send none and are let in (loopback by default)."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        return origin in allowed_origins or origin == f"{request.scheme}://{request.host}"
 
     def watch(camera: str, stream: str, delta: int) -> None:
         topic = f"{prefix_of[camera]}/{stream}"
@@ -166,7 +233,12 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
         if (before == 0) != (viewers[topic] == 0):
             upstream[0].requests.put((topic, viewers[topic] > 0))
 
-    async def websocket(request: web.Request) -> web.WebSocketResponse:
+    async def websocket(request: web.Request) -> web.StreamResponse:
+        if not origin_allowed(request):
+            refused["origin"] += 1
+            log.warning("refused a WebSocket from origin %s (not this view's; see --allow-origin)",
+                        request.headers.get("Origin"))
+            return web.Response(status=403, text="cross-origin WebSocket refused\n")
         ws = web.WebSocketResponse(heartbeat=10, max_msg_size=4096)
         await ws.prepare(request)
         stream, camera = "overlay", names[0]
@@ -174,7 +246,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
         changed = asyncio.Event()
         wakers.add(changed)
         sent_seq, sent_info, sent_stats, sent_status = None, None, None, None
-        await ws.send_str(json.dumps({"type": "cameras", "cameras": [c for c in names if c]}))
+        await ws.send_str(json_text({"type": "cameras", "cameras": [c for c in names if c]}))
 
         async def read_choices() -> None:
             nonlocal stream, camera, sent_seq, sent_info, sent_stats, sent_status
@@ -183,10 +255,13 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
                     continue
                 try:
                     choice = json.loads(m.data)
-                    new_stream = choice.get("stream", stream)
-                    new_camera = choice.get("camera", camera)
-                except (ValueError, AttributeError):
+                except ValueError:
                     continue
+                if not isinstance(choice, dict):
+                    continue
+                new_stream, new_camera = choice.get("stream", stream), choice.get("camera", camera)
+                if not (isinstance(new_stream, str) and isinstance(new_camera, str)):
+                    continue  # e.g. {"camera": []}: ignored, the page stays open
                 if new_stream in VIEW_STREAMS and new_camera in prefix_of and (new_stream, new_camera) != (stream, camera):
                     watch(new_camera, new_stream, +1)
                     watch(camera, stream, -1)
@@ -204,13 +279,13 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
                     info, stats, frame = state.info, state.stats, state.frames.get(stream)
                 status = state.status()
                 if info is not None and info is not sent_info:
-                    await ws.send_str(json.dumps({"type": "info", "info": info}))
+                    await ws.send_str(json_text({"type": "info", "info": info}))
                     sent_info = info
                 if stats is not None and stats is not sent_stats:
-                    await ws.send_str(json.dumps({"type": "stats", "stats": stats}))
+                    await ws.send_str(json_text({"type": "stats", "stats": stats}))
                     sent_stats = stats
                 if status != sent_status:
-                    await ws.send_str(json.dumps({**status, "stream": stream, "camera": camera}))
+                    await ws.send_str(json_text({**status, "stream": stream, "camera": camera}))
                     sent_status = status
                 if frame is not None and frame[0] != sent_seq:
                     sent_seq = frame[0]
@@ -232,6 +307,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
     async def start_upstream(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         up = _Upstream(endpoint, states, lambda: loop.call_soon_threadsafe(notify), curve)
+        counters.rejected = up.sub.rejected
         upstream.append(up)
         up.start()
 
@@ -239,6 +315,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
         upstream[0].stop_event.set()
         await asyncio.to_thread(upstream[0].join, 5)
 
+    app.on_response_prepare.append(security_headers)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket)
     app.on_startup.append(start_upstream)
@@ -253,6 +330,20 @@ def _parse_http(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-view", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,30 +353,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="segnet")
     p.add_argument("--camera", action="append", metavar="NAME",
                    help="a node running several cameras: offer this one on the page (repeatable)")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="let pages of this origin (e.g. http://dashboard.local:3000) open the view's WebSocket "
+                        "(repeatable); by default only the view's own page may, so other sites open in the same "
+                        "browser cannot read the streams")
+    p.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS,
+                   help=f"open connections at most (default {MAX_CONNECTIONS}); more are closed at once")
+    p.add_argument("--request-timeout", type=_positive_float, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
+                   help=f"close a connection that has not sent a whole request in this time (default {REQUEST_TIMEOUT_S:g})")
     from perception.stream.security import add_client_arguments
 
     add_client_arguments(p)
     return p
 
 
+REQUEST_TIMEOUT_S = 10.0  # a connection must complete its request (headers) within this
+MAX_CONNECTIONS = 256  # open connections (pages, requests in progress); more are closed at once
+
+
+class _Refused:
+    """A protocol for a connection over the cap: closed as soon as it is accepted (it costs one fd
+    for a moment, never a handler or a buffer)."""
+
+    def __init__(self, counters: ViewCounters) -> None:
+        self.counters = counters
+
+    def connection_made(self, transport) -> None:
+        self.counters.refused["too many connections"] += 1
+        transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+
 async def serve(endpoint: str, host: str, port: int, namespace: str, stop: threading.Event,
-                ready=None, curve: tuple[str, str] | None = None, cameras: list[str] | None = None) -> None:
-    """Serve until ``stop`` is set; ``ready(url)`` is called once the socket listens."""
+                ready=None, curve: tuple[str, str] | None = None, cameras: list[str] | None = None, *,
+                allow_origins: list[str] | None = None, max_connections: int = MAX_CONNECTIONS,
+                request_timeout_s: float = REQUEST_TIMEOUT_S, counters: ViewCounters | None = None) -> None:
+    """Serve until ``stop`` is set; ``ready(url)`` is called once the socket listens.
+
+    A connection that has not sent a whole request within ``request_timeout_s`` is closed (a slow or
+    stalled client cannot hold a connection: aiohttp's keep-alive timer also runs from the moment a
+    connection opens), and past ``max_connections`` new connections are closed at once, so clients
+    cannot exhaust the process's file descriptors.
+    """
     from aiohttp import web
 
-    runner = web.AppRunner(make_app(endpoint, namespace=namespace, curve=curve, cameras=cameras),
-                           handle_signals=False)
+    counters = counters if counters is not None else ViewCounters()
+    app = make_app(endpoint, namespace=namespace, curve=curve, cameras=cameras, allow_origins=allow_origins,
+                   counters=counters)
+    runner = web.AppRunner(app, handle_signals=False, keepalive_timeout=request_timeout_s)
     await runner.setup()
+    server = None
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()[1] if port == 0 else port  # the port 0 resolved to
+        handlers = runner.server
+
+        def factory():
+            if len(handlers.connections) >= max_connections:
+                return _Refused(counters)
+            return handlers()
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, host, port, reuse_address=True)
+        bound = server.sockets[0].getsockname()[1]  # the port 0 resolved to
         url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/"
         if ready is not None:
             ready(url)
         while not stop.is_set():
             await asyncio.sleep(0.1)
     finally:
+        if server is not None:
+            server.close()
         await runner.cleanup()
 
 
@@ -309,17 +453,25 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.http
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"perception-view: warning: serving on {host}, reachable beyond this machine", file=sys.stderr)
+    from perception.core.logs import configure_service_logging
+
+    configure_service_logging()  # clients cannot flood stderr: repeated records are summarised
     stop = stop_on_signals()
+    counters = ViewCounters()
     try:
         asyncio.run(serve(args.endpoint, host, port, args.namespace, stop,
                           ready=lambda url: print(f"perception-view: open {url}", file=sys.stderr, flush=True),
-                          curve=curve, cameras=args.camera))
+                          curve=curve, cameras=args.camera, allow_origins=args.allow_origin,
+                          max_connections=args.max_connections, request_timeout_s=args.request_timeout,
+                          counters=counters))
     except zmq.ZMQError as e:
         print(f"perception-view: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"perception-view: error: cannot serve on {host}:{port} ({e.strerror or e})", file=sys.stderr)
         return 2
+    if counters.summary():
+        print(f"perception-view: {counters.summary()}", file=sys.stderr)
     return 0
 
 

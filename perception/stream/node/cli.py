@@ -71,6 +71,8 @@ class NodeConfig:
     info_period: float = opt(5.0, check=_POSITIVE)
     mc_samples: int = opt(8, check=_at_least(1), help="MC dropout samples for uncertainty (Bayesian models)")
     sndhwm: int = opt(8, check=_at_least(1), help="messages queued per subscriber before the node drops for it")
+    checksum: bool = opt(False, help="carry each payload's CRC-32 in its header (crc32); subscribers reject a "
+                                     "message whose bytes do not match")
     log_period: float = opt(10.0, check=_at_least(0), help="seconds between status lines on stderr (0: none)")
     reconnect_attempts: int = opt(5, check=_at_least(0),
                                   help="live sources: reconnect attempts (exponential backoff) before giving up, at "
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             close_sources()
             return fail(str(e))
     try:
-        publisher = Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm, curve=curve)
+        publisher = Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm, curve=curve, checksum=cfg.checksum)
         if not _is_local(publisher.endpoint) and curve is None:
             print(f"perception-node: warning: publishing on {publisher.endpoint}, reachable from other machines "
                   "without encryption or authentication: anyone who can connect receives every stream "

@@ -1,0 +1,527 @@
+"""Messages and clients that must not stop a consumer (issue 27, B-D): malformed or misplaced payloads,
+non-finite and out-of-range values, slow and cross-origin clients, and tools given nonsense."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from perception.stream.client import Subscriber
+from perception.stream.protocol import ProtocolError, decode_message, encode_header
+
+STAMP = 1_700_000_000_000_000_000
+
+
+def _h(encoding: str, seq: int = 0, **extra) -> dict:
+    return {"v": 1, "seq": seq, "stamp_ns": STAMP + seq, "frame_id": "camera", "encoding": encoding, **extra}
+
+
+def _img(encoding: str, h: int, w: int, seq: int = 0, **extra) -> dict:
+    step = 0 if encoding in ("jpeg", "png") else w * {"mono8": 1, "bgr8": 3, "32FC1": 4}[encoding]
+    return _h(encoding, seq, height=h, width=w, step=step, **extra)
+
+
+GOOD_MASK = np.arange(48 * 64, dtype=np.uint8).reshape(48, 64) % 3
+GOOD_BGR = np.full((48, 64, 3), 77, np.uint8)
+JPEG_48x64 = cv2.imencode(".jpg", GOOD_BGR)[1].tobytes()
+
+# (name, topic, header, payload, the reason a consumer counts)
+HOSTILE = [
+    ("deep_nesting", "segnet/stats", _h("msgpack"), b"\x81\xa1a" + b"\x91" * 400 + b"\xc0", "malformed msgpack"),
+    ("msgpack_on_mask", "segnet/mask", _h("msgpack"), msgpack.packb({"a": 1}), "wrong stream"),
+    ("empty_color_mask", "segnet/color_mask", _img("bgr8", 0, 0), b"", "bad image"),
+    ("jpeg_on_mask", "segnet/mask", _img("jpeg", 48, 64), b"\xff\xd8" + b"\x00" * 100, "wrong stream"),
+    ("image_on_stats", "segnet/stats", _img("bgr8", 48, 64), GOOD_BGR.tobytes(), "wrong stream"),
+    ("foreign_jpeg_on_overlay", "segnet/overlay", _img("jpeg", 48, 64), b"\xff\xd8\xff\xe0" + b"\x13" * 200, "bad jpeg"),
+    ("jpeg_of_another_size", "segnet/overlay", _img("jpeg", 480, 640), JPEG_48x64, "bad jpeg"),
+    ("empty_overlay", "segnet/overlay", _img("bgr8", 0, 0), b"", "bad image"),
+    ("mono8_overlay", "segnet/overlay", _img("mono8", 48, 64), GOOD_MASK.tobytes(), "wrong stream"),
+    ("msgpack_overlay", "segnet/overlay", _h("msgpack"), msgpack.packb({"x": 1}), "wrong stream"),
+    ("unknown_stream", "segnet/lidar", _h("msgpack"), msgpack.packb({"x": 1}), "wrong stream"),
+]
+
+
+@pytest.mark.parametrize("name,topic,header,payload,reason", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_each_hostile_message_is_a_protocol_error_with_its_reason(name, topic, header, payload, reason):
+    with pytest.raises(ProtocolError) as info:
+        decode_message([topic.encode(), encode_header(header), payload], decode_jpeg=False)
+    assert info.value.reason == reason
+
+
+def test_deep_nesting_within_the_limit_still_decodes():
+    nested = {"a": [[{"b": [1, 2]}]]}
+    msg = decode_message([b"segnet/stats", encode_header(_h("msgpack")), msgpack.packb(nested)])
+    assert msg.data == nested
+
+
+def test_json_text_is_strict_json_for_non_finite_stats():
+    from perception.stream.protocol import json_text
+
+    text = json_text({"fps": float("nan"), "latency_ms": {"p50": float("inf"), "ok": 1.5}, "list": [float("-inf"), 2]})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "fps": None, "latency_ms": {"p50": None, "ok": 1.5}, "list": [None, 2]}
+
+
+class _RawNode:
+    """An XPUB on a free loopback port that sends whatever it is given (a hostile or a well-behaved
+    node), once some subscriber has subscribed."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.subscriptions: set[bytes] = set()
+
+    def wait_for(self, prefix: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(prefix.encode().startswith(s) for s in self.subscriptions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nobody subscribed to {prefix}")
+            if self.sock.poll(100):
+                m = self.sock.recv()
+                if m[:1] == b"\x01":
+                    self.subscriptions.add(m[1:])
+
+    def send(self, topic: str, header: dict, payload: bytes) -> None:
+        self.sock.send_multipart([topic.encode(), encode_header(header), payload])
+
+    def send_hostile(self) -> None:
+        for _, topic, header, payload, _ in HOSTILE:
+            self.send(topic, header, payload)
+
+    def close(self) -> None:
+        self.sock.close(linger=1000)
+        self.ctx.term()
+
+
+def _good(node: _RawNode, seq: int, *, final: bool = False, nan: bool = False) -> None:
+    node.send("segnet/info", _h("msgpack", seq), msgpack.packb({"classes": ["bg", "a", "b"], "model_id": "raw"}))
+    node.send("segnet/mask", _img("mono8", 48, 64, seq), GOOD_MASK.tobytes())
+    node.send("segnet/overlay", _img("bgr8", 48, 64, seq), GOOD_BGR.tobytes())
+    node.send("segnet/color_mask", _img("jpeg", 48, 64, seq), JPEG_48x64)
+    stats = {"fps": float("nan") if nan else 5.0, "frames_processed": seq + 1, "final": final}
+    node.send("segnet/stats", _h("msgpack", seq), msgpack.packb(stats))
+
+
+def _feed(node: _RawNode, prefix: str, frames: int = 3, after=None):
+    """In a thread: wait for a subscriber, then hostile messages before each good frame, then final stats."""
+    def run() -> None:
+        node.wait_for(prefix)
+        time.sleep(0.2)  # a subscriber's remaining subscriptions arrive (not a test synchronisation)
+        for seq in range(frames):
+            node.send_hostile()
+            _good(node, seq, nan=seq == 1)
+        if after is not None:
+            after()
+        node.send("segnet/stats", _h("msgpack", frames), msgpack.packb({"fps": 1.0, "final": True}))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_subscriber_skips_and_counts_each_rejection_by_reason():
+    node = _RawNode()
+    try:
+        t = _feed(node, "segnet/")
+        with Subscriber(node.endpoint, decode_jpeg=False) as sub:
+            good = []
+            while True:
+                msg = sub.recv(timeout=20)
+                assert msg is not None, "the good messages after the hostile ones must arrive"
+                good.append(msg.stream)
+                if msg.stream == "stats" and msg.data.get("final"):
+                    break
+            expected: dict[str, int] = {}
+            for *_, reason in HOSTILE:
+                expected[reason] = expected.get(reason, 0) + 3
+            assert dict(sub.rejected) == expected
+            assert sub.rejections().startswith(f"{3 * len(HOSTILE)} messages rejected (")
+        t.join(10)
+        assert good.count("mask") == 3
+    finally:
+        node.close()
+
+
+def test_echo_reports_rejections_and_exits_0_on_the_final_stats(capsys):
+    from perception.stream.echo import main as echo_main
+
+    node = _RawNode()
+    try:
+        t = _feed(node, "segnet/")
+        assert echo_main([node.endpoint, "--timeout", "30"]) == 0
+        t.join(10)
+        out, err = capsys.readouterr()
+        assert out.count("segnet/mask") == 3
+        assert '"fps":null' in out  # NaN printed as JSON null
+        assert f"{3 * len(HOSTILE)} messages rejected (" in err
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("fmt", ["files", "mcap"])
+def test_a_recording_survives_hostile_messages_and_counts_them(fmt, tmp_path, capsys):
+    from perception.stream.record import main as record_main
+
+    if fmt == "mcap":
+        pytest.importorskip("mcap")
+    node = _RawNode()
+    try:
+        def far_stamp() -> None:  # a stamp at the end of int64: no ROS 2 form, skipped, not a 292-year bag
+            node.send("segnet/stats", {**_h("msgpack", 99), "stamp_ns": 2**63 - 1}, msgpack.packb({"fps": 1.0}))
+            node.send("segnet/info", {**_h("msgpack", 99), "stamp_ns": 2**63 - 1}, msgpack.packb({"classes": []}))
+
+        t = _feed(node, "segnet/stats", after=far_stamp if fmt == "mcap" else None)
+        out = tmp_path / "rec"
+        streams = "mask,overlay,stats,info" + (",color_mask" if fmt == "mcap" else "")
+        assert record_main([node.endpoint, "--out", str(out), "--format", fmt, "--streams", streams,
+                            "--timeout", "30"]) == 0
+        t.join(10)
+        err = capsys.readouterr().err
+        assert "recorded 3 frames" in err and "messages rejected (" in err, err
+    finally:
+        node.close()
+    strict = {"parse_constant": lambda c: pytest.fail(f"non-JSON constant {c}")}
+    if fmt == "files":
+        assert len(list((out / "mask").glob("*.png"))) == 3
+        rows = [json.loads(line, **strict) for line in (out / "stats.jsonl").read_text().splitlines()]
+        assert rows[1]["fps"] is None  # the NaN
+        cap = cv2.VideoCapture(str(out / "overlay.mp4"))
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+        return
+    import yaml
+    from mcap_ros2.reader import read_ros2_messages
+
+    meta = yaml.safe_load((out / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["duration"]["nanoseconds"] < 10**9 * 60, "one far stamp must not stretch the bag"
+    strings = [json.loads(m.ros_msg.data, **strict) for m in read_ros2_messages(str(next(out.glob("*.mcap"))))
+               if m.channel.topic == "/segnet/stats"]
+    assert any(s.get("fps", 0) is None for s in strings)
+    assert "skipped (no ROS 2 form)" in err
+
+
+def test_foxglove_bridge_keeps_forwarding_after_hostile_messages():
+    pytest.importorskip("foxglove")
+    from perception.stream.foxglove_bridge import FoxgloveBridge
+
+    node = _RawNode()
+    bridge = FoxgloveBridge(node.endpoint, port=0)
+    stop = threading.Event()
+    bt = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
+    try:
+        for stream in ("mask", "color_mask", "overlay", "stats", "info"):  # as a Foxglove client watching all
+            bridge._changes.put((f"segnet/{stream}", 1, True))
+        bt.start()
+        t = _feed(node, "segnet/mask")
+        t.join(30)
+        deadline = time.monotonic() + 20
+        while bridge.forwarded.get("stats", 0) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling what the bridge forwarded
+        assert bt.is_alive(), "the bridge's loop must survive"
+        assert bridge.forwarded.get("mask") == 3 and bridge.forwarded.get("color_mask") == 3
+        assert bridge.forwarded.get("stats", 0) == 4  # the NaN stats went too, as JSON null
+        assert sum(bridge.sub.rejected.values()) == 3 * (len(HOSTILE) - 1)  # all but segnet/lidar (not subscribed)
+    finally:
+        stop.set()
+        bt.join(10)
+        bridge.close()
+        node.close()
+
+
+def _view(endpoint: str, **kwargs):
+    from perception.stream.view import ViewCounters, serve
+
+    stop, got_url, ready = threading.Event(), threading.Event(), {}
+    counters = ViewCounters()
+
+    def run() -> None:
+        asyncio.run(serve(endpoint, "127.0.0.1", 0, "segnet", stop, counters=counters,
+                          ready=lambda url: (ready.setdefault("url", url), got_url.set()), **kwargs))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert got_url.wait(20)
+    return ready["url"], stop, t, counters
+
+
+def test_view_survives_hostile_messages_and_pages_that_send_nonsense():
+    pytest.importorskip("aiohttp")
+    websockets = pytest.importorskip("websockets")
+    node = _RawNode()
+    url, stop, vt, counters = _view(node.endpoint)
+    ws_url = url.replace("http://", "ws://") + "ws"
+    # What the view subscribes to (overlay for the page, stats, info). The reader keeps the newest
+    # message per topic, so each is sent alone and seen rejected before the next.
+    hostile = [c for c in HOSTILE if c[1] in ("segnet/overlay", "segnet/stats")]
+
+    def feed() -> None:
+        node.wait_for("segnet/overlay")
+        for i, (name, topic, header, payload, _) in enumerate(hostile, start=1):
+            node.send(topic, header, payload)
+            deadline = time.monotonic() + 10
+            while sum(counters.rejected.values()) < i:  # polling: the reader decoded and refused it
+                assert time.monotonic() < deadline, f"the view's reader did not get past {name}"
+                time.sleep(0.01)
+        _good(node, 0, nan=True, final=True)  # the last stats, NaN fps: the page must still parse it
+
+    async def page() -> tuple[int, list]:
+        frames, stats = 0, []
+        async with websockets.connect(ws_url, origin=url.rstrip("/")) as ws:
+            await ws.send(json.dumps({"camera": []}))  # once closed the page with a TypeError
+            await ws.send("[1, 2]")
+            await ws.send(json.dumps({"stream": {"a": 1}}))
+            feeder = threading.Thread(target=feed, daemon=True)
+            feeder.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (frames and any(s.get("final") for s in stats)):
+                data = await asyncio.wait_for(ws.recv(), 20)
+                if isinstance(data, bytes):
+                    frames += 1
+                else:
+                    m = json.loads(data, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+                    if m["type"] == "stats":
+                        stats.append(m["stats"])
+            await asyncio.to_thread(feeder.join, 10)
+        return frames, stats
+
+    try:
+        frames, stats = asyncio.run(page())
+        assert frames >= 1, "overlays after the hostile messages reach the page"
+        assert stats and stats[-1].get("final") is True
+        assert sum(counters.rejected.values()) == len(hostile)
+        assert any(s.get("fps", 0) is None for s in stats)  # the NaN, as null: the panel still renders
+    finally:
+        stop.set()
+        vt.join(10)
+        node.close()
+
+
+def test_view_refuses_foreign_origins_and_sends_strict_headers():
+    pytest.importorskip("aiohttp")
+    websockets = pytest.importorskip("websockets")
+    import urllib.request
+
+    node = _RawNode()
+    url, stop, vt, counters = _view(node.endpoint, allow_origins=["http://dashboard.test:3000"])
+    ws_url = url.replace("http://", "ws://") + "ws"
+
+    async def connect(origin: str | None) -> bool:
+        try:
+            async with websockets.connect(ws_url, origin=origin) as ws:
+                await asyncio.wait_for(ws.recv(), 10)  # the cameras message
+                return True
+        except websockets.exceptions.InvalidStatus as e:
+            assert e.response.status_code == 403
+            return False
+
+    try:
+        assert asyncio.run(connect("http://evil.test:8000")) is False
+        assert asyncio.run(connect("http://127.0.0.1:1")) is False  # loopback, but another origin
+        assert asyncio.run(connect(url.rstrip("/"))) is True  # the view's own page
+        assert asyncio.run(connect("http://dashboard.test:3000")) is True  # --allow-origin
+        assert asyncio.run(connect(None)) is True  # not a browser
+        assert counters.refused["origin"] == 2
+        with urllib.request.urlopen(url, timeout=10) as r:
+            headers = r.headers
+        csp = headers["Content-Security-Policy"]
+        assert "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]
+        assert "frame-ancestors 'none'" in csp
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert "aiohttp" not in headers.get("Server", "").lower() and "python" not in headers.get("Server", "").lower()
+    finally:
+        stop.set()
+        vt.join(10)
+        node.close()
+
+
+def test_view_times_out_partial_requests_and_caps_connections():
+    pytest.importorskip("aiohttp")
+    import urllib.request
+
+    node = _RawNode()
+    url, stop, vt, counters = _view(node.endpoint, max_connections=4, request_timeout_s=1.0)
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    held = []
+    try:
+        for _ in range(6):  # slowloris: half a request each, never finished
+            s = socket.create_connection(("127.0.0.1", port), timeout=15)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            held.append(s)
+        t0 = time.monotonic()
+        closed = [s.recv(1) == b"" for s in held]  # blocks until the server closes each one
+        assert all(closed) and time.monotonic() - t0 < 12, "every partial request is closed within the timeout"
+        assert counters.refused["too many connections"] >= 2  # the two over the cap went at once
+        with urllib.request.urlopen(url, timeout=10) as r:  # the view still serves a normal request
+            assert r.status == 200
+    finally:
+        for s in held:
+            s.close()
+        stop.set()
+        vt.join(10)
+        node.close()
+
+
+def test_repeated_log_records_are_summarised():
+    import logging
+
+    from perception.core.logs import RepeatSummary
+
+    now = [0.0]
+    f = RepeatSummary(burst=3, period_s=60, clock=lambda: now[0])
+    rec = lambda: logging.LogRecord("foxglove", logging.WARNING, __file__, 1, "bogus subscription id %s", (7,), None)  # noqa: E731
+    passed = sum(f.filter(rec()) for _ in range(4000))
+    assert passed == 3
+    now[0] = 61.0
+    r = rec()
+    assert f.filter(r) and "3997 more like this" in r.getMessage()
+
+
+@pytest.mark.slow
+def test_foxglove_bridge_memory_stays_bounded_with_clients_that_never_read(tmp_path):
+    """Clients that subscribe to masks and never read: the bridge queues a bounded backlog for each
+    (the SDK's default, 1024 messages per client, grew a bridge by hundreds of MB)."""
+    pytest.importorskip("foxglove")
+    websockets = pytest.importorskip("websockets")
+    node = _RawNode()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        ws_port = s.getsockname()[1]
+    bridge = subprocess.Popen([sys.executable, "-m", "perception.stream.foxglove_bridge", node.endpoint,
+                               "--port", str(ws_port), "--image-format", "raw"],
+                              stderr=subprocess.PIPE, text=True)
+
+    def rss_mb() -> float:
+        with open(f"/proc/{bridge.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    async def lazy_client(channels_ready: asyncio.Event, conns: list) -> None:
+        ws = await websockets.connect(f"ws://127.0.0.1:{ws_port}", subprotocols=["foxglove.sdk.v1"],
+                                      max_size=1 << 24, max_queue=1)
+        conns.append(ws)
+        while True:
+            m = json.loads(await ws.recv())
+            if m["op"] == "advertise":
+                ids = [c["id"] for c in m["channels"] if c["topic"] in ("/segnet/mask", "/segnet/overlay")]
+                await ws.send(json.dumps({"op": "subscribe", "subscriptions": [
+                    {"id": i, "channelId": c} for i, c in enumerate(ids)]}))
+                channels_ready.set()
+                return  # and never read again
+
+    big = np.random.default_rng(0).integers(0, 255, (360, 480, 3), dtype=np.uint8)
+
+    async def run() -> tuple[float, float]:
+        deadline = time.monotonic() + 30
+        while True:  # the bridge listens
+            try:
+                with socket.create_connection(("127.0.0.1", ws_port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and bridge.poll() is None, bridge.stderr.read()
+                await asyncio.sleep(0.1)
+        conns: list = []
+        readies = [asyncio.Event() for _ in range(8)]
+        await asyncio.gather(*(lazy_client(r, conns) for r in readies))
+        await asyncio.to_thread(node.wait_for, "segnet/overlay")
+        before = rss_mb()
+        for seq in range(600):  # 600 raw 480x360 overlays (518 KB each) + masks, to 8 clients
+            node.send("segnet/overlay", _img("bgr8", 360, 480, seq), big.tobytes())
+            node.send("segnet/mask", _img("mono8", 360, 480, seq), big[:, :, 0].tobytes())
+            if seq % 20 == 0:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(2)
+        after = rss_mb()
+        for ws in conns:
+            ws.transport.abort()
+        return before, after
+
+    try:
+        before, after = asyncio.run(run())
+        print(f"bridge RSS {before:.0f} -> {after:.0f} MB")
+    finally:
+        bridge.terminate()
+        bridge.wait(10)
+        node.close()
+    # Unbounded: 8 clients x ~1000 queued messages x ~0.35 MB. Bounded (16 per client): a few tens of MB
+    # over the socket buffers.
+    assert after - before < 250, f"bridge RSS grew {after - before:.0f} MB ({before:.0f} -> {after:.0f})"
+
+
+def test_recover_refuses_a_file_that_is_not_mcap_and_changes_nothing(tmp_path, capsys):
+    pytest.importorskip("mcap")
+    from perception.stream.record import main as record_main
+
+    bag = tmp_path / "bag"
+    bag.mkdir()
+    junk = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    (bag / "x.mcap").write_bytes(junk)
+    assert record_main(["--recover", str(bag)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an MCAP file" in err[0], err
+    assert (bag / "x.mcap").read_bytes() == junk and sorted(p.name for p in bag.iterdir()) == ["x.mcap"]
+
+
+def test_recover_keeps_the_original_of_a_truncated_bag(tmp_path, capsys):
+    pytest.importorskip("mcap")
+    from perception.stream.protocol import Message
+    from perception.stream.record import main as record_main
+    from perception.stream.rosbag import BagWriter
+
+    bag = tmp_path / "bag"
+    with BagWriter(bag, chunk_size=1024) as w:
+        for seq in range(20):
+            w.write(Message("segnet/mask", "mask", _img("mono8", 48, 64, seq), GOOD_MASK))
+    path = next(bag.glob("*.mcap"))
+    whole = path.read_bytes()
+    cut = whole[: len(whole) * 2 // 3]  # a recorder killed mid-file: no footer
+    path.write_bytes(cut)
+    assert record_main(["--recover", str(bag)]) == 0
+    assert (bag / (path.name + ".orig")).read_bytes() == cut, "the original is kept, unchanged"
+    assert path.read_bytes()[:8] == b"\x89MCAP0\r\n" and path.read_bytes() != cut
+    capsys.readouterr()
+    # A second recovery of the (now complete) bag rewrites nothing and keeps the .orig.
+    assert record_main(["--recover", str(bag)]) == 0
+    assert (bag / (path.name + ".orig")).read_bytes() == cut
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--out", "{file}"], "is a file, not a folder"),
+    (["--out", "{file}/sub"], "cannot be created"),
+    (["--out", "{dir}/rec", "--count", "-1"], "--count must be > 0"),
+    (["--out", "{dir}/rec", "--duration", "-5"], "--duration must be > 0"),
+    (["--out", "{dir}/rec", "--timeout", "0"], "--timeout must be > 0"),
+], ids=["out_is_a_file", "out_under_a_file", "negative_count", "negative_duration", "zero_timeout"])
+def test_record_refuses_nonsense_in_one_line(argv, text, tmp_path, capsys):
+    from perception.stream.record import main as record_main
+
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    argv = [a.format(file=f, dir=tmp_path) for a in argv]
+    assert record_main(["tcp://127.0.0.1:5555", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("perception-record: error:") and text in err[0], err
+    assert f.read_text() == "mine" and not (tmp_path / "rec").exists()
+
+
+@pytest.mark.parametrize("argv,text", [(["--count", "-1"], "--count must be >= 1"),
+                                       (["--count", "0"], "--count must be >= 1"),
+                                       (["--timeout", "-3"], "--timeout must be > 0")])
+def test_echo_refuses_nonsense_in_one_line(argv, text, capsys):
+    from perception.stream.echo import main as echo_main
+
+    assert echo_main(["tcp://127.0.0.1:5555", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and text in err[0], err
