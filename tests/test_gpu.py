@@ -3,12 +3,22 @@ kernels under the interpreter, plugin logic against a stand-in, ONNX checks (tes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+
+@pytest.fixture(autouse=True)
+def _not_under_the_interpreter():
+    """A GPU test under Triton's CPU interpreter would test the interpreter (kernels on CPU copies, AOT
+    compilation through patched ops): refuse, rather than pass or fail for the wrong reason."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.fail("TRITON_INTERPRET=1 is set: GPU tests must run without Triton's interpreter "
+                    "(run them as tools/gpu_check.py does)")
 
 
 @pytest.mark.gpu

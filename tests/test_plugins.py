@@ -14,41 +14,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first built
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install '.[kernels]')")
 
 from perception.export.tensorrt import kernels as K  # noqa: E402
 
-SIZES = [(1, 1), (2, 2), (3, 5), (45, 60), (23, 30), (12, 15), (7, 1)]
 
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    """Triton's CPU interpreter for this module's tests only (the kernels read the variable at each call).
+    Set at import, it stayed set for every later test of the session: on a GPU machine the engine
+    builder refused to run and the CUDA kernel test ran in the interpreter on CPU copies."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
-def _planted_ties(shape, dtype):
-    x = torch.randint(0, 3, shape).to(dtype)  # few values: ties everywhere
-    x[..., ::3, ::2] = 2  # every window of some rows has several maxima
-    return x
-
-
-@pytest.mark.parametrize("hw", SIZES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind", ["random", "ties"])
-def test_pool_argmax_kernel_matches_pytorch(hw, dtype, kind):
-    shape = (2, 3, *hw)
-    x = torch.randn(shape).to(dtype) if kind == "random" else _planted_ties(shape, dtype)
-    ref_y, ref_idx = F.max_pool2d(x.float(), 2, 2, ceil_mode=True, return_indices=True)
-    y, idx = K.max_pool_argmax(x)
-    assert y.dtype == dtype and idx.dtype == torch.int32
-    assert torch.equal(y.float(), ref_y) and torch.equal(idx.long(), ref_idx)
-
-
-@pytest.mark.parametrize("hw", SIZES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_unpool_kernel_matches_pytorch(hw, dtype):
-    x = _planted_ties((2, 3, *hw), torch.float32)
-    _, ref_idx = F.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
-    v = torch.randn(ref_idx.shape).to(dtype)
-    out = K.max_unpool2d(v, ref_idx.to(torch.int32), hw)
-    ref = F.max_unpool2d(v.float(), ref_idx, 2, 2, output_size=hw)
-    assert out.dtype == dtype and torch.equal(out.float(), ref)
+def test_kernels_match_pytorch_under_the_interpreter():
+    """tests/support/interpreted_kernels.py (pool and unpool against PyTorch: random, planted ties, odd
+    sizes, fp32 and fp16) in a process of its own: Triton's interpreter must be on before triton is
+    imported (its jit-defined library functions, e.g. tl.zeros_like, are made at import), and on in this
+    process it would leak into every later test, the GPU ones included."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root),
+                        str(root / "tests" / "support" / "interpreted_kernels.py")],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=root)
+    assert r.returncode == 0 and "42 passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
 
 
 def test_kernel_input_errors():
@@ -328,3 +316,18 @@ def test_emit_ptx_ignores_an_interpreter_left_in_the_environment(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode in (0, 3), r.stderr[-2000:]
     assert len(sorted((tmp_path / "ptx").glob("*.ptx"))) == 4, r.stderr[-2000:]
+
+
+def test_the_interpreter_does_not_outlive_this_module(tmp_path):
+    """One pytest session, as a GPU machine runs it: interpreter tests here, then a test of another
+    module, which must see no TRITON_INTERPRET (tests/test_gpu.py refuses to run under it)."""
+    probe = tmp_path / "test_probe_after.py"
+    probe.write_text("import os\n\ndef test_probe_after():\n    assert os.environ.get('TRITON_INTERPRET') is None\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root),
+         "-k", "scalar_args or kernel_input_errors or probe_after",
+         str(root / "tests" / "test_plugins.py"), str(probe)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

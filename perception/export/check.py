@@ -8,7 +8,7 @@ from pathlib import Path
 from perception.export.unpool_ops import PLUGIN_DOMAIN, PLUGIN_VERSION, POOL_OP, UNPOOL_OP
 from perception.export.trt_ops import TENSORRT_SUPPORTED_OPS
 
-__all__ = ["op_histogram", "tensorrt_problems", "plugin_nodes"]
+__all__ = ["op_histogram", "tensorrt_problems", "uint8_problems", "plugin_nodes"]
 
 
 def _load(model_or_path):
@@ -30,17 +30,49 @@ def plugin_nodes(model_or_path) -> list:
     return [n for n in m.graph.node if n.domain == PLUGIN_DOMAIN]
 
 
+def uint8_problems(model) -> list[str]:
+    """TensorRT's rule for UINT8 (onnx-tensorrt ``docs/operators.md``: "UINT8 is only supported as network
+    input or output tensor types"; ``ModelImporter.cpp``: "TensorRT does not support UINT8 types for
+    intermediate tensors!"): after shape inference, no UINT8 tensor may be produced by a node other than
+    a Constant unless it is a graph output, and a UINT8 graph input may feed only Cast nodes."""
+    import onnx
+    from onnx import TensorProto
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001  (custom-domain ops without schemas: infer what can be inferred)
+        inferred = model
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)
+             if v.type.HasField("tensor_type")}
+    outputs = {o.name for o in g.output}
+    uint8_inputs = {i.name for i in g.input if types.get(i.name) == TensorProto.UINT8}
+    problems = []
+    for n in g.node:
+        if n.op_type != "Cast" and any(x in uint8_inputs for x in n.input):
+            problems.append(f"{n.name or n.op_type}: {n.op_type} reads the UINT8 input directly; TensorRT "
+                            "needs a Cast first (UINT8 is only a network input or output type)")
+        if n.op_type == "Constant":
+            continue
+        for out in n.output:
+            if out and types.get(out) == TensorProto.UINT8 and out not in outputs:
+                problems.append(f"{n.name or n.op_type}: {n.op_type} produces the UINT8 tensor {out!r}, which is not "
+                                "a graph output (TensorRT takes UINT8 only as a network input or output)")
+    return problems
+
+
 def tensorrt_problems(model_or_path) -> list[str]:
     """Reasons TensorRT's ONNX parser would reject the main graph; empty if none are known.
 
     Standard ops must be on TensorRT's supported list; ``segnet`` ops must be our two plugins and carry
     ``plugin_version`` / ``plugin_namespace`` as strings (the parser's plugin lookup keys); MaxPool may
-    not use its Indices output.
+    not use its Indices output; UINT8 only at the graph's input (into a Cast) and outputs
+    (:func:`uint8_problems`).
     """
     from onnx import AttributeProto
 
     m = _load(model_or_path)
-    problems = []
+    problems = uint8_problems(m)
     for n in m.graph.node:
         domain = n.domain or ""
         if domain == PLUGIN_DOMAIN:

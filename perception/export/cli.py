@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="float16 compute graph (TensorRT 11 takes precision from types)")
     p.add_argument("--int8", action="store_true",
                    help="int8 static quantization for ONNX Runtime CPU (needs --calibration-data)")
+    p.add_argument("--int8-activations", choices=("u8", "s8"), default="u8",
+                   help="u8: uint8 activations, ONNX Runtime's fast path on x86 (default); s8: int8, the only "
+                        "kind TensorRT's parser takes")
     p.add_argument("--calibration-data", help="folder of frames to calibrate int8 activations (e.g. train images)")
     p.add_argument("--calibration-count", type=int, default=32)
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             card = load_card(args.model)
             frames = calibration_frames(args.calibration_data, count=args.calibration_count,
                                         size=None if dynamic_size else (args.size or (card.input.height, card.input.width)))
-            quantize_int8(out, out, frames)
+            quantize_int8(out, out, frames, activations=args.int8_activations)
             check_frame = frames[len(frames) // 2]  # a real frame: int8 is judged on data like its own
     except (FileNotFoundError, ValueError) as e:
         print(f"perception-export: error: {e}", file=sys.stderr)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB, {sum(hist.values())} nodes, "
           f"{time.time() - t0:.1f}s): unpool={args.unpool}, outputs={','.join(outputs)}, "
           f"{'int8' if args.int8 else 'fp16' if args.fp16 else 'fp32'}")
-    if args.unpool != "onnx" and not args.int8:
+    if args.unpool != "onnx":
         problems = tensorrt_problems(out)
         print("TensorRT parser check: " + ("ok" if not problems else f"{len(problems)} problems, e.g. {problems[0]}"))
     if not args.no_verify:

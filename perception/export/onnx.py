@@ -120,7 +120,10 @@ class FrameModel(nn.Module):
         self.dtype = dtype
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        x = image.permute(0, 3, 1, 2).to(self.dtype)
+        # Cast first: TensorRT takes UINT8 only as a network input or output, never as an intermediate
+        # tensor (onnx-tensorrt: "UINT8 is only supported as network input or output tensor types"), so
+        # the uint8 frame must go straight into a Cast, not through a Transpose first.
+        x = image.to(self.dtype).permute(0, 3, 1, 2)
         x = x.index_select(1, self.order) * self.a + self.b
         logits = self.model(x)
         out = []

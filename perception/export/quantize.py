@@ -37,8 +37,16 @@ def calibration_frames(folder: str | Path, *, count: int = 32, size: tuple[int, 
     return frames
 
 
+INT8_ACTIVATIONS = ("u8", "s8")
+
+
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np.ndarray], *,
-                  method: str = "minmax") -> Path:
+                  method: str = "minmax", activations: str = "u8") -> Path:
+    """Static int8 quantization (QDQ, per-channel int8 weights). ``activations``: ``u8`` (uint8, ONNX
+    Runtime's fast path on x86: VNNI multiplies u8 x s8) or ``s8`` (int8: the only activation type
+    TensorRT's explicit quantization takes, as UINT8 may not be an intermediate tensor there)."""
+    if activations not in INT8_ACTIVATIONS:
+        raise ValueError(f"activations must be one of {INT8_ACTIVATIONS}, got {activations!r}")
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -70,14 +78,15 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
         q = Path(tmpd) / "q.onnx"
         quantize_static(
             str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+            activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, calibrate_method=calib,
             # Conv and the ReLU after it (ONNX Runtime fuses them into one QLinearConv). Pooling and
             # unpooling stay float: quantizing the -inf padding of odd-sized pools destroys them.
             op_types_to_quantize=["Conv", "Relu"],
         )
         model = onnx.load(str(q))
         del model.metadata_props[:]
-        for k, v in {**meta, "segnet.precision": "int8"}.items():
+        for k, v in {**meta, "segnet.precision": "int8", "segnet.int8_activations": activations}.items():
             e = model.metadata_props.add()
             e.key, e.value = k, v
         atomic_write_bytes(onnx_out, model.SerializeToString())

@@ -13,7 +13,7 @@ TENSORRT_SUPPORTED_OPS: frozenset[str] = frozenset(
     Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm
     GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GRU HardSigmoid Identity If
     ImageScaler InstanceNormalization IsNaN LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM
-    LpNormalization LpPool MatMul Max MaxPool Mean Min Mul Neg Not Or Pad ParametricSoftplus Pow PRelu
+    LpNormalization LpPool MatMul Max MaxPool Mean Min Mod Mul Neg NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu
     QuantizeLinear RandomUniform RandomUniformLike Range ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp
     ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScaledTanh
     Scan Scatter ScatterElements ScatterND Selu Shape Sigmoid Sign Sin Sinh Size Slice Softmax Softplus
@@ -23,4 +23,5 @@ TENSORRT_SUPPORTED_OPS: frozenset[str] = frozenset(
 )
 
 # Rejected by the parser (or only in a form we do not use): MaxPool's Indices output, MaxUnpool.
-TENSORRT_REJECTED_OPS: frozenset[str] = frozenset({"MaxUnpool", "Mod", "NonZero", "OneHot", "Unique"})
+# (Mod, NonZero and OneHot are supported by TensorRT 10's parser: operators.md lists them.)
+TENSORRT_REJECTED_OPS: frozenset[str] = frozenset({"MaxUnpool", "Unique"})

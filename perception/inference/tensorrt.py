@@ -137,9 +137,22 @@ class TensorRTBackend(Backend):
         return InferenceResult(np.concatenate(labels), np.concatenate(prob_list) if probs else None, None)
 
     def close(self) -> None:
-        for _, devmem in getattr(self, "_buffers", {}).values():
-            devmem.free()
-        self._buffers = {}
-        if getattr(self, "_ctx", None) is not None:
-            self._ctx.detach()
-            self._ctx = None
+        """Release everything that lives in the CUDA context while it is current (device buffers, the
+        execution context, the engine, the runtime, the stream: TensorRT frees device memory when they
+        are destroyed), then make it not current and release the primary context last."""
+        ctx = getattr(self, "_ctx", None)
+        if ctx is None:
+            return
+        ctx.push()
+        try:
+            for _, devmem in getattr(self, "_buffers", {}).values():
+                devmem.free()
+            self._buffers = {}
+            # Execution context before engine before runtime: each needs the one after it to exist.
+            for name in ("context", "engine", "runtime", "stream"):
+                if hasattr(self, name):
+                    setattr(self, name, None)
+        finally:
+            ctx.pop()
+        ctx.detach()
+        self._ctx = None

@@ -1,0 +1,190 @@
+"""The TensorRT layer's CPU-checkable rules (issue 28): the UINT8 rule of TensorRT's ONNX parser, the
+plugin-count guard, the version pin and the runtime's teardown order, against stand-ins."""
+
+from __future__ import annotations
+
+import tomllib
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from perception.export.check import tensorrt_problems, uint8_problems
+from perception.export.onnx import ExportOptions, export_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMS = ["native", "plugin", "onnx"]
+
+
+def _graph(first_op: str) -> onnx.ModelProto:
+    """image (uint8 NHWC) -> first_op -> ... -> float: the order before (Transpose first) and after (Cast)."""
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, [1, 4, 5, 3])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 5])
+    if first_op == "Transpose":
+        nodes = [helper.make_node("Transpose", ["image"], ["t"], perm=[0, 3, 1, 2], name="T"),
+                 helper.make_node("Cast", ["t"], ["y"], to=TensorProto.FLOAT, name="C")]
+    else:
+        nodes = [helper.make_node("Cast", ["image"], ["c"], to=TensorProto.FLOAT, name="C"),
+                 helper.make_node("Transpose", ["c"], ["y"], perm=[0, 3, 1, 2], name="T")]
+    return helper.make_model(helper.make_graph(nodes, "g", [image], [out]), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_uint8_rule_on_hand_built_graphs():
+    before = uint8_problems(_graph("Transpose"))
+    assert len(before) == 2 and "reads the UINT8 input directly" in before[0] and "'t'" in before[1]
+    assert uint8_problems(_graph("Cast")) == []
+    # A uint8 graph output (labels) is allowed; a uint8 intermediate is not.
+    g = _graph("Cast")
+    g.graph.node.append(helper.make_node("Cast", ["y"], ["u"], to=TensorProto.UINT8, name="U"))
+    g.graph.node.append(helper.make_node("Cast", ["u"], ["z"], to=TensorProto.FLOAT, name="Z"))
+    g.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 4, 5]))
+    assert [p.split(":")[0] for p in uint8_problems(g)] == ["U"]
+    g.graph.output.append(helper.make_tensor_value_info("u", TensorProto.UINT8, [1, 3, 4, 5]))
+    assert uint8_problems(g) == []
+
+
+@pytest.fixture(scope="module")
+def exported(shipped_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("trt")
+    return {f: export_onnx(shipped_model, d / f"{f}.onnx", ExportOptions(unpool=f, outputs=("labels", "probs")))
+            for f in FORMS}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_unpool_form_keeps_uint8_at_the_boundary(form, exported):
+    assert uint8_problems(onnx.load(str(exported[form]))) == []
+    if form != "onnx":  # MaxUnpool / MaxPool indices: rejected by TensorRT by design (ONNX Runtime only)
+        assert tensorrt_problems(exported[form]) == []
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (ROOT / "models").glob("*/model.onnx")))
+def test_shipped_graphs_keep_uint8_at_the_boundary(folder):
+    assert uint8_problems(onnx.load(str(ROOT / "models" / folder / "model.onnx"))) == []
+
+
+@pytest.mark.parametrize("form", ["native", "plugin"])
+def test_int8_graphs_and_the_uint8_rule(form, exported, tmp_path):
+    """s8 activations: TensorRT-parsable; u8 (ONNX Runtime's fast path on x86): the check says why not."""
+    from perception.export.quantize import quantize_int8
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (360, 480, 3), dtype=np.uint8) for _ in range(2)]
+    s8 = quantize_int8(exported[form], tmp_path / "s8.onnx", frames, activations="s8")
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(s8)).graph.node)
+    assert tensorrt_problems(s8) == []
+    u8 = quantize_int8(exported[form], tmp_path / "u8.onnx", frames, activations="u8")
+    problems = uint8_problems(onnx.load(str(u8)))
+    assert problems and all("QuantizeLinear produces the UINT8 tensor" in p for p in problems)
+
+
+class _LayerType:
+    PLUGIN_V2, PLUGIN_V3, CONVOLUTION, ACTIVATION = "PLUGIN_V2", "PLUGIN_V3", "CONVOLUTION", "ACTIVATION"
+
+
+class _Network:
+    def __init__(self, kinds: list[str]) -> None:
+        self.kinds = kinds
+        self.num_layers = len(kinds)
+
+    def get_layer(self, i: int):
+        return types.SimpleNamespace(type=self.kinds[i])
+
+
+def test_the_build_fails_when_plugins_were_inlined():
+    from perception.export.tensorrt.builder import check_plugin_layers, plugin_layer_count
+
+    trt = types.SimpleNamespace(LayerType=_LayerType)
+    with_plugins = _Network(["CONVOLUTION", "PLUGIN_V3", "ACTIVATION", "PLUGIN_V3", "PLUGIN_V2"])
+    assert plugin_layer_count(trt, with_plugins) == 3
+    check_plugin_layers(trt, with_plugins, 3)
+    inlined = _Network(["CONVOLUTION", "ACTIVATION"] * 4)  # the parser used the ONNX functions instead
+    with pytest.raises(RuntimeError, match="0 plugin layers but the ONNX graph has 8 plugin nodes"):
+        check_plugin_layers(trt, inlined, 8)
+
+
+def test_build_engine_checks_the_plugin_count_after_parsing(monkeypatch, tmp_path, exported):
+    """build_engine against a stand-in TensorRT whose parser inlines the plugins: it stops before building."""
+    from perception.export.tensorrt import builder
+
+    events = []
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse_from_file(self, path):
+            events.append("parse")
+            return True
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return _Network(["CONVOLUTION"] * 10)
+
+        def create_builder_config(self):
+            events.append("config")
+            raise AssertionError("must not get this far")
+
+    trt = types.SimpleNamespace(
+        Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}), Builder=Builder,
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0), OnnxParser=Parser,
+        LayerType=_LayerType)
+    monkeypatch.setattr(builder, "_require_tensorrt_and_gpu", lambda: trt)
+    monkeypatch.setattr("perception.export.tensorrt.plugins.register_plugins", lambda: None)
+    args = types.SimpleNamespace(unpool="plugin")
+    with pytest.raises(RuntimeError, match="inlined their ONNX functions"):
+        builder.build_engine(exported["plugin"], tmp_path / "x.engine", args, {}, lambda m: None)
+    assert events == ["parse"] and not (tmp_path / "x.engine").exists()
+
+
+def test_tensorrt_pin_admits_only_what_the_code_is_written_for():
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (req,) = [Requirement(r) for r in extras["tensorrt"] if r.startswith("tensorrt")]
+    for version, ok in (("10.9.0", False), ("10.13.3", False), ("10.14.1", True), ("10.16.0", True),
+                        ("11.0.0", False)):
+        assert req.specifier.contains(version, prereleases=True) is ok, version
+
+
+def test_tensorrt_backend_releases_its_objects_before_the_cuda_context():
+    from perception.inference.tensorrt import TensorRTBackend
+
+    events: list[str] = []
+
+    class Tracked:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __del__(self) -> None:
+            events.append(f"del {self.name}")
+
+    class Ctx:
+        def push(self):
+            events.append("push")
+
+        def pop(self):
+            events.append("pop")
+
+        def detach(self):
+            events.append("detach")
+
+    class DevMem:
+        def free(self):
+            events.append("free")
+
+    be = TensorRTBackend.__new__(TensorRTBackend)
+    be._ctx = Ctx()
+    be._buffers = {"image": (None, DevMem()), "labels": (None, DevMem())}
+    be.context, be.engine, be.runtime, be.stream = (Tracked(n) for n in ("context", "engine", "runtime", "stream"))
+    be.close()
+    assert events == ["push", "free", "free", "del context", "del engine", "del runtime", "del stream", "pop", "detach"]
+    be.close()  # twice: nothing more
+    assert events[-1] == "detach" and events.count("detach") == 1
