@@ -52,7 +52,7 @@ BASELINE = "torch"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--model", required=True, help="a model by name (perception-models lists them) or a model folder")
     p.add_argument("--backends", default="torch,torch-bf16,onnxruntime,onnxruntime-int8",
                    help=f"comma list from {', '.join(BACKENDS)} (the baseline '{BASELINE}' is always run)")
     p.add_argument("--size", default=None, help="HxW of the benchmark frames (default: the model's input size)")
@@ -195,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         names.insert(0, BASELINE)
     size = tuple(int(v) for v in args.size.split("x")) if args.size else None
     calib = args.calibration_data or (str(Path(args.data) / "train") if args.data else None)
-    model = Path(args.model)
+    from perception.core.zoo import find_model
+
+    try:
+        model = find_model(args.model)  # a path, or a model's name
+    except FileNotFoundError as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        return 2
     ctx = mp.get_context("spawn")
     results = []
     with tempfile.TemporaryDirectory() as tmpd:

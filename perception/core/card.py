@@ -50,6 +50,9 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Whether the model samples dropout at test time (MC dropout: Bayesian SegNet), recorded when the
+    # folder is saved (models.io.save), so runtimes know it without building the model.
+    mc_dropout: bool = False
     schema: int = CARD_SCHEMA
 
     def __post_init__(self) -> None:
@@ -89,7 +92,6 @@ def load_card(directory: str | Path) -> ModelCard:
 
 
 def has_mc_dropout(card: ModelCard) -> bool:
-    """Whether the card's architecture samples dropout at test time (Bayesian SegNet variants), read
-    from the card alone (no model is built)."""
-    arch = card.architecture
-    return str(arch.get("name", "")).startswith("bayesian_") or float(arch.get("kwargs", {}).get("dropout", 0) or 0) > 0
+    """Whether the model samples dropout at test time (Bayesian SegNet variants): the card's own
+    ``mc_dropout`` (no model is built, and nothing is inferred from names)."""
+    return bool(card.mc_dropout)

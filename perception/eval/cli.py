@@ -24,7 +24,7 @@ def _to_tensors():
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-eval", description=__doc__)
     p.add_argument("--model", required=True,
-                   help="model folder (weights.safetensors + model.json), or what the node deploys: an .onnx "
+                   help="a model by name (perception-models lists them), a model folder, or what the node deploys: an .onnx "
                         "(fp32, fp16, int8) or a TensorRT .engine, evaluated through the node's backend")
     p.add_argument("--data", required=True, help="dataset folder (CamVid or folder layout)")
     p.add_argument("--split", default="val", help="split to evaluate (test, val, ...); '+' joins splits (train+val)")
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         from perception.eval.scoring import evaluate_backend
         from perception.inference import backend_kind, load_backend
 
-        if not Path(args.model).exists():
-            raise FileNotFoundError(f"model not found: {args.model}")
+        from perception.core.zoo import find_model
+
+        args.model = str(find_model(args.model))  # a path, or a model's name
         backend = None
         if backend_kind(args.model) != "torch":
             if args.mc_samples or args.tta != "none" or args.precision != "fp32":

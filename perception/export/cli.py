@@ -33,7 +33,7 @@ def parse_size(text: str) -> tuple[int, int] | str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-export", description=__doc__)
-    p.add_argument("--model", required=True, help="model folder (weights.safetensors + model.json)")
+    p.add_argument("--model", required=True, help="a model by name (perception-models lists them) or a model folder (weights.safetensors + model.json)")
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--unpool", choices=("native", "plugin", "onnx"), default="native",
                    help="native: standard ops only (any runtime); plugin: segnet:: custom ops for TensorRT, with "
@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.int8 and (args.fp16 or not args.calibration_data):
             raise ValueError("--int8 needs --calibration-data and cannot be combined with --fp16")
+        from perception.core.zoo import find_model
+
+        args.model = str(find_model(args.model))  # a path, or a model's name
         t0 = time.time()
         out = export_onnx(args.model, args.out, opts)
         check_frame = None

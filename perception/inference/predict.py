@@ -17,7 +17,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-predict", description=__doc__)
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--model", help="model folder, .onnx or .engine (default: the shipped models/segnet_basic_camvid)")
+    p.add_argument("--model", help="a model by name (perception-models lists them), a model folder, .onnx or .engine (default: the shipped default model)")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
                    help="as perception-node chooses: an engine -> TensorRT, a folder -> its model.onnx (or PyTorch "
                         "for MC-dropout uncertainty), an .onnx -> ONNX Runtime")

@@ -4,8 +4,10 @@ evaluator and the tools.
 * an ``.engine`` runs in TensorRT; an ``.onnx`` in ONNX Runtime;
 * a model folder runs, with ``backend="auto"``: in TensorRT where the folder holds an engine built
   for this machine (TensorRT and a CUDA GPU present); in PyTorch where its model samples dropout at
-  test time (Bayesian SegNet: MC uncertainty) and PyTorch is installed; otherwise in ONNX Runtime on
-  the folder's shipped ``model.onnx`` (no PyTorch needed), or on an export cached per weights hash.
+  test time (Bayesian SegNet: MC uncertainty) and PyTorch is installed; otherwise in ONNX Runtime:
+  with ``precision="auto"`` on the folder's ``model_int8.onnx`` where its card shows the int8 graph
+  within 0.5 points of fp32's held-out mIoU (:func:`int8_verdict`), else on its ``model.onnx`` (no
+  PyTorch needed), or on an export cached per weights hash; ``precision="fp32"`` keeps the fp32 graph.
 """
 
 from __future__ import annotations
@@ -19,25 +21,25 @@ from typing import Any
 from perception.core.card import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, has_mc_dropout, load_card
 from perception.core.fileio import sha256_file
 from perception.core.onnx_meta import read_onnx_metadata
+from perception.core.zoo import INT8_ONNX_FILE, default_model_name, find_model
 from perception.inference import Backend, backend_kind, load_backend
 
 
-__all__ = ["resolve_backend", "default_model_dir", "folder_onnx", "DEFAULT_MODEL", "BACKENDS", "TTA_CHOICES"]
+__all__ = ["resolve_backend", "default_model_dir", "folder_onnx", "int8_verdict", "DEFAULT_MODEL", "BACKENDS",
+           "TTA_CHOICES", "PRECISIONS", "INT8_MAX_LOSS"]
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout (models/ beside perception/)
-
-DEFAULT_MODEL = "segnet_basic_camvid"
+DEFAULT_MODEL = default_model_name()
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 TTA_CHOICES = ("none", "flip")
 
 
 def default_model_dir() -> Path | None:
-    """The shipped default model: ``models/segnet_basic_camvid`` in the working directory or beside the package."""
-    for base in (Path.cwd(), PACKAGE_ROOT):
-        d = base / "models" / DEFAULT_MODEL
-        if (d / CARD_FILE).is_file():
-            return d
-    return None
+    """The shipped default model's folder (inside the package, in every install), if it is there."""
+    try:
+        path = find_model(None)
+    except FileNotFoundError:
+        return None
+    return path if (path / CARD_FILE).is_file() else None
 
 
 def _torch_available() -> bool:
@@ -96,12 +98,33 @@ def folder_onnx(model_dir: Path, tta: str = "none") -> Path:
     return path
 
 
+INT8_MAX_LOSS = 0.005  # auto runs a folder's int8 graph where its card shows at most this held-out mIoU loss
+PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")
+
+
+def int8_verdict(model_dir: Path) -> tuple[bool, str]:
+    """Whether ``precision="auto"`` runs the folder's ``model_int8.onnx``, and why: it must be there, and
+    the card must record its held-out mIoU (``<split>_int8``) within :data:`INT8_MAX_LOSS` of fp32's."""
+    if not (model_dir / INT8_ONNX_FILE).is_file():
+        return False, f"no {INT8_ONNX_FILE}"
+    card = load_card(model_dir)
+    for key, m in card.metrics.items():
+        base = card.metrics.get(key.removesuffix("_int8"))
+        if key.endswith("_int8") and isinstance(m, dict) and isinstance(base, dict) and "miou" in m and "miou" in base:
+            loss = base["miou"] - m["miou"]
+            split = key.removesuffix("_int8")
+            if loss <= INT8_MAX_LOSS + 1e-9:  # at most half a point (float rounding aside)
+                return True, f"int8 {100 * m['miou']:.1f} vs fp32 {100 * base['miou']:.1f} mIoU on {split}"
+            return False, f"int8 loses {100 * loss:.2f} points of mIoU on {split} (more than {100 * INT8_MAX_LOSS:g})"
+    return False, f"its card records no held-out int8 mIoU next to fp32's"
+
+
 def resolve_backend(
     model: str | Path | None = None,
     *,
     backend: str = "auto",
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     mc_samples: int = 8,
     threads: int | None = None,
     tta: str = "none",
@@ -111,11 +134,7 @@ def resolve_backend(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if tta not in TTA_CHOICES:
         raise ValueError(f"--tta must be one of {TTA_CHOICES}, got {tta!r}")
-    path = Path(model) if model else default_model_dir()
-    if path is None:
-        raise FileNotFoundError(f"no --model given and the shipped models/{DEFAULT_MODEL} was not found")
-    if not path.exists():
-        raise FileNotFoundError(f"model not found: {path}")
+    path = find_model(model)  # a path, or a model's name (perception-models lists them)
     kind = backend_kind(path)
     if backend == "auto":
         backend = kind
@@ -133,13 +152,29 @@ def resolve_backend(
     if tta != "none" and kind != "torch":
         if kind != "onnxruntime" or read_onnx_metadata(path).get("segnet.tta", "none") != tta:
             raise ValueError(f"--tta {tta} needs a model folder, or an .onnx exported with --tta {tta}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend == "onnxruntime" and kind == "torch":
-        path = folder_onnx(path, tta)
+        use_int8, why = int8_verdict(path) if tta == "none" and precision in ("auto", "int8") else (False, "")
+        if precision == "int8" and not use_int8 and not (path / INT8_ONNX_FILE).is_file():
+            raise ValueError(f"--precision int8: {path} has no {INT8_ONNX_FILE} (perception-export --int8 makes one)")
+        if use_int8 or precision == "int8":
+            path = path / INT8_ONNX_FILE
+        elif precision == "auto" and not (path / ONNX_FILE).is_file() and (path / INT8_ONNX_FILE).is_file() \
+                and not _torch_available():
+            path = path / INT8_ONNX_FILE  # the only graph this install can run
+        else:
+            path = folder_onnx(path, tta)
+    elif precision == "int8" and not (kind == "onnxruntime" and read_onnx_metadata(path).get("segnet.precision") == "int8"):
+        raise ValueError("--precision int8 runs a model folder's int8 graph (or pass an int8 .onnx)")
     elif backend == "torch" and kind != "torch":
         raise ValueError(f"--backend torch needs a model folder, got {path}")
     opts: dict[str, Any] = {}
     if backend == "torch":
-        opts = {"precision": precision, "mc_samples": mc_samples, "threads": threads, "tta": tta}
+        torch_precision = "fp32" if precision == "auto" else precision
+        if torch_precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"the torch backend runs fp32, bf16 or fp16, not {precision}")
+        opts = {"precision": torch_precision, "mc_samples": mc_samples, "threads": threads, "tta": tta}
     elif backend == "onnxruntime":
         opts = {"threads": threads}
     return load_backend(path, backend=backend, device=device, **opts)

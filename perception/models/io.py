@@ -26,6 +26,9 @@ def save(model: nn.Module, directory: str | Path, card: ModelCard, *, weights_dt
 
     model = getattr(model, "module", model)
     cfg = model_config(model)
+    from perception.models.bayesian import has_dropout
+
+    card.mc_dropout = has_dropout(model)
     if cfg != card.architecture:
         raise ValueError(f"card architecture {card.architecture} does not match the model's {cfg}")
     directory = Path(directory)

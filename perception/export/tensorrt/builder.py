@@ -43,7 +43,7 @@ def _parse_hw(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="build_engine.py", description=__doc__)
-    p.add_argument("--model", help="model folder (exported to ONNX first) or an .onnx from perception-export")
+    p.add_argument("--model", help="a model by name, a model folder (exported to ONNX first) or an .onnx from perception-export")
     p.add_argument("--out", help="engine file to write (a JSON sidecar is written beside it)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp16",
                    help="fp16 exports an fp16 graph (TensorRT 11 is strongly typed: precision lives in the ONNX types)")
@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         # The ONNX stays beside the engine: it is what was built, and it is still useful without TensorRT.
-        onnx_path, card = _export(Path(args.model), args, out.with_suffix(".onnx"), log)
+        from perception.core.zoo import find_model
+
+        onnx_path, card = _export(find_model(args.model), args, out.with_suffix(".onnx"), log)
         _check_onnx(onnx_path, args.unpool, log)
         build_engine(onnx_path, out, args, card, log)
     except MissingDependency as e:

@@ -6,6 +6,7 @@
 ``dir/`` or ``dir/*.png``   a folder or glob of images, in name order
 ``0`` or ``/dev/video0``    a camera (V4L2 where available)
 ``rtsp://``, ``http(s)://`` a network stream
+``demo``                    the road clip bundled with the package (12 s of CamVid, ``perception/assets/``)
 ``synthetic://``            generated frames for smoke tests; query options ``width``, ``height``,
                             ``fps``, ``frames`` (e.g. ``synthetic://?width=480&height=360&frames=100``)
 ==========================  ==================================================================
@@ -333,10 +334,17 @@ def _parse_synthetic(uri: str) -> dict:
     return out
 
 
+# ``--source demo``: the road clip bundled with every install (CamVid frames; see its DEMO_CLIP.md).
+DEMO_SOURCE = "demo"
+DEMO_CLIP = Path(__file__).resolve().parents[2] / "assets" / "demo_camvid_0016E5.mp4"
+
+
 def open_source(uri: str, options: SourceOptions | None = None) -> Source:
     """Open the source a URI names; raises :class:`SourceError` with a one-line reason."""
     options = options or SourceOptions()
     uri = str(uri)
+    if uri == DEMO_SOURCE and not Path(uri).exists():  # a file named "demo" in the working folder wins
+        uri = str(DEMO_CLIP)
     if uri.startswith("synthetic://"):
         return SyntheticSource(uri, options, **_parse_synthetic(uri))
     if re.match(r"^(rtsp|rtsps|rtmp|http|https|udp|tcp)://", uri):
