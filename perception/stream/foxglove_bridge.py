@@ -13,6 +13,8 @@ Channels (``<ns>`` is the node's namespace):
 ``/<ns>/uncertainty``    ``foxglove.RawImage`` 32FC1 (Bayesian models)
 ``/<ns>/stats``          JSON, the node's stats map
 ``/<ns>/info``           JSON, the node's info map (classes, palette, model)
+``/<ns>/label_info``     JSON, the class table as vision_msgs/LabelInfo's fields (``class_map`` of
+                         ``{class_id, class_name}``: the mask's pixel values; ``threshold``)
 =======================  ==========================================================================
 
 Messages carry the node's capture time (``timestamp`` and log time) and ``frame_id``. The bridge
@@ -44,6 +46,17 @@ _INFO_SCHEMA = {"type": "object", "properties": {
     "classes": {"type": "array", "items": {"type": "string"}},
     "palette": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
     "backend": {"type": "string"}, "source": {"type": "string"}, "frame_id": {"type": "string"}}}
+
+
+_LABEL_INFO_SCHEMA = {"type": "object", "properties": {
+    "class_map": {"type": "array", "items": {"type": "object", "properties": {
+        "class_id": {"type": "integer"}, "class_name": {"type": "string"}}}},
+    "threshold": {"type": "number"}}}
+
+
+def _upstream(channel_key: str) -> str:
+    """The node topic that feeds a channel: ``<prefix>/label_info`` is made from ``<prefix>/info``."""
+    return channel_key[: -len("label_info")] + "info" if channel_key.endswith("/label_info") else channel_key
 
 
 class FoxgloveBridge:
@@ -87,7 +100,10 @@ class FoxgloveBridge:
                                                              context=self.context)
             self.channels[topic("info")] = foxglove.Channel("/" + topic("info"), schema=_INFO_SCHEMA,
                                                             context=self.context)
-        self._by_id = {ch.id(): zmq_topic for zmq_topic, ch in self.channels.items()}
+            # The class table as vision_msgs/LabelInfo's fields, from the node's info messages.
+            self.channels[topic("label_info")] = foxglove.Channel("/" + topic("label_info"),
+                                                                  schema=_LABEL_INFO_SCHEMA, context=self.context)
+        self._by_id = {ch.id(): key for key, ch in self.channels.items()}
         # Nothing subscribed upstream until a Foxglove client asks; JPEG passes through undecoded.
         self.sub = Subscriber(endpoint, topics=[], decode_jpeg=False, curve=curve)
         try:
@@ -109,22 +125,25 @@ class FoxgloveBridge:
         self._changes.put((self._by_id.get(channel.id, ""), client.id, False))
 
     def watched(self) -> set[str]:
-        """The node's topics subscribed upstream now (some Foxglove client watches them)."""
-        return {s for s, ids in self._watchers.items() if ids}
+        """The node's topics subscribed upstream now (some Foxglove client watches a channel fed by them)."""
+        return {_upstream(key) for key, ids in self._watchers.items() if ids}
 
     def _apply_changes(self) -> None:
         while True:
             try:
-                topic, client, on = self._changes.get_nowait()
+                key, client, on = self._changes.get_nowait()
             except queue.Empty:
                 return
-            if not topic:
+            if not key:
                 continue
-            ids = self._watchers.setdefault(topic, set())
-            before = bool(ids)
+            before = self.watched()
+            ids = self._watchers.setdefault(key, set())
             (ids.add if on else ids.discard)(client)
-            if bool(ids) != before:
-                (self.sub.subscribe if ids else self.sub.unsubscribe)(topic)
+            after = self.watched()
+            for topic in after - before:
+                self.sub.subscribe(topic)
+            for topic in before - after:
+                self.sub.unsubscribe(topic)
 
     def forward(self, msg) -> None:
         """Log one node message on its Foxglove channel."""
@@ -137,6 +156,12 @@ class FoxgloveBridge:
         stamp = int(h["stamp_ns"])
         if h["encoding"] == "msgpack":
             channel.log(json_safe(msg.data), log_time=stamp)  # JSON: non-finite numbers as null
+            labels = self.channels.get(msg.topic.rsplit("/", 1)[0] + "/label_info") if msg.stream == "info" else None
+            classes = msg.data.get("classes")
+            if labels is not None and isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+                labels.log({"class_map": [{"class_id": i, "class_name": c} for i, c in enumerate(classes)],
+                            "threshold": 0.0}, log_time=stamp)
+                self.forwarded["label_info"] = self.forwarded.get("label_info", 0) + 1
         else:
             ts = Timestamp(*divmod(stamp, 1_000_000_000))
             frame_id = str(h.get("frame_id", ""))

@@ -9,6 +9,10 @@ files. Files are written with ``mcap`` (the ROS 2 profile), messages serialised 
   (``jpeg``) when the node sends JPEG (``--image-encoding jpeg``): passed through, never re-encoded
 * ``uncertainty`` -> ``sensor_msgs/msg/Image`` ``32FC1``
 * ``info``, ``stats`` -> ``std_msgs/msg/String`` holding JSON
+* ``label_info`` (from each info message whose class table changed) -> ``vision_msgs/msg/LabelInfo``:
+  ``class_map`` of ``VisionClass {class_id, class_name}``, the mask's pixel values, on a latched
+  (transient-local) topic beside the mask, as vision_msgs documents for semantic segmentation; its
+  definition is stored in the file, so readers without vision_msgs decode it
 
 ``header.stamp`` is the frame's capture time, ``header.frame_id`` the node's frame id, and each
 record's log time is the capture time (``stamp_ns``).
@@ -34,7 +38,7 @@ import numpy as np
 from perception.stream.protocol import json_text
 
 __all__ = ["MSG_DEFINITIONS", "BagWriter", "BagError", "UnrecordableMessage", "ros_message", "recover_bag",
-           "ros_topic"]
+           "ros_topic", "label_info_message", "LABEL_INFO_STREAM"]
 
 # Standard ROS 2 interface definitions, in the concatenated form ROS 2's bag recorder stores in MCAP
 # schemas (the message, then each dependency after a line of '=').
@@ -50,7 +54,13 @@ MSG_DEFINITIONS: dict[str, str] = {
     ),
     "sensor_msgs/msg/CompressedImage": "std_msgs/Header header\nstring format\nuint8[] data\n" + _HEADER_DEPS,
     "std_msgs/msg/String": "string data\n",
+    # vision_msgs (ROS 2): a segmentation's class names, on a latched topic beside its mono8 Image.
+    "vision_msgs/msg/LabelInfo": (
+        "std_msgs/Header header\nvision_msgs/VisionClass[] class_map\nfloat32 threshold\n"
+        + _SEP + "MSG: vision_msgs/VisionClass\nuint16 class_id\nstring class_name\n" + _HEADER_DEPS
+    ),
 }
+LABEL_INFO_STREAM = "label_info"  # <namespace>/label_info, written from each info message's class table
 
 # rosbag2's offered_qos_profiles (rmw enums as integers: history 1 keep_last, reliability 1 reliable,
 # durability 1 transient_local / 2 volatile, liveliness 1 automatic). info is latched by the node,
@@ -65,7 +75,7 @@ def _qos(durability: int) -> str:
 
 
 def _qos_for(topic: str) -> str:
-    return _qos(1 if topic.endswith("/info") else 2)
+    return _qos(1 if topic.endswith(("/info", "/" + LABEL_INFO_STREAM)) else 2)
 
 
 class BagError(ValueError):
@@ -82,9 +92,31 @@ def ros_topic(topic: str) -> str:
 
 
 def _typestore():
-    from rosbags.typesys import Stores, get_typestore
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
-    return get_typestore(Stores.ROS2_HUMBLE)
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    if "vision_msgs/msg/LabelInfo" not in store.types:  # not in the Humble core set: from its definition
+        types = {}
+        types.update(get_types_from_msg("uint16 class_id\nstring class_name\n", "vision_msgs/msg/VisionClass"))
+        types.update(get_types_from_msg("std_msgs/Header header\nvision_msgs/VisionClass[] class_map\n"
+                                        "float32 threshold\n", "vision_msgs/msg/LabelInfo"))
+        store.register(types)
+    return store
+
+
+def label_info_message(msg, typestore) -> Any | None:
+    """A ``vision_msgs/msg/LabelInfo`` from an info message's class table (None where it has none):
+    class ids in order, as the mono8 mask's pixel values."""
+    classes = msg.data.get("classes") if isinstance(msg.data, dict) else None
+    if not isinstance(classes, list) or not classes or len(classes) > 255 or not all(isinstance(c, str) for c in classes):
+        return None
+    t = typestore.types
+    sec, nsec = divmod(int(msg.header["stamp_ns"]), 1_000_000_000)
+    header = t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec),
+                                      frame_id=str(msg.header.get("frame_id", "")))
+    return t["vision_msgs/msg/LabelInfo"](
+        header=header, threshold=0.0,
+        class_map=[t["vision_msgs/msg/VisionClass"](class_id=i, class_name=c) for i, c in enumerate(classes)])
 
 
 def ros_message(msg, typestore) -> tuple[str, Any]:
@@ -195,6 +227,7 @@ class BagWriter:
         self._schemas: dict[str, int] = {}
         self._channels: dict[str, int] = {}
         self._opened_at = 0.0
+        self._label_tables: dict[str, list[str]] = {}  # namespace -> the class table last written
         self.messages = 0
 
     def _open_file(self) -> None:
@@ -226,7 +259,15 @@ class BagWriter:
         if self._writer is None:
             self._open_file()
         msgtype, message = ros_message(msg, self.typestore)
-        topic = ros_topic(msg.topic)
+        self._add(ros_topic(msg.topic), msgtype, message, msg.header)
+        if msg.stream == "info":  # the class table, as ROS 2 tools look for it (vision_msgs, latched)
+            label_info = label_info_message(msg, self.typestore)
+            ns = msg.topic.rsplit("/", 1)[0]
+            if label_info is not None and self._label_tables.get(ns) != msg.data["classes"]:
+                self._label_tables[ns] = list(msg.data["classes"])
+                self._add(ros_topic(f"{ns}/{LABEL_INFO_STREAM}"), "vision_msgs/msg/LabelInfo", label_info, msg.header)
+
+    def _add(self, topic: str, msgtype: str, message: Any, header: dict) -> None:
         known = self.state.topics.get(topic)
         if known is not None and known.msgtype != msgtype:
             raise BagError(f"{topic} changed type from {known.msgtype} to {msgtype} mid-recording "
@@ -240,9 +281,9 @@ class BagWriter:
             # The channel carries its QoS too, as rosbag2 writes it (readers match it to metadata.yaml).
             channel = self._channels[topic] = self._writer.register_channel(
                 topic, "cdr", schema, {"offered_qos_profiles": _qos_for(topic)})
-        stamp = int(msg.header["stamp_ns"])
+        stamp = int(header["stamp_ns"])
         self._writer.add_message(channel, log_time=stamp, data=bytes(self.typestore.serialize_cdr(message, msgtype)),
-                                 publish_time=stamp, sequence=int(msg.header["seq"]) & 0xFFFFFFFF)
+                                 publish_time=stamp, sequence=int(header["seq"]) & 0xFFFFFFFF)
         # A finished chunk goes to the OS at once, so a killed recorder loses at most the chunk it was
         # filling (a no-op while the chunk fills: the writer buffers it itself).
         self._file.flush()
