@@ -58,9 +58,11 @@ def test_class_maps_group_relabel_and_fail_naming_the_models_classes(tmp_path):
     expected[classes.index("Road")] = 0
     expected[classes.index("Car")] = expected[classes.index("Pedestrian")] = 1
     assert m.apply(labels).tolist() == [expected]
-    # Without a catch-all, the rest goes to an added "unmapped" class, so counts still cover every pixel.
+    # Without a catch-all, the rest is unlabelled: 255, vision_msgs' UNLABELED for mono8 masks.
     m = parse_class_map({"road": ["Road"]}, classes, palette)
-    assert m.classes == ["road", "unmapped"] and m.apply(labels).sum() == 10
+    assert m.classes == ["road"] and m.unlabeled == 255
+    assert m.apply(labels).tolist() == [[0 if c == "Road" else 255 for c in classes]]
+    assert parse_class_map({"road": ["Road"], "rest": "*"}, classes, palette).unlabeled is None
     for spec, text in [({"x": ["Lorry"]}, "unknown class 'Lorry'; the model's classes are: Sky, Building"),
                        ({"x": ["Road"], "y": ["Road"]}, "'Road' is already in 'x'"),
                        ({"x": "*", "y": "*"}, "only one catch-all"),

@@ -629,3 +629,45 @@ def test_a_class_map_with_a_catch_all_drives_masks_info_and_counts(toy_model, tm
                       "--class-map", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "class map not found" in err and "unknown class 'Road'; the model's classes are: bg, a, b" in err
+
+
+def test_a_class_map_without_a_catch_all_leaves_the_rest_unlabelled_255(toy_model, tmp_path):
+    """vision_msgs' convention: pixels no output class takes are 255 in the mono8 mask, black in the
+    colour mask, not in class_pixels; info says unlabeled: 255."""
+    from perception.core.class_map import load_class_map
+
+    _, model_dir = toy_model
+    video = make_video(tmp_path / "v.avi", n=3)
+    cmap_file = tmp_path / "map.yaml"
+    cmap_file.write_text("fg: {from: [a, b], color: [255, 0, 0]}\n")  # bg is in no output class
+    backend = load_backend(model_dir, backend="torch")
+    cmap = load_class_map(cmap_file, list(backend.classes), list(backend.palette))
+    pub = Publisher("tcp://127.0.0.1:*", "segnet")
+    node = Node(open_source(str(video)), backend, pub, NodeSettings(wait_for_subscribers=1, wait_timeout_s=20),
+                log=lambda m: None, class_map=cmap)
+    t = threading.Thread(target=node.run, daemon=True)
+    got, colors, info = {}, {}, None
+    with Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/info", "segnet/color_mask"]) as sub:
+        t.start()
+        deadline = time.monotonic() + 60
+        while (len(got) < 3 or len(colors) < 3 or info is None) and time.monotonic() < deadline:
+            msg = sub.recv(timeout=1)
+            if msg is None:
+                continue
+            if msg.stream == "mask":
+                got[msg.header["seq"]] = msg
+            elif msg.stream == "color_mask":
+                colors[msg.header["seq"]] = msg.data
+            else:
+                info = msg.data
+        t.join(timeout=30)
+    pub.close()
+    assert info["classes"] == ["fg"] and info["unlabeled"] == 255
+    frames = [f.image for f in open_source(str(video))]
+    for seq, msg in got.items():
+        labels = backend.infer(frames[seq][None]).labels[0]
+        expected = np.where(labels == 0, 255, 0).astype(np.uint8)  # bg -> 255, a and b -> fg (0)
+        assert np.array_equal(msg.data, expected)
+        assert msg.header["class_pixels"] == [int((expected == 0).sum())]
+        assert (colors[seq][expected == 255] == 0).all(), "unlabelled pixels are black"
+    assert any((m.data == 255).any() for m in got.values()), "the toy frames have background to leave out"

@@ -9,8 +9,9 @@ class no other entry names: the catch-all), or a mapping with ``from:`` and an o
     obstacle: [Car, Pedestrian, Bicyclist]
     other: "*"
 
-Without a catch-all, model classes no entry names map to an added last class ``unmapped`` (black),
-so every pixel keeps a class and per-class counts still sum to the image. A group's colour defaults
+Without a catch-all, pixels of model classes no entry names get the id 255 (:data:`UNLABELED`, black),
+vision_msgs' documented value for unlabelled pixels in a mono8 segmentation: they belong to no output
+class (``class_pixels`` counts output classes only, so it sums to the image less those pixels). A group's colour defaults
 to its first member's. The map relabels the model's decision (the argmax over the model's own
 classes); it does not re-decide on merged probabilities, which exported models (labels out) do not
 expose.
@@ -24,16 +25,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ClassMap", "load_class_map", "parse_class_map"]
+__all__ = ["ClassMap", "load_class_map", "parse_class_map", "UNLABELED"]
 
-UNMAPPED = "unmapped"
+UNLABELED = 255  # vision_msgs: UNLABELED is the top of the range, 255 for mono8
 
 
 @dataclass(frozen=True)
 class ClassMap:
     classes: list[str]  # output class names, index = output id
     palette: list[tuple[int, int, int]]  # RGB per output class
-    lut: np.ndarray  # (n_model_classes,) uint8: model class id -> output id
+    lut: np.ndarray  # (n_model_classes,) uint8: model class id -> output id, or UNLABELED
+
+    @property
+    def unlabeled(self) -> int | None:
+        """:data:`UNLABELED` where some model class maps to no output class, else None."""
+        return UNLABELED if bool((self.lut == UNLABELED).any()) else None
 
     def apply(self, labels: np.ndarray) -> np.ndarray:
         """Model class ids -> output ids (any array shape)."""
@@ -51,8 +57,8 @@ def parse_class_map(spec: Any, model_classes: list[str], model_palette: list[tup
                     *, source: str = "class map") -> ClassMap:
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"{source}: expected a mapping of output class -> model classes")
-    if len(spec) > 255:
-        raise ValueError(f"{source}: at most 255 output classes")
+    if len(spec) > UNLABELED:
+        raise ValueError(f"{source}: at most {UNLABELED} output classes (id {UNLABELED} marks unlabelled pixels)")
     index = {name: i for i, name in enumerate(model_classes)}
     lut = np.full(len(model_classes), -1, np.int64)
     classes: list[str] = []
@@ -90,10 +96,8 @@ def parse_class_map(spec: Any, model_classes: list[str], model_palette: list[tup
         palette.append(color or default)  # type: ignore[arg-type]
     if catch_all is not None:
         lut[lut == -1] = catch_all
-    elif (lut == -1).any():
-        lut[lut == -1] = len(classes)
-        classes.append(UNMAPPED)
-        palette.append((0, 0, 0))
+    else:
+        lut[lut == -1] = UNLABELED
     return ClassMap(classes, palette, lut.astype(np.uint8))
 
 

@@ -157,6 +157,9 @@ class Node:
             "classes": list(self.classes),
             "palette": [list(c) for c in self.palette],
             **({"model_classes": list(card.classes)} if self.class_map is not None else {}),
+            # Pixels no output class takes carry this id (vision_msgs' UNLABELED for mono8).
+            **({"unlabeled": self.class_map.unlabeled}
+               if self.class_map is not None and self.class_map.unlabeled is not None else {}),
             "input_size": [card.input.height, card.input.width],
             "backend": self.backend.name,
             "bayesian": self.bayesian,
