@@ -68,7 +68,8 @@ def test_one_plugin_engines_against_pytorch(op, dtype, tmp_path):
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     assert parser.parse_from_file(str(tmp_path / "p.onnx")), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    engine = trt.Runtime(logger).deserialize_cuda_engine(builder.build_serialized_network(network, builder.create_builder_config()))
+    serialized = builder.build_serialized_network(network, builder.create_builder_config())
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
     ctx = engine.create_execution_context()
     x = torch.randint(0, 3, (1, 8, 45, 61), device="cuda").to(dtype)
     ry, ridx = F.max_pool2d(x.float(), 2, 2, ceil_mode=True, return_indices=True)

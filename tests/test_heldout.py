@@ -141,7 +141,8 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
     assert "- trained over two stretches" in (dest / "README.md").read_text()
     assert set(card["metrics"]) == {"holdout_d2", "val"}
     recipe = card["training"]["recipe_run"]
-    assert recipe["train_images"] == 9 and recipe["command"].startswith("perception-train") and "--holdout d2" in recipe["command"]
+    assert recipe["train_images"] == 9 and recipe["command"].startswith("perception-train")
+    assert "--holdout d2" in recipe["command"]
     from perception.eval.cli import main as eval_main
 
     for model_dir, got in ((heldout / "final", recipe["metrics"]["holdout_d2"]), (dest, card["metrics"]["holdout_d2"])):
@@ -306,7 +307,8 @@ def test_fp16_model_folder_loads_into_fp32_and_predicts_alike(toy_model, tmp_pat
 
     stored = load_file(str(tmp_path / "half" / model_io.WEIGHTS_FILE))
     assert {v.dtype for v in stored.values()} <= {torch.float16, torch.int64}
-    assert (tmp_path / "half" / model_io.WEIGHTS_FILE).stat().st_size < 0.55 * (toy_model[1] / model_io.WEIGHTS_FILE).stat().st_size
+    half = (tmp_path / "half" / model_io.WEIGHTS_FILE).stat().st_size
+    assert half < 0.55 * (toy_model[1] / model_io.WEIGHTS_FILE).stat().st_size
     half = model_io.load(tmp_path / "half")
     assert half.card.training["weights_dtype"] == "float16"
     assert all(p.dtype == torch.float32 for p in half.parameters())
@@ -363,7 +365,7 @@ def test_flip_tta_in_the_exported_graph_and_the_node_backends(toy_model, tmp_pat
     from perception.inference.torch import TorchBackend
     from perception.export.onnx import ExportOptions, export_onnx, read_onnx_metadata
     from perception.export.verify import synthetic_frame
-    from perception.stream.node.cli import NodeConfig, resolve_backend
+    from perception.stream.node.cli import NodeConfig, node_backend
 
     path = export_onnx(toy_model[1], tmp_path / "tta.onnx", ExportOptions(tta="flip", size=(48, 64)))
     assert read_onnx_metadata(path)["segnet.tta"] == "flip"
@@ -382,11 +384,11 @@ def test_flip_tta_in_the_exported_graph_and_the_node_backends(toy_model, tmp_pat
         ref = ((model(x) + model(x.flip(-1)).flip(-1)) / 2).argmax(1).numpy()
     assert (torch_tta == ref).mean() > 0.999 and plain.shape == torch_tta.shape
     # The node: a folder is exported with the TTA; an .onnx without it is refused with a clear error.
-    b = resolve_backend(NodeConfig(model=str(toy_model[1]), tta="flip", backend="onnxruntime"))
+    b = node_backend(NodeConfig(model=str(toy_model[1]), tta="flip", backend="onnxruntime"))
     assert read_onnx_metadata(b.path)["segnet.tta"] == "flip"
     plain_onnx = export_onnx(toy_model[1], tmp_path / "plain.onnx", ExportOptions(size=(48, 64)))
     with pytest.raises(ValueError, match="exported with --tta flip"):
-        resolve_backend(NodeConfig(model=str(plain_onnx), tta="flip"))
+        node_backend(NodeConfig(model=str(plain_onnx), tta="flip"))
 
 
 def test_eval_runs_an_exported_model_through_the_node_backend(toy_model, tmp_path, capsys):

@@ -74,7 +74,8 @@ def test_registry_rejects_duplicates_and_unknown_names():
 def test_no_accidentally_shared_modules():
     model = get_model("segnet", num_classes=3)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len({id(m.weight) for m in convs}) == len(convs) == 26  # 13 encoder + 13 decoder convs (the last is the classifier, conv1_1_D)
+    # 13 encoder + 13 decoder convs (the last is the classifier, conv1_1_D)
+    assert len({id(m.weight) for m in convs}) == len(convs) == 26
 
 
 def test_bayesian_models_have_dropout_and_mc_prediction():

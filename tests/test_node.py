@@ -230,7 +230,7 @@ def test_echo_and_record_cli(toy_model, tmp_path, capsys):
     t.join(timeout=60)
     pub.close()
     assert ec.get("rc") == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("segnet/mask")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("segnet/mask")]
     assert len(lines) == 3 and "seq=0" in lines[0] and "64x48 mono8" in lines[0]
 
 
@@ -331,7 +331,7 @@ def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
     assert c.captured == 200 and c.dropped > 50, "a slow consumer of a live source must drop, not queue"
     assert c.processed + c.dropped == c.captured
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and len(seqs) < 200
-    status = [l for l in logs if " fps" in l]
+    status = [line for line in logs if " fps" in line]
     assert status and "dropped" in status[-1] and "source" in status[-1]
 
 
@@ -511,9 +511,9 @@ def test_mask_headers_carry_class_pixels_and_echo_prints_areas(toy_model, capsys
     # perception-echo --areas names the classes from the node's info message.
     echo_rc, _ = _echo_while_node_runs(model_dir, "synthetic://?width=64&height=48&frames=2",
                                        ["--areas", "--timeout", "60"])
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("segnet/mask")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("segnet/mask")]
     assert echo_rc == 0 and len(lines) == 2
-    assert all(" | " in l and "%" in l and ("bg" in l or " a " in l or " b " in l) for l in lines), lines
+    assert all(" | " in x and "%" in x and ("bg" in x or " a " in x or " b " in x) for x in lines), lines
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])

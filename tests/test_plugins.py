@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install '.[kernels]')")
 
@@ -94,7 +93,7 @@ def test_ptx_for_each_target_assembles(arch, tmp_path):
     if ptxas is None:
         pytest.skip("ptxas not installed: PTX generated and checked, not assembled")
     for f in files:
-        target = next(l.split()[1] for l in f.read_text().splitlines() if l.startswith(".target"))
+        target = next(x.split()[1] for x in f.read_text().splitlines() if x.startswith(".target"))
         r = subprocess.run([ptxas, f"-arch={target}", str(f), "-o", os.devnull], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
 

@@ -76,8 +76,11 @@ def test_every_imported_tensor_equals_its_source(tmp_path):
     assert "encoder_weights" not in model_config(model)["kwargs"]  # init-only, not architecture
 
 
-@pytest.mark.parametrize("spec", [InputSpec(), InputSpec(color_order="BGR", scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
-                                  InputSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))], ids=["imagenet_rgb", "raw_bgr", "other"])
+SPECS = [InputSpec(), InputSpec(color_order="BGR", scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+         InputSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["imagenet_rgb", "raw_bgr", "other"])
 def test_folded_conv1_reproduces_the_caffe_response(tmp_path, spec):
     path = tmp_path / "hed.weights.h5"
     kernel, bias = _write_hed_h5(path)[0]

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from perception.core.cli import fail
+
 
 BACKENDS = {
     # name: (kind, options, export options)
@@ -78,8 +80,8 @@ def machine() -> dict:
 
     cpu = platform.processor()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
+        cpu = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                   if x.startswith("model name"))
     except (OSError, StopIteration):
         pass
     d = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -200,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = find_model(args.model)  # a path, or a model's name
     except FileNotFoundError as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
-        return 2
+        return fail("benchmark", str(e))
     ctx = mp.get_context("spawn")
     results = []
     with tempfile.TemporaryDirectory() as tmpd:
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [_merge_rounds(name, [r[name] for r in rounds], [r[BASELINE] for r in rounds]) for name in names]
     doc = {"machine": machine(), "model": str(model), "batch": args.batch,
            "size": list(size) if size else None, "runs": args.runs, "rounds": args.rounds, "results": results}
-    hdr = f"{'backend':26s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'mIoU':>9s} {'x torch':>8s} {'(range)':>12s}"
+    hdr = (f"{'backend':26s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'mIoU':>9s} "
+           f"{'x torch':>8s} {'(range)':>12s}")
     print(hdr)
     for r in results:
         if "error" in r:

@@ -135,10 +135,10 @@ def main(argv=None) -> int:
     p.add_argument("--streams", default="mask,color_mask,overlay")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    from perception.stream.node.cli import NodeConfig, resolve_backend
+    from perception.stream.node.cli import NodeConfig, node_backend
     from perception.train.loop import machine_description
 
-    backend = resolve_backend(NodeConfig(model=args.model, backend=args.backend))
+    backend = node_backend(NodeConfig(model=args.model, backend=args.backend))
     streams = [s.strip() for s in args.streams.split(",") if s.strip()]
     with tempfile.TemporaryDirectory() as tmpd:
         video = Path(tmpd) / "frames.avi"

@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from perception.core.cli import fail
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ck = load_checkpoint(args.source)
     except (FileNotFoundError, ValueError) as e:
-        print(f"compact_resume_state: error: {e}", file=sys.stderr)
-        return 2
+        return fail("compact_resume_state", str(e))
     small = compact_checkpoint(ck, dtype=getattr(torch, args.dtype), keep_optimizer=args.keep_optimizer)
     buf = io.BytesIO()
     torch.save(small, buf)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import cv2
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+from perception.core.fileio import list_images
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     folder = Path(args.frames)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    paths = list_images(folder)
     if not paths:
         print(f"make_demo_video: no images in {folder}", file=sys.stderr)
         return 2

@@ -38,7 +38,8 @@ def _fp16_folder_bytes(folder: Path) -> tuple[bytes, bytes]:
     state = cast_floating(load_file(str(folder / "weights.safetensors")), torch.float16)
     card = json.loads((folder / "model.json").read_text())
     card.setdefault("training", {})["weights_dtype"] = "float16"
-    return save(state, metadata={"format": "pt", "model_id": str(card.get("id", ""))}), (json.dumps(card, indent=2) + "\n").encode()
+    weights = save(state, metadata={"format": "pt", "model_id": str(card.get("id", ""))})
+    return weights, (json.dumps(card, indent=2) + "\n").encode()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

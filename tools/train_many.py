@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from perception.core.cli import fail
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_many.py", description=__doc__.split("\n\n")[0])
@@ -82,14 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         common, runs = _load_sweep(Path(args.sweep))
     except (OSError, ValueError, yaml.YAMLError) as e:
-        print(f"train_many.py: error: {e}", file=sys.stderr)
-        return 2
+        return fail("train_many.py", str(e))
     if args.only:
         wanted = args.only.split(",")
         unknown = set(wanted) - set(runs)
         if unknown:
-            print(f"train_many.py: error: unknown runs {sorted(unknown)}; the sweep has {sorted(runs)}", file=sys.stderr)
-            return 2
+            return fail("train_many.py", f"unknown runs {sorted(unknown)}; the sweep has {sorted(runs)}")
         runs = {k: v for k, v in runs.items() if k in wanted}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

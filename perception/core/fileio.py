@@ -1,4 +1,4 @@
-"""Small file helpers shared across the package: atomic writes and content hashes."""
+"""Small file helpers shared across the package: atomic writes, content hashes, image listing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "sha256_file"]
+__all__ = ["atomic_write_bytes", "sha256_file", "IMAGE_SUFFIXES", "is_image_path", "list_images"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> Path:
@@ -35,3 +35,22 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def is_image_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder_or_glob: str | Path) -> list[Path]:
+    """The image files of a folder, or matching a glob pattern (``*``, ``?``, ``[``), sorted by name;
+    [] where there are none (the caller says what that means)."""
+    import glob
+
+    text = str(folder_or_glob)
+    if any(ch in text for ch in "*?["):
+        return sorted(Path(p) for p in glob.glob(text) if is_image_path(p))
+    folder = Path(text)
+    return sorted(p for p in folder.iterdir() if is_image_path(p)) if folder.is_dir() else []

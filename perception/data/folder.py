@@ -13,6 +13,7 @@ import numpy as np
 
 
 from perception.core.classes import default_palette
+from perception.core.fileio import IMAGE_SUFFIXES, list_images  # IMAGE_SUFFIXES re-exported
 
 __all__ = [
     "read_image_rgb",
@@ -24,7 +25,6 @@ __all__ = [
     "IMAGE_SUFFIXES",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def read_image_rgb(path: str | Path) -> np.ndarray:
@@ -198,7 +198,7 @@ class FolderDataset(SegmentationListDataset):
         img_dir, lab_dir = root / split / "images", root / split / "labels"
         if not img_dir.is_dir() or not lab_dir.is_dir():
             raise FileNotFoundError(f"expected {img_dir} and {lab_dir}")
-        images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = list_images(img_dir)
         if not images:
             raise ValueError(f"no images in {img_dir}")
         pairs = [(img, lab_dir / f"{img.stem}.png") for img in images]

@@ -11,6 +11,7 @@ from typing import Any
 import cv2
 
 from perception.core.fileio import atomic_write_bytes
+from perception.core.cli import fail
 
 __all__ = ["build_parser", "main", "format_table"]
 
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 channels_last=torch.device(args.device).type == "cpu",
             )
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
-        print(f"perception-eval: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-eval", str(e))
     classes = list(dataset.classes)
     print(f"{model.card.id} on {args.data} [{args.split}{' ' + args.groups if args.groups else ''}], {len(dataset)} images"
           + (f", {args.mc_samples} MC samples" if args.mc_samples else "") + (", flip TTA" if args.tta == "flip" else ""))

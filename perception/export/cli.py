@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from perception.core.sizes import parse_hw
+from perception.core.cli import fail
 
 __all__ = ["build_parser", "main", "parse_batch", "parse_size"]
 
@@ -33,7 +34,8 @@ def parse_size(text: str) -> tuple[int, int] | str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-export", description=__doc__)
-    p.add_argument("--model", required=True, help="a model by name (perception-models lists them) or a model folder (weights.safetensors + model.json)")
+    p.add_argument("--model", required=True, help="a model by name (perception-models lists them) or a model folder "
+                   "(weights.safetensors + model.json)")
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--unpool", choices=("native", "plugin", "onnx"), default="native",
                    help="native: standard ops only (any runtime); plugin: segnet:: custom ops for TensorRT, with "
@@ -86,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             quantize_int8(out, out, frames, activations=args.int8_activations)
             check_frame = frames[len(frames) // 2]  # a real frame: int8 is judged on data like its own
     except (FileNotFoundError, ValueError) as e:
-        print(f"perception-export: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-export", str(e))
     hist = op_histogram(out)
     print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB, {sum(hist.values())} nodes, "
           f"{time.time() - t0:.1f}s): unpool={args.unpool}, outputs={','.join(outputs)}, "
@@ -99,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         from perception.export.verify import verify_against_torch
 
         r = verify_against_torch(args.model, out, frame=check_frame)
-        print(f"ONNX Runtime vs PyTorch on a {'calibration' if check_frame is not None else 'synthetic'} frame: labels agree {100 * r['agreement']:.3f}%"
+        kind = "calibration" if check_frame is not None else "synthetic"
+        print(f"ONNX Runtime vs PyTorch on a {kind} frame: labels agree {100 * r['agreement']:.3f}%"
               + (f", max |dprob| {r['max_prob_diff']:.2e}" if r.get("max_prob_diff") is not None else ""))
         if r["agreement"] < (0.95 if args.int8 else 0.99):
-            print("perception-export: error: exported graph disagrees with the PyTorch model", file=sys.stderr)
-            return 1
+            return fail("perception-export", "exported graph disagrees with the PyTorch model", status=1)
     return 0
 
 

@@ -104,4 +104,4 @@ def resize_frames_chw(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def resize_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    return np.stack([cv2.resize(l, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST) for l in labels])
+    return np.stack([cv2.resize(lab, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST) for lab in labels])

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 from pathlib import Path
 
+from perception.core.fileio import list_images
+
 import cv2
+
+from perception.core.cli import fail
 
 __all__ = ["build_parser", "main", "expand_images"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-predict", description=__doc__)
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--model", help="a model by name (perception-models lists them), a model folder, .onnx or .engine (default: the shipped default model)")
+    p.add_argument("--model", help="a model by name (perception-models lists them), a model folder, .onnx or "
+                                    ".engine (default: the shipped default model)")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
                    help="as perception-node chooses: an engine -> TensorRT, a folder -> its model.onnx (or PyTorch "
                         "for MC-dropout uncertainty), an .onnx -> ONNX Runtime")
@@ -34,10 +37,8 @@ def expand_images(items: list[str]) -> list[Path]:
     out: list[Path] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-        elif any(ch in item for ch in "*?["):
-            out += sorted(Path(q) for q in glob.glob(item) if Path(q).suffix.lower() in IMAGE_SUFFIXES)
+        if p.is_dir() or any(ch in item for ch in "*?["):
+            out += list_images(item)
         elif p.is_file():
             out.append(p)
         else:
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         images = expand_images(args.images)
         backend = resolve_backend(args.model, backend=args.backend, device=args.device)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        print(f"perception-predict: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-predict", str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lut = palette_lut(backend.palette)
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         color = colorize(labels, lut)
         over = overlay(frame, color, args.alpha)
         if not args.no_legend:
-            draw_legend(over, backend.classes, backend.palette, present=classes_present(labels, len(backend.classes)), in_place=True)
+            draw_legend(over, backend.classes, backend.palette, present=classes_present(labels, len(backend.classes)),
+                        in_place=True)
         stem = path.stem
         cv2.imwrite(str(out / f"{stem}_mask.png"), color)
         cv2.imwrite(str(out / f"{stem}_overlay.png"), over)

@@ -116,7 +116,7 @@ def int8_verdict(model_dir: Path) -> tuple[bool, str]:
             if loss <= INT8_MAX_LOSS + 1e-9:  # at most half a point (float rounding aside)
                 return True, f"int8 {100 * m['miou']:.1f} vs fp32 {100 * base['miou']:.1f} mIoU on {split}"
             return False, f"int8 loses {100 * loss:.2f} points of mIoU on {split} (more than {100 * INT8_MAX_LOSS:g})"
-    return False, f"its card records no held-out int8 mIoU next to fp32's"
+    return False, "its card records no held-out int8 mIoU next to fp32's"
 
 
 def resolve_backend(

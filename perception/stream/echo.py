@@ -12,6 +12,7 @@ import sys
 import time
 from collections import defaultdict, deque
 
+from perception.core.cli import fail
 from perception.stream.protocol import json_text
 
 __all__ = ["build_parser", "main", "summarize", "class_areas"]
@@ -58,7 +59,7 @@ def summarize(msg, *, areas: bool = False, classes: list[str] | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from perception.core.cli import fail, stop_on_signals
+    from perception.core.cli import stop_on_signals
 
     if args.count is not None and args.count < 1:
         return fail("perception-echo", f"--count must be >= 1, got {args.count}")
@@ -74,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sub_ctx = Subscriber(args.endpoint, topics=args.topic, decode_jpeg=False, curve=client_keys_from_args(args))
     except CurveError as e:
-        print(f"perception-echo: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-echo", str(e))
     except zmq.ZMQError as e:
         print(f"perception-echo: error: cannot connect to {args.endpoint!r} ({e}); expected e.g. "
               "tcp://127.0.0.1:5555", file=sys.stderr)
@@ -103,8 +103,7 @@ def _echo(sub, args: argparse.Namespace, stopped) -> int:
         now = time.monotonic()
         if msg is None:
             if sub.handshake_failures:
-                print(f"perception-echo: error: {handshake_failed(args.endpoint)}", file=sys.stderr)
-                return 1
+                return fail("perception-echo", f"{handshake_failed(args.endpoint)}", status=1)
             if args.timeout is not None and now - last_msg > args.timeout:
                 print(f"perception-echo: nothing received for {args.timeout:g}s on {args.endpoint}", file=sys.stderr)
                 return 1

@@ -31,6 +31,7 @@ import threading
 from typing import Any
 
 from perception.stream.protocol import json_safe
+from perception.core.cli import fail
 
 __all__ = ["FoxgloveBridge", "build_parser", "main"]
 
@@ -238,16 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
-        print(f"perception-foxglove: error: --port {args.port} is not a port number", file=sys.stderr)
-        return 2
+        return fail("perception-foxglove", f"--port {args.port} is not a port number")
     if args.backlog < 1:
-        print(f"perception-foxglove: error: --backlog must be >= 1, got {args.backlog}", file=sys.stderr)
-        return 2
+        return fail("perception-foxglove", f"--backlog must be >= 1, got {args.backlog}")
     try:
         import foxglove  # noqa: F401
     except ImportError:
-        print("perception-foxglove: error: needs foxglove-sdk: pip install 'segnet-perception[viz]'", file=sys.stderr)
-        return 2
+        return fail("perception-foxglove", "needs foxglove-sdk: pip install 'segnet-perception[viz]'")
     import zmq
 
     from perception.core.cli import stop_on_signals
@@ -258,18 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curve = client_keys_from_args(args)
     except CurveError as e:
-        print(f"perception-foxglove: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-foxglove", str(e))
     try:
         bridge = FoxgloveBridge(args.endpoint, namespace=args.namespace, host=args.host, port=args.port,
                                 image_format=args.image_format, curve=curve, cameras=args.camera,
                                 backlog=args.backlog)
     except zmq.ZMQError as e:
-        print(f"perception-foxglove: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
-        return 2
+        return fail("perception-foxglove", f"cannot connect to {args.endpoint!r} ({e})")
     except (RuntimeError, OSError) as e:  # the SDK reports a port in use as a RuntimeError
-        print(f"perception-foxglove: error: cannot serve on {args.host}:{args.port} ({e})", file=sys.stderr)
-        return 2
+        return fail("perception-foxglove", f"cannot serve on {args.host}:{args.port} ({e})")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"perception-foxglove: warning: serving on {args.host}, reachable beyond this machine",
               file=sys.stderr)

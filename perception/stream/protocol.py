@@ -163,7 +163,8 @@ def decode_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any
     if missing:
         raise ProtocolError(f"header lacks {missing}", reason="bad header")
     if not _is_int(header["v"]) or header["v"] > SCHEMA_VERSION:
-        raise ProtocolError(f"schema version {header['v']!r} is not supported (this side speaks {SCHEMA_VERSION})", reason="bad header")
+        raise ProtocolError(f"schema version {header['v']!r} is not supported (this side speaks {SCHEMA_VERSION})",
+                            reason="bad header")
     for key, ok, what in _HEADER_TYPES:
         if key in header and not ok(header[key]):
             raise ProtocolError(f"header field {key!r} must be {what}, got {type(header[key]).__name__}", reason="bad header")

@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curve = client_keys_from_args(args)
     except CurveError as e:
-        print(f"perception-record: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-record", str(e))
 
     # A recording that fails before anything arrives leaves nothing behind (a folder this run made).
     made_out = not out.exists()
@@ -215,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sink = BagWriter(out, max_bag_duration=args.max_bag_duration, chunk_size=args.chunk_size)
         except BagError as e:
-            print(f"perception-record: error: {e}", file=sys.stderr)
-            return 2
+            return fail("perception-record", str(e))
     elif args.camera:
         sink = _PerCamera({c: _FileSink(out / c, streams, args.fps) for c in args.camera}, args.namespace)
     else:
@@ -239,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         sink.close()
         if made_out:
             shutil.rmtree(out, ignore_errors=True)
-        print(f"perception-record: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
-        return 2
+        return fail("perception-record", f"cannot connect to {args.endpoint!r} ({e})")
     try:
         with sub:
             while not stopped.is_set() and (args.count is None or frames < args.count):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import zmq
 
+from perception.core.cli import fail
+
 __all__ = ["CurveError", "generate_keys", "load_public_key", "load_key_pair", "CurveServer",
            "configure_client", "add_client_arguments", "client_keys_from_args", "build_parser", "main"]
 
@@ -202,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = generate_keys(args.folder, names=tuple(args.name or ("server", "client")), force=args.force)
     except (CurveError, OSError) as e:
-        print(f"perception-keys: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-keys", str(e))
     for path in written:
         print(path)
     print("hand out the .key files; keep the .key_secret files private", file=sys.stderr)

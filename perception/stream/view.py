@@ -24,6 +24,7 @@ from importlib import resources
 from typing import Any
 
 from perception.stream.protocol import json_text
+from perception.core.cli import fail
 
 log = logging.getLogger("perception-view")
 
@@ -438,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import aiohttp  # noqa: F401
     except ImportError:
-        print("perception-view: error: needs aiohttp: pip install 'segnet-perception[viz]'", file=sys.stderr)
-        return 2
+        return fail("perception-view", "needs aiohttp: pip install 'segnet-perception[viz]'")
     import zmq
 
     from perception.core.cli import stop_on_signals
@@ -448,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curve = client_keys_from_args(args)
     except CurveError as e:
-        print(f"perception-view: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-view", str(e))
     host, port = args.http
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"perception-view: warning: serving on {host}, reachable beyond this machine", file=sys.stderr)
@@ -465,11 +464,9 @@ def main(argv: list[str] | None = None) -> int:
                           max_connections=args.max_connections, request_timeout_s=args.request_timeout,
                           counters=counters))
     except zmq.ZMQError as e:
-        print(f"perception-view: error: cannot connect to {args.endpoint!r} ({e})", file=sys.stderr)
-        return 2
+        return fail("perception-view", f"cannot connect to {args.endpoint!r} ({e})")
     except OSError as e:
-        print(f"perception-view: error: cannot serve on {host}:{port} ({e.strerror or e})", file=sys.stderr)
-        return 2
+        return fail("perception-view", f"cannot serve on {host}:{port} ({e.strerror or e})")
     if counters.summary():
         print(f"perception-view: {counters.summary()}", file=sys.stderr)
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from perception.core.options import add_arguments, given
 from perception.train.config import TrainConfig, build_config
+from perception.core.cli import fail
 
 __all__ = ["build_parser", "main"]
 
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(yaml_file=config_file, overrides=overrides)
         train(cfg, resume=args.resume, command=command, progress=not args.no_progress)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"perception-train: error: {e}", file=sys.stderr)
-        return 2
+        return fail("perception-train", str(e))
     except KeyboardInterrupt:
         print("perception-train: interrupted; continue with --resume", file=sys.stderr)
         return 130

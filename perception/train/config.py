@@ -19,13 +19,13 @@ from perception.core.config import load_yaml_options
 from perception.core.options import merge, opt, validate
 from perception.data.splits import DEFAULT_GROUP_PATTERN
 
-__all__ = ["TrainConfig", "RECIPES", "RECIPE_NAMES", "build_config", "parse_hw", "parse_range"]
+__all__ = ["TrainConfig", "RECIPES", "RECIPE_NAMES", "build_config", "parse_crop", "parse_range"]
 
 
 RECIPE_NAMES = ("cpu", "paper", "robust")  # see RECIPES below
 
 
-def parse_hw(text: str | None) -> tuple[int, int] | None:
+def parse_crop(text: str | None) -> tuple[int, int] | None:
     """The crop: ``"240x320"`` -> (240, 320); ``"none"``/``"full"`` -> None (whole images)."""
     return sizes.parse_hw(text, option="crop", minimum=32, none_words=("none", "full"))
 
@@ -72,7 +72,7 @@ class TrainConfig:
                            "scale, light and sensor, for roads never seen)")
     epochs: int = opt(100, check=(lambda v: v >= 1, ">= 1"))
     batch_size: int = opt(8, check=(lambda v: v >= 1, ">= 1"), help="per process")
-    crop: tuple[int, int] | None = opt((240, 320), parse=parse_hw, help="random crop HxW, or 'none' for whole images")
+    crop: tuple[int, int] | None = opt((240, 320), parse=parse_crop, help="random crop HxW, or 'none' for whole images")
     scale: tuple[float, float] = opt((1.0, 1.0), parse=parse_range, help="random scale range LO,HI")
     hflip: bool = opt(True, help="random horizontal flips")
     color_jitter: float = opt(0.0, help="brightness/contrast/saturation factors in [1-J, 1+J]")
@@ -188,7 +188,7 @@ PAPER_SEGNET_LR = 0.001  # the paper's lr for the VGG16 SegNet
 
 def _coerce(key: str, value: Any) -> Any:
     if key == "crop":
-        return parse_hw(value)
+        return parse_crop(value)
     if key == "holdout" and isinstance(value, str):
         return [g for g in value.split(",") if g] or None
     if key in ("scale", "gamma") and value is not None:

@@ -21,8 +21,9 @@ import yaml
 from perception.core.config import load_yaml_options
 from perception.core.options import add_arguments, given, merge, opt, validate
 from perception.core.sizes import parse_hw
+from perception.core.cli import fail as cli_fail
 
-__all__ = ["NodeConfig", "build_parser", "main", "resolve_backend", "validate_config"]
+__all__ = ["NodeConfig", "build_parser", "main", "node_backend", "validate_config"]
 
 
 
@@ -39,7 +40,8 @@ class NodeConfig:
 
     source: str | None = opt(None, cli=False)  # --source is added by hand: it repeats (several cameras)
     sources: list[str] | None = opt(None, cli=False)  # several cameras: NAME=URI (or URI)
-    model: str | None = opt(None, help="a model by name (perception-models lists them), a model folder, .onnx or .engine (default: the shipped default model)")
+    model: str | None = opt(None, help="a model by name (perception-models lists them), a model folder, .onnx or "
+                                        ".engine (default: the shipped default model)")
     backend: str = opt("auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
     device: str = opt("cpu", help="cpu or cuda")
     precision: str = opt("auto", choices=("auto", "fp32", "int8", "bf16", "fp16"),
@@ -101,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", action="append",
                    help="video file, image, folder/glob, camera index or /dev/videoN, rtsp://, http(s)://, "
-                        "synthetic://, or demo (a road clip bundled with the package); repeat for several cameras, each optionally named NAME=URI "
+                        "synthetic://, or demo (a road clip bundled with the package); repeat for several cameras, "
+                        "each optionally named NAME=URI "
                         "(topics become <namespace>/<name>/<stream>)")
     p.add_argument("--config", help="YAML file of options (see launch/); flags override it")
     add_arguments(p, NodeConfig)
@@ -161,7 +164,7 @@ def _is_local(endpoint: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
-def resolve_backend(cfg: NodeConfig):
+def node_backend(cfg: NodeConfig):
     """The backend the node config asks for (see :mod:`perception.inference.resolve`)."""
     from perception.inference.resolve import resolve_backend as resolve
 
@@ -184,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from perception.stream.node.sources import SourceError, SourceOptions, open_source
 
     def fail(msg: str) -> int:
-        print(f"perception-node: error: {msg}", file=sys.stderr)
-        return 2
+        return cli_fail("perception-node", msg)
 
     try:
         cfg = load_config(args)
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             close_sources()
             return fail(f"camera {spec.name}: {e}" if multi else str(e))
     try:
-        backend = resolve_backend(cfg)
+        backend = node_backend(cfg)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         close_sources()
         return fail(f"model: {e}")
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         nodes: list = []
         stop_on_signals(lambda: [n.stop() for n in nodes])
         print(f"publishing {cfg.namespace}/<camera>/* on {publisher.endpoint} ({backend.name} backend, model "
-              f"{backend.card.id}, {_graph_of(backend)}, cameras {', '.join(f'{s.name}={s.uri}' for s in specs)})", file=sys.stderr,
+              f"{backend.card.id}, {_graph_of(backend)}, cameras {', '.join(f'{s.name}={s.uri}' for s in specs)})",
+              file=sys.stderr,
               flush=True)
         try:
             rc = run_cameras(sources, backend, publisher, settings, namespace=cfg.namespace,

@@ -17,7 +17,6 @@ exponential backoff up to an attempt limit, and report ``stalled`` when no frame
 
 from __future__ import annotations
 
-import glob
 import re
 import sys
 import threading
@@ -31,6 +30,8 @@ from urllib.parse import parse_qs, urlparse
 import cv2
 import numpy as np
 
+from perception.core.fileio import IMAGE_SUFFIXES, list_images  # IMAGE_SUFFIXES re-exported
+
 __all__ = [
     "Frame",
     "Source",
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class SourceError(RuntimeError):
@@ -361,7 +361,7 @@ def open_source(uri: str, options: SourceOptions | None = None) -> Source:
         except SourceError:
             raise SourceError(f"camera {uri} is not there or cannot be opened") from None
     if any(ch in uri for ch in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(uri) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        paths = list_images(uri)
         if not paths:
             raise SourceError(f"no images match {uri}")
         return ImageListSource(paths, options)
@@ -369,7 +369,7 @@ def open_source(uri: str, options: SourceOptions | None = None) -> Source:
     if not path.exists():
         raise SourceError(f"source not found: {uri}")
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = list_images(path)
         if not paths:
             raise SourceError(f"no images in folder {uri}")
         return ImageListSource(paths, options)
