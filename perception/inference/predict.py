@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from perception.core.fileio import list_images
+from perception.inference import BACKEND_CHOICES
 
 import cv2
 
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--model", help="a model by name (perception-models lists them), a model folder, .onnx or "
                                     ".engine (default: the shipped default model)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="as perception-node chooses: an engine -> TensorRT, a folder -> its model.onnx (or PyTorch "
                         "for MC-dropout uncertainty), an .onnx -> ONNX Runtime")
     p.add_argument("--out", required=True, help="output folder")

@@ -22,14 +22,14 @@ from perception.core.card import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, has_mc_drop
 from perception.core.fileio import sha256_file
 from perception.core.onnx_meta import read_onnx_metadata
 from perception.core.zoo import INT8_ONNX_FILE, default_model_name, find_model
-from perception.inference import Backend, backend_kind, load_backend
+from perception.inference import BACKEND_CHOICES, Backend, backend_kind, load_backend
 
 
 __all__ = ["resolve_backend", "default_model_dir", "folder_onnx", "int8_verdict", "DEFAULT_MODEL", "BACKENDS",
            "TTA_CHOICES", "PRECISIONS", "INT8_MAX_LOSS"]
 
 DEFAULT_MODEL = default_model_name()
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+BACKENDS = BACKEND_CHOICES  # "auto", then every backend of the table
 TTA_CHOICES = ("none", "flip")
 
 

@@ -21,6 +21,7 @@ import yaml
 from perception.core.config import load_yaml_options
 from perception.core.options import add_arguments, given, merge, opt, validate
 from perception.core.sizes import parse_hw
+from perception.inference import BACKEND_CHOICES
 from perception.core.cli import fail as cli_fail
 
 __all__ = ["NodeConfig", "build_parser", "main", "node_backend", "validate_config"]
@@ -42,7 +43,7 @@ class NodeConfig:
     sources: list[str] | None = opt(None, cli=False)  # several cameras: NAME=URI (or URI)
     model: str | None = opt(None, help="a model by name (perception-models lists them), a model folder, .onnx or "
                                         ".engine (default: the shipped default model)")
-    backend: str = opt("auto", choices=("auto", "tensorrt", "onnxruntime", "torch"))
+    backend: str = opt("auto", choices=BACKEND_CHOICES, help="auto: by the model file (see perception.inference.resolve)")
     device: str = opt("cpu", help="cpu or cuda")
     precision: str = opt("auto", choices=("auto", "fp32", "int8", "bf16", "fp16"),
                          help="auto: a model folder's int8 graph on ONNX Runtime where its card shows it within "
