@@ -128,12 +128,7 @@ def test_postprocess_helpers():
 def test_ship_model_card_is_reproduced_by_perception_eval(weights_dtype, toy_bayesian_model, tmp_path, capsys):
     """tools/ship_model.py measures the card's numbers; perception-eval of the shipped folder must print the
     same ones, also where the folder stores the weights at half precision."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("ship_model", Path(__file__).parents[1] / "tools" / "ship_model.py")
-    ship = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship)
+    from perception.train import ship
     data, model_dir = toy_bayesian_model
     dest = tmp_path / "models" / "toy_shipped"
     assert ship.main([str(model_dir), str(dest), "--data", str(data), "--mc-samples", "2", "--try-bn-recalibration",

@@ -185,20 +185,17 @@ def test_ship_model_claims_an_exact_resume_only_where_the_trainer_recorded_one(r
     ship = _ship_model_module()
     training = {"resumed_with": ["perception-train --out r --resume"], "config": {"epochs": 100},
                 **({"resumes": resumes} if resumes is not None else {})}
-    text = "\n".join(ship._resume_lines(training))
+    text = "\n".join(ship.resume_lines(training))
     assert says in text and never_says not in text and "perception-train --out r --resume" in text
     if resumes and resumes[-1]["selection_restarted"]:
         assert "the best of epochs 45-100" in text and "restarted its moments after epoch 4, 44" in text
-    assert ship._resume_lines({"config": {"epochs": 5}}) == []  # never resumed: nothing to say
+    assert ship.resume_lines({"config": {"epochs": 5}}) == []  # never resumed: nothing to say
 
 
 def _ship_model_module():
-    import importlib.util
+    from perception.train import ship
 
-    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "tools" / "ship_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return ship
 
 
 def test_time_budget_chooses_epochs_once_and_resume_keeps_them(tmp_path, capsys):
