@@ -30,6 +30,7 @@ import sys
 import threading
 from typing import Any
 
+from perception.stream.ondemand import OnDemandTopics
 from perception.stream.protocol import json_safe
 from perception.core.cli import fail
 
@@ -82,7 +83,7 @@ class FoxgloveBridge:
         self.image_format = image_format
         self.context = foxglove.Context()
         self._changes: queue.SimpleQueue[tuple[str, int, bool]] = queue.SimpleQueue()
-        self._watchers: dict[str, set[int]] = {}
+        self._on_demand = OnDemandTopics(_upstream)  # upstream subscriptions while a client watches
         self.forwarded: dict[str, int] = {}
         self.skipped = 0
         # Channels by the node's topic: one set per camera of a node that runs several (cameras=[...]).
@@ -127,7 +128,7 @@ class FoxgloveBridge:
 
     def watched(self) -> set[str]:
         """The node's topics subscribed upstream now (some Foxglove client watches a channel fed by them)."""
-        return {_upstream(key) for key, ids in self._watchers.items() if ids}
+        return self._on_demand.wanted()
 
     def _apply_changes(self) -> None:
         while True:
@@ -137,13 +138,10 @@ class FoxgloveBridge:
                 return
             if not key:
                 continue
-            before = self.watched()
-            ids = self._watchers.setdefault(key, set())
-            (ids.add if on else ids.discard)(client)
-            after = self.watched()
-            for topic in after - before:
+            start, stop = (self._on_demand.watch if on else self._on_demand.unwatch)(key, client)
+            for topic in start:
                 self.sub.subscribe(topic)
-            for topic in before - after:
+            for topic in stop:
                 self.sub.unsubscribe(topic)
 
     def forward(self, msg) -> None:

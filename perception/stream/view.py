@@ -23,6 +23,7 @@ import time
 from importlib import resources
 from typing import Any
 
+from perception.stream.ondemand import OnDemandTopics
 from perception.stream.protocol import json_text
 from perception.core.cli import fail
 
@@ -196,7 +197,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
     app = web.Application()
     upstream: list[_Upstream] = []  # started with the app (a closure, not app state: aiohttp's AppKey
     # needs a module-level frame, which a server run from a thread does not have)
-    viewers: dict[str, int] = {}  # node topic -> pages showing it
+    on_demand = OnDemandTopics()  # node topic -> the pages showing it
     wakers: set[asyncio.Event] = set()  # one per page: every page wakes on every change
 
     def notify() -> None:
@@ -227,12 +228,12 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
             return True
         return origin in allowed_origins or origin == f"{request.scheme}://{request.host}"
 
-    def watch(camera: str, stream: str, delta: int) -> None:
-        topic = f"{prefix_of[camera]}/{stream}"
-        before = viewers.get(topic, 0)
-        viewers[topic] = max(0, before + delta)
-        if (before == 0) != (viewers[topic] == 0):
-            upstream[0].requests.put((topic, viewers[topic] > 0))
+    def watch(camera: str, stream: str, page: object, on: bool) -> None:
+        start, stop = (on_demand.watch if on else on_demand.unwatch)(f"{prefix_of[camera]}/{stream}", page)
+        for topic in start:
+            upstream[0].requests.put((topic, True))
+        for topic in stop:
+            upstream[0].requests.put((topic, False))
 
     async def websocket(request: web.Request) -> web.StreamResponse:
         if not origin_allowed(request):
@@ -243,7 +244,8 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
         ws = web.WebSocketResponse(heartbeat=10, max_msg_size=4096)
         await ws.prepare(request)
         stream, camera = "overlay", names[0]
-        watch(camera, stream, +1)
+        page = object()  # this page, as a viewer of the streams it shows
+        watch(camera, stream, page, True)
         changed = asyncio.Event()
         wakers.add(changed)
         sent_seq, sent_info, sent_stats, sent_status = None, None, None, None
@@ -264,8 +266,8 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
                 if not (isinstance(new_stream, str) and isinstance(new_camera, str)):
                     continue  # e.g. {"camera": []}: ignored, the page stays open
                 if new_stream in VIEW_STREAMS and new_camera in prefix_of and (new_stream, new_camera) != (stream, camera):
-                    watch(new_camera, new_stream, +1)
-                    watch(camera, stream, -1)
+                    watch(new_camera, new_stream, page, True)
+                    watch(camera, stream, page, False)
                     if new_camera != camera:
                         sent_info = sent_stats = None  # the other camera's info and stats, at once
                     stream, camera = new_stream, new_camera
@@ -302,7 +304,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
         finally:
             reader.cancel()
             wakers.discard(changed)
-            watch(camera, stream, -1)
+            watch(camera, stream, page, False)
         return ws
 
     async def start_upstream(app: web.Application) -> None:
@@ -414,13 +416,21 @@ async def serve(endpoint: str, host: str, port: int, namespace: str, stop: threa
     server = None
     try:
         handlers = runner.server
+        loop = asyncio.get_running_loop()
+        # Handlers made but not yet registered: a burst of accepts makes several before the loop runs
+        # their connection_made (queued with call_soon by each new transport), which registers them.
+        pending = [0]
+
+        def registered() -> None:
+            pending[0] -= 1
 
         def factory():
-            if len(handlers.connections) >= max_connections:
+            if len(handlers.connections) + pending[0] >= max_connections:
                 return _Refused(counters)
+            pending[0] += 1
+            loop.call_soon(loop.call_soon, registered)  # after this transport's connection_made
             return handlers()
 
-        loop = asyncio.get_running_loop()
         server = await loop.create_server(factory, host, port, reuse_address=True)
         bound = server.sockets[0].getsockname()[1]  # the port 0 resolved to
         url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/"
