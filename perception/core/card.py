@@ -41,6 +41,11 @@ class InputSpec:
 
 @dataclass
 class ModelCard:
+    """What a model is and how to run it (``model.json``): the architecture to rebuild it (``get_model``
+    arguments), class names and palette, the input contract (:class:`InputSpec`), whether it samples
+    dropout at test time, how it was trained (command, data, machine, resumes) and what it scored
+    (``metrics`` by split, e.g. ``holdout_0006R0``). Runtimes without PyTorch read it too."""
+
     id: str
     architecture: dict[str, Any]  # {"name", "num_classes", "kwargs"}: what get_model needs
     classes: list[str]

@@ -53,6 +53,14 @@ class PublisherError(RuntimeError):
 
 
 class Publisher:
+    """The node's side of the wire: an XPUB socket bound to ``endpoint`` that sends ``[topic, header,
+    payload]`` messages under ``namespace`` (payload arrays zero-copy), knows which streams subscribers
+    want (:meth:`wants`) and how many are connected, withholds messages over the consumers' size
+    limit, and optionally encrypts and authenticates with CURVE. It owns its ZeroMQ context unless
+    given one: :meth:`close` waits (up to the linger) for queued messages to go, then terminates it.
+    Thread-safe for several cameras' pipelines through :meth:`view`.
+    """
+
     def __init__(
         self, endpoint: str, namespace: str, *, sndhwm: int = 8, linger_ms: int = 2000,
         context: zmq.Context | None = None, limits: Limits = DEFAULT_LIMITS,

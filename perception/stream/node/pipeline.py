@@ -30,6 +30,8 @@ _END = object()
 
 @dataclass
 class NodeSettings:
+    """How a :class:`Node` publishes: encodings, drawing, periods and the wait for subscribers."""
+
     frame_id: str = "camera"
     image_encoding: str = "bgr8"  # bgr8 | jpeg, for color_mask and overlay
     mask_encoding: str = "mono8"  # mono8 | png (lossless, several times smaller)
@@ -76,6 +78,18 @@ class _Counters:
 
 
 class Node:
+    """One camera's streaming loop: frames from a source, through a backend, out as messages.
+
+    :meth:`run` waits for subscribers if asked, then for each frame: skip it when nobody subscribes to
+    any frame stream, else infer, and publish only the streams someone wants (``mask``, ``color_mask``,
+    ``overlay``, ``uncertainty``), with ROS-style headers (``seq``, ``stamp_ns`` = capture time,
+    ``frame_id``); ``stats`` every ``stats_period_s`` and the latched ``info`` on every new subscriber.
+    It ends at the end of the source, on :meth:`stop` (a signal), or when a live source is gone for
+    good, and always publishes final stats (``final: true``). Returns the exit status (0, or 1 when
+    the source failed). ``class_map`` relabels the model's classes into groups before anything is
+    drawn or sent.
+    """
+
     def __init__(
         self, source: Source, backend: Backend, publisher: Publisher, settings: NodeSettings | None = None,
         *, model_id: str = "", log: Callable[[str], None] = print, class_map=None,
