@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from contextlib import ExitStack, closing
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
@@ -182,10 +183,7 @@ def _graph_of(backend) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from perception.core.cli import stop_on_signals
-    from perception.stream.node.pipeline import Node, NodeSettings
-    from perception.stream.publisher import Publisher, PublisherError
-    from perception.stream.node.sources import SourceError, SourceOptions, open_source
+    from perception.stream.node.sources import SourceOptions
 
     def fail(msg: str) -> int:
         return cli_fail("perception-node", msg)
@@ -205,28 +203,33 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     if not specs:
         return fail("--source is required (a file, folder, camera, stream URL or synthetic://)")
-    multi = len(specs) > 1  # one camera: topics and frame_id exactly as before, a NAME= prefix ignored
     print("effective config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr, flush=True)
     options = SourceOptions(
         loop=cfg.loop, realtime=cfg.realtime, resize=parse_hw(cfg.resize, option="--resize"), skip=cfg.skip,
         max_frames=cfg.max_frames, reconnect_attempts=cfg.reconnect_attempts, stall_timeout_s=cfg.stall_timeout,
     )
+    with ExitStack() as stack:  # whatever was opened is closed, in reverse order, on every way out
+        return _serve(cfg, args, specs, options, stack, fail)
+
+
+def _serve(cfg: NodeConfig, args: argparse.Namespace, specs, options, stack: ExitStack, fail) -> int:
+    """Open the sources, the model and the publisher (each closed by ``stack``), then run the cameras."""
+    from perception.core.cli import stop_on_signals
+    from perception.stream.node.pipeline import Node, NodeSettings
+    from perception.stream.node.sources import SourceError, open_source
+    from perception.stream.publisher import Publisher, PublisherError
+    from perception.stream.security import CurveError, CurveServer
+
+    multi = len(specs) > 1  # one camera: topics and frame_id exactly as before, a NAME= prefix ignored
     sources = []
-
-    def close_sources() -> None:
-        for _, src in sources:
-            src.close()
-
     for spec in specs:
         try:
-            sources.append((spec, open_source(spec.uri, options)))
+            sources.append((spec, stack.enter_context(closing(open_source(spec.uri, options)))))
         except (SourceError, ValueError) as e:
-            close_sources()
             return fail(f"camera {spec.name}: {e}" if multi else str(e))
     try:
-        backend = node_backend(cfg)
+        backend = stack.enter_context(closing(node_backend(cfg)))
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        close_sources()
         return fail(f"model: {e}")
     class_map = None
     if cfg.class_map:
@@ -235,31 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             class_map = load_class_map(cfg.class_map, list(backend.classes), list(backend.palette))
         except (FileNotFoundError, ValueError) as e:
-            close_sources()
-            backend.close()
             return fail(str(e))
-    curve = None
     if bool(cfg.curve_secret_key) != bool(cfg.curve_allow):
-        close_sources()
         return fail("--curve-secret-key and --curve-allow go together")
-    from perception.stream.security import CurveError, CurveServer
-
-    if cfg.curve_secret_key:
-        try:
-            curve = CurveServer(cfg.curve_secret_key, cfg.curve_allow)
-        except CurveError as e:
-            close_sources()
-            return fail(str(e))
     try:
-        publisher = Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm, curve=curve, checksum=cfg.checksum)
-        if not _is_local(publisher.endpoint) and curve is None:
-            print(f"perception-node: warning: publishing on {publisher.endpoint}, reachable from other machines "
-                  "without encryption or authentication: anyone who can connect receives every stream "
-                  "(see perception-keys: --curve-secret-key/--curve-allow)",
-                  file=sys.stderr, flush=True)
+        curve = CurveServer(cfg.curve_secret_key, cfg.curve_allow) if cfg.curve_secret_key else None
+        publisher = stack.enter_context(closing(
+            Publisher(cfg.publish, cfg.namespace, sndhwm=cfg.sndhwm, curve=curve, checksum=cfg.checksum)))
     except (PublisherError, CurveError) as e:
-        close_sources()
         return fail(str(e))
+    if not _is_local(publisher.endpoint) and curve is None:
+        print(f"perception-node: warning: publishing on {publisher.endpoint}, reachable from other machines "
+              "without encryption or authentication: anyone who can connect receives every stream "
+              "(see perception-keys: --curve-secret-key/--curve-allow)", file=sys.stderr, flush=True)
 
     settings = NodeSettings(
         frame_id=cfg.frame_id, image_encoding=cfg.image_encoding, mask_encoding=cfg.mask_encoding,
@@ -269,43 +260,34 @@ def main(argv: list[str] | None = None) -> int:
         log_period_s=cfg.log_period or None,
     )
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    what = f"{backend.name} backend, model {backend.card.id}, {_graph_of(backend)}"
     if multi:
         from perception.stream.node.cameras import run_cameras
 
         nodes: list = []
         stop_on_signals(lambda: [n.stop() for n in nodes])
-        print(f"publishing {cfg.namespace}/<camera>/* on {publisher.endpoint} ({backend.name} backend, model "
-              f"{backend.card.id}, {_graph_of(backend)}, cameras {', '.join(f'{s.name}={s.uri}' for s in specs)})",
-              file=sys.stderr,
-              flush=True)
-        try:
-            rc = run_cameras(sources, backend, publisher, settings, namespace=cfg.namespace,
-                             frame_id_given=args.frame_id is not None or cfg.frame_id != "camera", log=log,
-                             class_map=class_map, on_nodes=nodes.extend)
-        finally:
-            publisher.close()
-            backend.close()
+        print(f"publishing {cfg.namespace}/<camera>/* on {publisher.endpoint} ({what}, cameras "
+              f"{', '.join(f'{s.name}={s.uri}' for s in specs)})", file=sys.stderr, flush=True)
+        rc = run_cameras(sources, backend, publisher, settings, namespace=cfg.namespace,
+                         frame_id_given=args.frame_id is not None or cfg.frame_id != "camera", log=log,
+                         class_map=class_map, on_nodes=nodes.extend)
+        stack.close()  # the last messages go (publisher, then model, then sources) before "done"
         for spec, node in zip(specs, nodes):
             c = node.counters
             print(f"done [{spec.name}]: {c.processed} frames processed, {c.skipped} skipped without subscribers, "
                   f"{c.dropped} dropped", file=sys.stderr, flush=True)
         return rc
 
-    source = sources[0][1]
-    node = Node(source, backend, publisher, settings, log=log, class_map=class_map)
+    node = Node(sources[0][1], backend, publisher, settings, log=log, class_map=class_map)
     stop_on_signals(node.stop)
-    print(f"publishing {cfg.namespace}/* on {publisher.endpoint} ({backend.name} backend, model "
-          f"{backend.card.id}, {_graph_of(backend)}, source {specs[0].uri})", file=sys.stderr, flush=True)
-    try:
-        rc = node.run()
-    finally:
-        publisher.close()
-        backend.close()
+    print(f"publishing {cfg.namespace}/* on {publisher.endpoint} ({what}, source {specs[0].uri})",
+          file=sys.stderr, flush=True)
+    rc = node.run()
+    stack.close()
     c = node.counters
     print(f"done: {c.processed} frames processed, {c.skipped} skipped without subscribers, {c.dropped} dropped",
           file=sys.stderr, flush=True)
     return rc
-
 
 if __name__ == "__main__":
     sys.exit(main())
