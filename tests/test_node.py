@@ -671,3 +671,30 @@ def test_a_class_map_without_a_catch_all_leaves_the_rest_unlabelled_255(toy_mode
         assert msg.header["class_pixels"] == [int((expected == 0).sum())]
         assert (colors[seq][expected == 255] == 0).all(), "unlabelled pixels are black"
     assert any((m.data == 255).any() for m in got.values()), "the toy frames have background to leave out"
+
+
+def test_the_per_frame_step_is_a_pure_function_of_frame_labels_and_wanted_streams():
+    """render_streams without ZeroMQ or a backend: hand-made labels -> each stream's bytes."""
+    from perception.inference.postprocess import palette_lut
+    from perception.stream.node.pipeline import StreamStyle, render_streams
+    from perception.stream.protocol import decode_message, encode_header, image_header
+
+    palette = [(10, 20, 30), (200, 0, 0), (0, 200, 0)]
+    style = StreamStyle(classes=["bg", "a", "b"], palette=palette, lut=palette_lut(palette), legend=False)
+    labels = np.zeros((4, 6), np.uint8)
+    labels[1:3, 2:5] = 2
+    labels[0, 0] = 1
+    image = np.full((4, 6, 3), 100, np.uint8)
+    assert render_streams(image, labels, None, [], style) == {}
+    out = render_streams(image, labels, None, ["mask", "color_mask", "overlay", "uncertainty"], style)
+    assert set(out) == {"mask", "color_mask", "overlay"}  # no uncertainty without one
+    assert np.array_equal(out["mask"].payload, labels) and out["mask"].extra == {"class_pixels": [17, 1, 6]}
+    expected_color = np.array([palette[i][::-1] for i in labels.ravel()], np.uint8).reshape(4, 6, 3)  # BGR
+    assert np.array_equal(out["color_mask"].payload, expected_color)
+    blend = (expected_color.astype(float) + 100) / 2  # alpha 0.5 over a grey frame, by hand
+    assert np.abs(out["overlay"].payload - blend).max() <= 0.5
+    png = render_streams(image, labels, None, ["mask"], StreamStyle(**{**style.__dict__, "mask_encoding": "png"}))
+    header = image_header(seq=0, stamp_ns=1, frame_id="c", image=png["mask"].image, encoding="png")
+    assert np.array_equal(decode_message([b"segnet/mask", encode_header(header), png["mask"].payload]).data, labels)
+    unc = render_streams(image, labels, np.full((4, 6), 0.25, np.float64), ["uncertainty"], style)
+    assert unc["uncertainty"].encoding == "32FC1" and unc["uncertainty"].payload.dtype == np.float32

@@ -23,7 +23,7 @@ from perception.stream.protocol import FRAME_STREAMS, SCHEMA_VERSION, image_head
 from perception.stream.publisher import Publisher, PublisherView
 from perception.stream.node.sources import Frame, Source, SourceError
 
-__all__ = ["NodeSettings", "Node", "LatencyWindow"]
+__all__ = ["NodeSettings", "Node", "LatencyWindow", "StreamStyle", "Rendered", "render_streams"]
 
 _END = object()
 
@@ -77,6 +77,55 @@ class _Counters:
     recent: deque = field(default_factory=lambda: deque(maxlen=120))  # completion times for fps
 
 
+@dataclass(frozen=True)
+class StreamStyle:
+    """How a frame's streams are drawn and encoded (classes and colours after any class map)."""
+
+    classes: list[str]
+    palette: list[tuple[int, int, int]]
+    lut: np.ndarray  # palette_lut(palette): class id -> BGR
+    mask_encoding: str = "mono8"
+    image_encoding: str = "bgr8"
+    overlay_alpha: float = 0.5
+    legend: bool = True
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One stream of one frame, ready to send: its payload, the image the header describes, the
+    encoding, and header fields of its own (the mask's ``class_pixels``)."""
+
+    payload: np.ndarray | bytes
+    image: np.ndarray
+    encoding: str
+    extra: dict
+
+
+def render_streams(image_bgr: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray | None,
+                   wanted: list[str], style: StreamStyle) -> dict[str, Rendered]:
+    """The per-frame step, a pure function: a frame, its labels (class ids, after any class map) and
+    uncertainty, and the streams someone wants -> each stream's payload (no ZeroMQ, no clock).
+    One histogram of the labels serves the mask's ``class_pixels`` and the overlay's legend."""
+    counts = class_pixels(labels, len(style.classes))
+    images: dict[str, tuple[np.ndarray, str]] = {}
+    if "mask" in wanted:
+        images["mask"] = (labels, style.mask_encoding)
+    color = colorize(labels, style.lut) if ("color_mask" in wanted or "overlay" in wanted) else None
+    if "color_mask" in wanted:
+        images["color_mask"] = (color, style.image_encoding)
+    if "overlay" in wanted:
+        over = overlay(image_bgr, color, style.overlay_alpha)
+        if style.legend:
+            draw_legend(over, style.classes, style.palette,
+                        present=classes_present(labels, len(style.classes), counts), in_place=True)
+        images["overlay"] = (over, style.image_encoding)
+    if "uncertainty" in wanted and uncertainty is not None:
+        images["uncertainty"] = (uncertainty.astype(np.float32), "32FC1")
+    return {stream: Rendered(encode_image(img, enc), img, enc,
+                             {"class_pixels": counts.tolist()} if stream == "mask" else {})
+            for stream, (img, enc) in images.items()}
+
+
 class Node:
     """One camera's streaming loop: frames from a source, through a backend, out as messages.
 
@@ -105,6 +154,9 @@ class Node:
         self.classes = list(class_map.classes) if class_map is not None else list(backend.classes)
         self.palette = [tuple(c) for c in (class_map.palette if class_map is not None else backend.palette)]
         self.lut = palette_lut(self.palette)
+        self.style = StreamStyle(classes=self.classes, palette=self.palette, lut=self.lut,
+                                 mask_encoding=self.s.mask_encoding, image_encoding=self.s.image_encoding,
+                                 overlay_alpha=self.s.overlay_alpha, legend=self.s.legend)
         self.bayesian = backend.capabilities.uncertainty
         self.stop_event = threading.Event()
         self.counters = _Counters()
@@ -229,35 +281,16 @@ class Node:
             return False
         res = self.backend.infer(frame.image[None], uncertainty="uncertainty" in wanted)
         t1 = time.perf_counter()
-        labels = res.labels[0]
-        if self.class_map is not None:
-            labels = self.class_map.apply(labels)
-        # One histogram of the mask serves the mask header's class_pixels and the overlay's legend.
-        counts = class_pixels(labels, len(self.classes))
-        outputs: dict[str, tuple[np.ndarray | bytes, str]] = {}
-        if "mask" in wanted:
-            outputs["mask"] = (labels, self.s.mask_encoding)
-        color = colorize(labels, self.lut) if ("color_mask" in wanted or "overlay" in wanted) else None
-        enc = self.s.image_encoding
-        if "color_mask" in wanted:
-            outputs["color_mask"] = (color, enc)
-        if "overlay" in wanted:
-            over = overlay(frame.image, color, self.s.overlay_alpha)
-            if self.s.legend:
-                draw_legend(over, self.classes, self.palette,
-                            present=classes_present(labels, len(self.classes), counts), in_place=True)
-            outputs["overlay"] = (over, enc)
-        if "uncertainty" in wanted and res.uncertainty is not None:
-            outputs["uncertainty"] = (res.uncertainty[0].astype(np.float32), "32FC1")
-        payloads = {k: (encode_image(img, e), img, e) for k, (img, e) in outputs.items()}
+        labels = res.labels[0] if self.class_map is None else self.class_map.apply(res.labels[0])
+        rendered = render_streams(frame.image, labels, None if res.uncertainty is None else res.uncertainty[0],
+                                  wanted, self.style)
         t2 = time.perf_counter()
         latency = {"queue_ms": round(queue_ms, 3), "infer_ms": round((t1 - t0) * 1e3, 3),
                    "post_ms": round((t2 - t1) * 1e3, 3)}
-        for stream, (payload, img, e) in payloads.items():
-            extra = {"class_pixels": counts.tolist()} if stream == "mask" else {}
-            header = image_header(seq=frame.seq, stamp_ns=frame.stamp_ns, frame_id=self.s.frame_id, image=img,
-                                  encoding=e, latency_ms=latency, model_id=self.model_id, **extra)
-            self.pub.publish(stream, header, payload)
+        for stream, r in rendered.items():
+            header = image_header(seq=frame.seq, stamp_ns=frame.stamp_ns, frame_id=self.s.frame_id, image=r.image,
+                                  encoding=r.encoding, latency_ms=latency, model_id=self.model_id, **r.extra)
+            self.pub.publish(stream, header, r.payload)
         t3 = time.perf_counter()
         for k, v in latency.items():
             self.latency.add(k.removesuffix("_ms"), v)
