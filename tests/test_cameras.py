@@ -35,7 +35,7 @@ def test_batching_backend_runs_pending_requests_as_one_batch(toy_model):
     gate, sizes = threading.Event(), []
 
     class Gated:
-        capabilities, classes, palette = real.capabilities, real.classes, real.palette
+        card, name, capabilities, classes, palette = real.card, real.name, real.capabilities, real.classes, real.palette
 
         def infer(self, frames, **kw):
             sizes.append(len(frames))

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from perception.inference.base import Backend, Capabilities, InferenceResult
+
 __all__ = ["CameraSpec", "parse_camera_specs", "BatchingBackend", "run_cameras"]
 
 _NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_-]{0,31})=(.+)$")
@@ -53,13 +55,15 @@ class _Request:
         self.error: BaseException | None = None
 
 
-class BatchingBackend:
-    """Wraps a backend for several callers (one per camera): requests that are pending together
-    and share a frame size run as one batch; a backend whose batch is fixed at 1 runs them in turn.
-    Everything else (classes, palette, card, capabilities) is the wrapped backend's."""
+class BatchingBackend(Backend):
+    """A :class:`Backend` shared by several callers (one per camera): requests that are pending
+    together and share a frame size run as one batch on the wrapped backend; a backend whose batch is
+    fixed at 1 runs them in turn. Card, capabilities, name and network size are the wrapped backend's."""
 
-    def __init__(self, backend, *, max_batch: int = 8) -> None:
+    def __init__(self, backend: Backend, *, max_batch: int = 8) -> None:
+        super().__init__(backend.card)
         self.backend = backend
+        self.name = backend.name
         fixed = backend.capabilities.batch  # a graph with a fixed batch: at most that many per run
         self.max_batch = max_batch if fixed is None else max(1, fixed)
         self._pending: list[_Request] = []
@@ -69,8 +73,15 @@ class BatchingBackend:
         self._worker = threading.Thread(target=self._run, name="batching-backend", daemon=True)
         self._worker.start()
 
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.backend.capabilities
+
+    def network_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        return self.backend.network_size(frame_hw)
+
+    def _infer(self, frames: np.ndarray, *, probs: bool, uncertainty: bool) -> InferenceResult:
+        return self.backend.infer(frames, probs=probs, uncertainty=uncertainty)  # (infer batches whole calls)
 
     def infer(self, frames: np.ndarray, *, probs: bool = False, uncertainty: bool = False):
         if probs:
@@ -102,8 +113,6 @@ class BatchingBackend:
         return group
 
     def _run(self) -> None:
-        from perception.inference.base import InferenceResult
-
         while True:
             with self._cv:
                 while not self._pending and not self._closed:

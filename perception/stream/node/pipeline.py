@@ -13,17 +13,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from perception.inference.base import Backend
 from perception.inference.postprocess import class_pixels, classes_present, colorize, draw_legend, overlay, palette_lut
 from perception.stream.protocol import FRAME_STREAMS, SCHEMA_VERSION, image_header, encode_image
-from perception.stream.publisher import Publisher, PublisherView
 from perception.stream.node.sources import Frame, Source, SourceError
 
-__all__ = ["NodeSettings", "Node", "LatencyWindow", "StreamStyle", "Rendered", "render_streams"]
+__all__ = ["NodeSettings", "Node", "NodePublisher", "LatencyWindow", "StreamStyle", "Rendered", "render_streams"]
 
 _END = object()
 
@@ -75,6 +74,21 @@ class _Counters:
     dropped: int = 0
     started: float = field(default_factory=time.monotonic)
     recent: deque = field(default_factory=lambda: deque(maxlen=120))  # completion times for fps
+
+
+class NodePublisher(Protocol):
+    """What a :class:`Node` needs from a publisher (:class:`~perception.stream.publisher.Publisher`, a
+    camera's :class:`~perception.stream.publisher.PublisherView`, or a test's stand-in)."""
+
+    endpoint: str
+    peers: int
+
+    def poll(self, timeout_ms: int = 0) -> None: ...
+    def wants(self, stream: str) -> bool: ...
+    def take_info_request(self) -> bool: ...
+    def wait_for_subscribers(self, n: int, **kwargs: Any) -> bool: ...
+    def publish(self, stream: str, header: dict[str, Any], payload: np.ndarray | bytes) -> None: ...
+    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,7 @@ class Node:
     """
 
     def __init__(
-        self, source: Source, backend: Backend, publisher: Publisher, settings: NodeSettings | None = None,
+        self, source: Source, backend: Backend, publisher: NodePublisher, settings: NodeSettings | None = None,
         *, model_id: str = "", log: Callable[[str], None] = print, class_map=None,
     ) -> None:
         self.source = source
@@ -165,7 +179,7 @@ class Node:
         self._queue: queue.Queue = queue.Queue(maxsize=1 if source.live else max(1, self.s.queue_size))
         self._capture_done = threading.Event()
         self._oversize_warned: set[str] = set()
-        if isinstance(publisher, (Publisher, PublisherView)) and publisher.on_oversize is None:
+        if getattr(publisher, "on_oversize", False) is None:  # a publisher that reports withheld messages
             publisher.on_oversize = self._warn_oversize
 
     def _warn_oversize(self, stream: str, nbytes: int) -> None:
