@@ -580,26 +580,17 @@ def test_png_masks_equal_the_mono8_masks_of_the_same_frames(toy_model, tmp_path)
             assert sum(msg.header["class_pixels"]) == 48 * 64
 
 
-def test_a_class_map_with_a_catch_all_drives_masks_info_and_counts(toy_model, tmp_path, capsys):
-    """Toy classes bg, a, b mapped to fg = {a, b} and rest = "*": every mask equals the mapped offline
-    labels, info lists the map's classes, class_pixels counts the mapped ids; a bad name fails at start."""
-    from perception.core.class_map import load_class_map
-
-    _, model_dir = toy_model
-    video = make_video(tmp_path / "v.avi", n=5)
-    cmap_file = tmp_path / "map.yaml"
-    cmap_file.write_text('fg: {from: [a, b], color: [255, 0, 0]}\nrest: "*"\n')
-    backend = load_backend(model_dir, backend="torch")
-    cmap = load_class_map(cmap_file, list(backend.classes), list(backend.palette))
+def _stream_with_class_map(video, backend, cmap, frames: int) -> tuple[dict, dict, dict]:
+    """A node with ``cmap`` over ``video``: (masks by seq, colour masks by seq, the info map)."""
     pub = Publisher("tcp://127.0.0.1:*", "segnet")
-    node = Node(open_source(str(video)), load_backend(model_dir, backend="torch"), pub,
-                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=lambda m: None, class_map=cmap)
+    node = Node(open_source(str(video)), backend, pub, NodeSettings(wait_for_subscribers=1, wait_timeout_s=20),
+                log=lambda m: None, class_map=cmap)
     t = threading.Thread(target=node.run, daemon=True)
-    got, info, colors = {}, None, {}
+    got, colors, info = {}, {}, None
     with Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/info", "segnet/color_mask"]) as sub:
         t.start()
         deadline = time.monotonic() + 60
-        while (len(got) < 5 or info is None or len(colors) < 5) and time.monotonic() < deadline:
+        while (len(got) < frames or len(colors) < frames or info is None) and time.monotonic() < deadline:
             msg = sub.recv(timeout=1)
             if msg is None:
                 continue
@@ -611,6 +602,21 @@ def test_a_class_map_with_a_catch_all_drives_masks_info_and_counts(toy_model, tm
                 info = msg.data
         t.join(timeout=30)
     pub.close()
+    return got, colors, info
+
+
+def test_a_class_map_with_a_catch_all_drives_masks_info_and_counts(toy_model, tmp_path, capsys):
+    """Toy classes bg, a, b mapped to fg = {a, b} and rest = "*": every mask equals the mapped offline
+    labels, info lists the map's classes, class_pixels counts the mapped ids; a bad name fails at start."""
+    from perception.core.class_map import load_class_map
+
+    _, model_dir = toy_model
+    video = make_video(tmp_path / "v.avi", n=5)
+    cmap_file = tmp_path / "map.yaml"
+    cmap_file.write_text('fg: {from: [a, b], color: [255, 0, 0]}\nrest: "*"\n')
+    backend = load_backend(model_dir, backend="torch")
+    cmap = load_class_map(cmap_file, list(backend.classes), list(backend.palette))
+    got, colors, info = _stream_with_class_map(video, load_backend(model_dir, backend="torch"), cmap, 5)
     assert info["classes"] == ["fg", "rest"] and info["palette"][0] == [255, 0, 0]
     assert info["model_classes"] == ["bg", "a", "b"]
     frames = [f.image for f in open_source(str(video))]
@@ -642,26 +648,7 @@ def test_a_class_map_without_a_catch_all_leaves_the_rest_unlabelled_255(toy_mode
     cmap_file.write_text("fg: {from: [a], color: [255, 0, 0]}\n")  # bg and b are in no output class
     backend = load_backend(model_dir, backend="torch")
     cmap = load_class_map(cmap_file, list(backend.classes), list(backend.palette))
-    pub = Publisher("tcp://127.0.0.1:*", "segnet")
-    node = Node(open_source(str(video)), backend, pub, NodeSettings(wait_for_subscribers=1, wait_timeout_s=20),
-                log=lambda m: None, class_map=cmap)
-    t = threading.Thread(target=node.run, daemon=True)
-    got, colors, info = {}, {}, None
-    with Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/info", "segnet/color_mask"]) as sub:
-        t.start()
-        deadline = time.monotonic() + 60
-        while (len(got) < 3 or len(colors) < 3 or info is None) and time.monotonic() < deadline:
-            msg = sub.recv(timeout=1)
-            if msg is None:
-                continue
-            if msg.stream == "mask":
-                got[msg.header["seq"]] = msg
-            elif msg.stream == "color_mask":
-                colors[msg.header["seq"]] = msg.data
-            else:
-                info = msg.data
-        t.join(timeout=30)
-    pub.close()
+    got, colors, info = _stream_with_class_map(video, backend, cmap, 3)
     assert info["classes"] == ["fg"] and info["unlabeled"] == 255
     frames = [f.image for f in open_source(str(video))]
     for seq, msg in got.items():
