@@ -176,6 +176,17 @@ def test_a_wheel_installed_outside_the_checkout_runs_the_node_by_model_name(tmp_
     with zipfile.ZipFile(wheel) as z:
         assert all(i.file_size < 100 * 2**20 for i in z.infolist()), "each file under 100 MB"
     assert wheel.stat().st_size < 100 * 10**6, "the wheel itself under PyPI's 100 MB"
+    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(dist), str(src)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sdist,) = dist.glob("segnet_perception-*.tar.gz")
+    import tarfile
+
+    with tarfile.open(sdist) as t:
+        members = {m.name.split("/", 1)[1] for m in t.getmembers() if "/" in m.name}
+    packaged = {n for n in names if n.startswith(("perception/zoo/", "perception/assets/"))}
+    assert packaged <= members, sorted(packaged - members)[:5]  # the sdist carries what the wheel does
+    assert sdist.stat().st_size < 100 * 10**6
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
