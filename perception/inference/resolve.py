@@ -155,7 +155,7 @@ def resolve_backend(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend == "onnxruntime" and kind == "torch":
-        use_int8, why = int8_verdict(path) if tta == "none" and precision in ("auto", "int8") else (False, "")
+        use_int8 = tta == "none" and precision in ("auto", "int8") and int8_verdict(path)[0]
         if precision == "int8" and not use_int8 and not (path / INT8_ONNX_FILE).is_file():
             raise ValueError(f"--precision int8: {path} has no {INT8_ONNX_FILE} (perception-export --int8 makes one)")
         if use_int8 or precision == "int8":
