@@ -125,7 +125,7 @@ def start_node(source_uri: str, model_dir: Path, *, n_subs: int = 1, backend: st
 
     pub = Publisher(publish, "segnet")
     node = Node(open_source(source_uri, source_options), load_backend(model_dir, backend=backend), pub,
-                NodeSettings(wait_for_subscribers=n_subs, wait_timeout_s=20, **settings), log=lambda m: None)
+                NodeSettings(wait_for_subscribers=n_subs, wait_timeout=20, **settings), log=lambda m: None)
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
     return node, pub, t, result

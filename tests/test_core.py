@@ -99,3 +99,30 @@ def test_flags_and_yaml_keys_come_from_one_typed_config(cli, tmp_path):
         yaml_file.write_text("namespace: from_yaml\nstats_period: 3\nskip: 2\n")
         cfg = load_config(build_parser().parse_args(["--config", str(yaml_file), "--skip", "5"]))
         assert (cfg.namespace, cfg.stats_period, cfg.skip, cfg.info_period) == ("from_yaml", 3, 5, 5.0)
+
+
+def test_node_stage_settings_take_the_node_configs_names():
+    """SourceOptions and NodeSettings are projections of NodeConfig: every field the config also has
+    carries the config's value under the same name (nothing copied or renamed by hand)."""
+    import dataclasses
+
+    from perception.core.options import project
+    from perception.stream.node.cli import NodeConfig
+    from perception.stream.node.pipeline import NodeSettings
+    from perception.stream.node.sources import SourceOptions
+
+    config_names = {f.name for f in dataclasses.fields(NodeConfig)}
+    internal = {"queue_size", "reconnect_backoff_s"}  # not options of the node
+    for cls in (SourceOptions, NodeSettings):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names - internal <= config_names, f"{cls.__name__} fields not in NodeConfig: {names - internal - config_names}"
+    cfg = NodeConfig(stall_timeout=2.5, skip=3, loop=True, stats_period=0.25, info_period=7.0, wait_timeout=9.0,
+                     log_period=0.0, frame_id="cam_front", mask_encoding="png", overlay_alpha=0.3)
+    src = project(SourceOptions, cfg, resize=(90, 120))
+    assert (src.stall_timeout, src.skip, src.loop, src.resize) == (2.5, 3, True, (90, 120))
+    assert src.reconnect_backoff_s == SourceOptions().reconnect_backoff_s  # not in the config: its default
+    s = project(NodeSettings, cfg)
+    assert (s.stats_period, s.info_period, s.wait_timeout, s.log_period, s.frame_id, s.mask_encoding,
+            s.overlay_alpha) == (0.25, 7.0, 9.0, 0.0, "cam_front", "png", 0.3)
+    with pytest.raises(TypeError):
+        project(SourceOptions, cfg, no_such_field=1)

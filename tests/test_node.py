@@ -127,7 +127,7 @@ def test_uncertainty_stream_for_bayesian_model(toy_bayesian_model):
     pub = Publisher("tcp://127.0.0.1:*", "segnet")
     backend = load_backend(toy_bayesian_model[1], mc_samples=3)
     node = Node(open_source("synthetic://?width=64&height=48&frames=2"), backend, pub,
-                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=lambda m: None)
+                NodeSettings(wait_for_subscribers=1, wait_timeout=20), log=lambda m: None)
     sub = Subscriber(pub.endpoint, topics=["segnet/uncertainty"])
     rc = node.run()
     msg = sub.recv(timeout=5)
@@ -312,7 +312,7 @@ def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
     pub = Publisher("tcp://127.0.0.1:*", "segnet")
     logs = []
     node = Node(_FastLiveSource(200), SlowBackend(load_backend(model_dir, backend="torch")), pub,
-                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20, log_period_s=0.2), log=logs.append)
+                NodeSettings(wait_for_subscribers=1, wait_timeout=20, log_period=0.2), log=logs.append)
     sub = Subscriber(pub.endpoint, topics=["segnet/mask"])
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
@@ -472,7 +472,7 @@ def test_node_never_sends_what_consumers_refuse(toy_model):
     pub = Publisher("tcp://127.0.0.1:*", "segnet", limits=limits)
     logs = []
     node = Node(open_source("synthetic://?width=64&height=48&frames=4"), load_backend(model_dir, backend="torch"), pub,
-                NodeSettings(wait_for_subscribers=1, wait_timeout_s=20), log=logs.append)
+                NodeSettings(wait_for_subscribers=1, wait_timeout=20), log=logs.append)
     sub = Subscriber(pub.endpoint, topics=["segnet/mask", "segnet/overlay"], limits=limits)
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("rc", node.run()), daemon=True)
@@ -583,7 +583,7 @@ def test_png_masks_equal_the_mono8_masks_of_the_same_frames(toy_model, tmp_path)
 def _stream_with_class_map(video, backend, cmap, frames: int) -> tuple[dict, dict, dict]:
     """A node with ``cmap`` over ``video``: (masks by seq, colour masks by seq, the info map)."""
     pub = Publisher("tcp://127.0.0.1:*", "segnet")
-    node = Node(open_source(str(video)), backend, pub, NodeSettings(wait_for_subscribers=1, wait_timeout_s=20),
+    node = Node(open_source(str(video)), backend, pub, NodeSettings(wait_for_subscribers=1, wait_timeout=20),
                 log=lambda m: None, class_map=cmap)
     t = threading.Thread(target=node.run, daemon=True)
     got, colors, info = {}, {}, None

@@ -119,7 +119,7 @@ def test_docs_protocol_example_consumer_works(toy_model, tmp_path):
     pub = Publisher("tcp://127.0.0.1:*", "segnet")
     code = code.replace("tcp://127.0.0.1:5555", pub.endpoint) + "\nprint(mask.shape, mask.dtype, int(mask.max()))\n"
     node = Node(open_source("synthetic://?width=64&height=48&frames=3"), load_backend(toy_model[1]), pub,
-                NodeSettings(wait_for_subscribers=1, wait_timeout_s=30), log=lambda m: None)
+                NodeSettings(wait_for_subscribers=1, wait_timeout=30), log=lambda m: None)
     t = threading.Thread(target=node.run, daemon=True)
     t.start()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

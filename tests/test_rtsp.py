@@ -72,7 +72,7 @@ def test_node_rides_out_a_real_rtsp_camera_coming_and_going(toy_model, tmp_path)
     uri = f"rtsp://127.0.0.1:{server.port}/stream"
     # Started before its camera: the node waits for it under the reconnect policy, not an error.
     node, pub, t, result = start_node(uri, model_dir, n_subs=1, source_options=SourceOptions(
-        reconnect_attempts=5, reconnect_backoff_s=0.3, stall_timeout_s=2.0), stats_period_s=0.2)
+        reconnect_attempts=5, reconnect_backoff_s=0.3, stall_timeout=2.0), stats_period=0.2)
     masks: list[int] = []
     states: list[str] = []
     last_stats: dict = {}

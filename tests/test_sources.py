@@ -171,7 +171,7 @@ def test_stalled_is_reported(monkeypatch):
 
     _FlakyCapture.opens = 0
     monkeypatch.setattr(S.cv2, "VideoCapture", _FlakyCapture)
-    src = S.open_source("rtsp://camera.invalid/s", SourceOptions(stall_timeout_s=0.05, max_frames=1))
+    src = S.open_source("rtsp://camera.invalid/s", SourceOptions(stall_timeout=0.05, max_frames=1))
     list(src)
     time.sleep(0.1)
     assert src.stalled()

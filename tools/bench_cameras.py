@@ -50,7 +50,7 @@ def _run(n_cameras: int, args) -> tuple[float, int, list[int]]:
 
     reader = threading.Thread(target=count, daemon=True)
     reader.start()
-    settings = NodeSettings(wait_for_subscribers=1, wait_timeout_s=30, log_period_s=None)
+    settings = NodeSettings(wait_for_subscribers=1, wait_timeout=30, log_period=None)
     t0 = time.perf_counter()
     run_cameras(cams, backend, pub, settings, namespace="segnet", frame_id_given=False, log=lambda m: None,
                 on_nodes=nodes.extend)

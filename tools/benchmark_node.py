@@ -60,7 +60,7 @@ def bench_node(backend, video: Path, streams: list[str]) -> dict:
     from perception.stream.node.sources import open_source
 
     pub = Publisher("tcp://127.0.0.1:*", "segnet", sndhwm=1000)
-    node = Node(open_source(str(video)), backend, pub, NodeSettings(wait_for_subscribers=1, wait_timeout_s=30),
+    node = Node(open_source(str(video)), backend, pub, NodeSettings(wait_for_subscribers=1, wait_timeout=30),
                 log=lambda m: None)
     sub = Subscriber(pub.endpoint, topics=[f"segnet/{s}" for s in streams], rcvhwm=1000)
     got = []

@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["opt", "add_arguments", "merge", "validate", "flag_of", "given"]
+__all__ = ["opt", "add_arguments", "merge", "validate", "flag_of", "given", "project"]
 
 
 def opt(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, help: str | None = None,
@@ -170,3 +170,12 @@ def _kind_name(kind: Any) -> str:
     if origin is tuple:
         return "pair"
     return getattr(kind, "__name__", str(kind))
+
+
+def project(cls: type, config: Any, **overrides: Any) -> Any:
+    """An instance of dataclass ``cls`` whose fields take the same-named attributes of ``config``
+    (e.g. a stage's settings out of its CLI's config), ``overrides`` winning; fields ``config``
+    lacks keep their defaults. One name per concept: nothing is copied or renamed by hand."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(config, f.name)}
+    values.update(overrides)
+    return cls(**values)

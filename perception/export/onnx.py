@@ -20,7 +20,7 @@ import copy
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from perception.core.fileio import atomic_write_bytes
+from perception.core.options import opt
+from perception.core.sizes import parse_hw
 from perception.core.onnx_meta import METADATA_CARD_KEY, read_card_from_onnx, read_onnx_metadata  # noqa: F401 (re-exported)
 from perception.models.io import InputSpec, ModelCard, load, weights_sha256
 from perception.models.tta import TTA_MODES, with_tta
@@ -57,30 +59,66 @@ OUTPUTS = ("labels", "probs", "logits")
 DEFAULT_OPSET = 17
 
 
+def parse_batch(text: str) -> int | str:
+    """``--batch``: a positive integer, or ``dynamic``."""
+    if text == "dynamic":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"must be a positive integer or 'dynamic', got {text!r}") from None
+    if n < 1:
+        raise ValueError(f"must be >= 1, got {n}")
+    return n
+
+
+def parse_size(text: str) -> tuple[int, int] | str:
+    """``--size``: HxW (height x width), or ``dynamic``."""
+    return parse_hw(text, option="--size", minimum=32, keep_words=("dynamic",))
+
+
+def parse_outputs(text: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in text.split(",") if o.strip())
+
+
 @dataclass
 class ExportOptions:
-    unpool: str = "native"
-    opset: int = DEFAULT_OPSET
-    batch: int | None = 1  # None: dynamic
-    size: tuple[int, int] | None = field(default=None)  # None with dynamic_size=False: the card's input size
-    dynamic_size: bool = False
-    outputs: tuple[str, ...] = ("labels",)
-    fp16: bool = False
-    tta: str = "none"  # "flip": the graph averages the logits of each frame and its mirror
+    """What ``export_onnx`` builds; ``perception-export``'s flags are these fields (core.options)."""
+
+    unpool: str = opt("native", choices=tuple(UNPOOL_FORMS),
+                      help="native: standard ops only (any runtime); plugin: segnet:: custom ops for TensorRT, with "
+                           "ONNX functions for ONNX Runtime; onnx: MaxPool+MaxUnpool (ONNX Runtime only)")
+    opset: int = opt(DEFAULT_OPSET, help="ONNX opset")
+    # None (or "dynamic" on the command line): a dynamic batch axis.
+    batch: int | str | None = opt(1, parse=parse_batch, metavar="N|dynamic", help="N or 'dynamic' (default 1)")
+    # None with dynamic_size=False: the card's input size; "dynamic" sets dynamic_size.
+    size: tuple[int, int] | str | None = opt(None, parse=parse_size, metavar="HxW|dynamic",
+                                             help="HxW or 'dynamic' (default: the model's input size)")
+    dynamic_size: bool = opt(False, cli=False)
+    outputs: tuple[str, ...] = opt(("labels",), parse=parse_outputs, metavar="LIST",
+                                   help=f"comma list of {','.join(OUTPUTS)} (default labels)")
+    fp16: bool = opt(False, help="float16 compute graph (TensorRT 11 takes precision from types)")
+    tta: str = opt("none", choices=TTA_MODES,
+                   help="'flip': the graph averages the logits of each frame and its mirror (about 2x the compute)")
     # plugin form: mark the custom-op nodes ``aot=1`` so TensorRT's parser uses the plugins' ahead-of-time
     # (PTX) implementations and the engine runs without Python.
-    plugin_aot: bool = True
+    plugin_aot: bool = opt(True, cli=False)
 
     def __post_init__(self) -> None:
+        if self.batch == "dynamic":
+            self.batch = None
+        if self.size == "dynamic":
+            self.size, self.dynamic_size = None, True
         if self.unpool not in UNPOOL_FORMS:
             raise ValueError(f"unpool must be one of {sorted(UNPOOL_FORMS)}, got {self.unpool!r}")
+        self.outputs = tuple(self.outputs)
         bad = [o for o in self.outputs if o not in OUTPUTS]
         if bad or not self.outputs:
             raise ValueError(f"outputs must be a non-empty subset of {OUTPUTS}, got {self.outputs}")
         if self.tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {self.tta!r}")
-        if self.batch is not None and self.batch < 1:
-            raise ValueError("batch must be >= 1 (or dynamic)")
+        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
+            raise ValueError(f"batch must be >= 1 (or dynamic), got {self.batch!r}")
         if self.size is not None and min(self.size) < 32:
             raise ValueError(f"size {self.size} is too small: SegNet needs at least 32x32")
 

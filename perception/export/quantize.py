@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from perception.core.fileio import atomic_write_bytes
+from perception.core.options import opt
 
-__all__ = ["quantize_int8", "calibration_frames"]
+__all__ = ["quantize_int8", "calibration_frames", "Int8Options", "INT8_ACTIVATIONS"]
 
 
 def calibration_frames(folder: str | Path, *, count: int = 32, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """``count`` BGR frames spread evenly over the images in ``folder`` (resized to ``size`` = (H, W))."""
-    folder = Path(folder)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    from perception.core.fileio import list_images
+
+    paths = list_images(folder)
     if not paths:
         raise FileNotFoundError(f"no calibration images in {folder}")
     step = max(1, len(paths) // count)
@@ -38,6 +41,19 @@ def calibration_frames(folder: str | Path, *, count: int = 32, size: tuple[int, 
 
 
 INT8_ACTIVATIONS = ("u8", "s8")
+
+
+@dataclass
+class Int8Options:
+    """Static int8 quantization after export; ``perception-export``'s int8 flags are these fields."""
+
+    int8: bool = opt(False, help="int8 static quantization for ONNX Runtime CPU (needs --calibration-data)")
+    int8_activations: str = opt("u8", choices=INT8_ACTIVATIONS,
+                                help="u8: uint8 activations, ONNX Runtime's fast path on x86 (default); s8: int8, "
+                                     "the only kind TensorRT's parser takes")
+    calibration_data: str | None = opt(None, metavar="DIR",
+                                       help="folder of frames to calibrate int8 activations (e.g. train images)")
+    calibration_count: int = opt(32, check=(lambda v: v >= 1, ">= 1"), metavar="N", help="frames to calibrate on")
 
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np.ndarray], *,

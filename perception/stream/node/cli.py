@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from perception.core.config import load_yaml_options
-from perception.core.options import add_arguments, given, merge, opt, validate
+from perception.core.options import add_arguments, given, merge, opt, project, validate
 from perception.core.sizes import parse_hw
 from perception.inference import BACKEND_CHOICES
 from perception.core.cli import fail as cli_fail
@@ -204,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if not specs:
         return fail("--source is required (a file, folder, camera, stream URL or synthetic://)")
     print("effective config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr, flush=True)
-    options = SourceOptions(
-        loop=cfg.loop, realtime=cfg.realtime, resize=parse_hw(cfg.resize, option="--resize"), skip=cfg.skip,
-        max_frames=cfg.max_frames, reconnect_attempts=cfg.reconnect_attempts, stall_timeout_s=cfg.stall_timeout,
-    )
+    options = project(SourceOptions, cfg, resize=parse_hw(cfg.resize, option="--resize"))
     with ExitStack() as stack:  # whatever was opened is closed, in reverse order, on every way out
         return _serve(cfg, args, specs, options, stack, fail)
 
@@ -252,13 +249,7 @@ def _serve(cfg: NodeConfig, args: argparse.Namespace, specs, options, stack: Exi
               "without encryption or authentication: anyone who can connect receives every stream "
               "(see perception-keys: --curve-secret-key/--curve-allow)", file=sys.stderr, flush=True)
 
-    settings = NodeSettings(
-        frame_id=cfg.frame_id, image_encoding=cfg.image_encoding, mask_encoding=cfg.mask_encoding,
-        overlay_alpha=cfg.overlay_alpha, legend=cfg.legend,
-        stats_period_s=cfg.stats_period, info_period_s=cfg.info_period,
-        wait_for_subscribers=cfg.wait_for_subscribers, wait_timeout_s=cfg.wait_timeout,
-        log_period_s=cfg.log_period or None,
-    )
+    settings = project(NodeSettings, cfg)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     what = f"{backend.name} backend, model {backend.card.id}, {_graph_of(backend)}"
     if multi:

@@ -29,19 +29,22 @@ _END = object()
 
 @dataclass
 class NodeSettings:
-    """How a :class:`Node` publishes: encodings, drawing, periods and the wait for subscribers."""
+    """How a :class:`Node` publishes: encodings, drawing, periods (seconds) and the wait for subscribers.
+
+    Field names are :class:`~perception.stream.node.cli.NodeConfig`'s (the node CLI builds this with
+    :func:`perception.core.options.project`); ``queue_size`` is internal."""
 
     frame_id: str = "camera"
     image_encoding: str = "bgr8"  # bgr8 | jpeg, for color_mask and overlay
     mask_encoding: str = "mono8"  # mono8 | png (lossless, several times smaller)
     overlay_alpha: float = 0.5
     legend: bool = True
-    stats_period_s: float = 1.0
-    info_period_s: float = 5.0
+    stats_period: float = 1.0
+    info_period: float = 5.0
     queue_size: int = 2
     wait_for_subscribers: int = 0
-    wait_timeout_s: float | None = None
-    log_period_s: float | None = 10.0  # a one-line status on the log every so often (None: never)
+    wait_timeout: float | None = None
+    log_period: float | None = 10.0  # a one-line status on the log every so often (0 or None: never)
 
 
 class LatencyWindow:
@@ -146,7 +149,7 @@ class Node:
     :meth:`run` waits for subscribers if asked, then for each frame: skip it when nobody subscribes to
     any frame stream, else infer, and publish only the streams someone wants (``mask``, ``color_mask``,
     ``overlay``, ``uncertainty``), with ROS-style headers (``seq``, ``stamp_ns`` = capture time,
-    ``frame_id``); ``stats`` every ``stats_period_s`` and the latched ``info`` on every new subscriber.
+    ``frame_id``); ``stats`` every ``stats_period`` and the latched ``info`` on every new subscriber.
     It ends at the end of the source, on :meth:`stop` (a signal), or when a live source is gone for
     good, and always publishes final stats (``final: true``). Returns the exit status (0, or 1 when
     the source failed). ``class_map`` relabels the model's classes into groups before anything is
@@ -321,7 +324,7 @@ class Node:
         if self.s.wait_for_subscribers > 0:
             self.log(f"waiting for {self.s.wait_for_subscribers} subscriber(s) on {self.pub.endpoint} ...")
             if not self.pub.wait_for_subscribers(
-                self.s.wait_for_subscribers, timeout_s=self.s.wait_timeout_s, should_stop=self.stop_event.is_set
+                self.s.wait_for_subscribers, timeout_s=self.s.wait_timeout, should_stop=self.stop_event.is_set
             ):
                 if self.stop_event.is_set():
                     return 0
@@ -329,20 +332,20 @@ class Node:
         self._publish_info()
         capture = threading.Thread(target=self._capture, name="capture", daemon=True)
         capture.start()
-        next_stats = time.monotonic() + self.s.stats_period_s
-        next_info = time.monotonic() + self.s.info_period_s
-        next_log = time.monotonic() + (self.s.log_period_s or float("inf"))
+        next_stats = time.monotonic() + self.s.stats_period
+        next_info = time.monotonic() + self.s.info_period
+        next_log = time.monotonic() + (self.s.log_period or float("inf"))
         try:
             while not self.stop_event.is_set():
                 self.pub.poll(0)
                 if self.pub.take_info_request() or time.monotonic() >= next_info:
                     self._publish_info()
-                    next_info = time.monotonic() + self.s.info_period_s
+                    next_info = time.monotonic() + self.s.info_period
                 now = time.monotonic()
                 if now >= next_stats:
                     if self.pub.wants("stats"):
                         self.pub.publish_map("stats", self._map_header(), self.stats())
-                    next_stats = now + self.s.stats_period_s
+                    next_stats = now + self.s.stats_period
                 if now >= next_log:
                     st = self.stats()
                     infer = st["latency_ms"].get("infer", {}).get("p50")
@@ -350,7 +353,7 @@ class Node:
                              + (f", inference p50 {infer:.0f} ms" if infer is not None else "")
                              + f", {st['frames_dropped']} dropped, {st['subscribers']} subscriber(s), "
                              f"source {st['source_state']}")
-                    next_log = now + (self.s.log_period_s or float("inf"))
+                    next_log = now + (self.s.log_period or float("inf"))
                 try:
                     item = self._queue.get(timeout=0.05)
                 except queue.Empty:

@@ -59,6 +59,9 @@ class Frame:
 
 @dataclass
 class SourceOptions:
+    """How a source reads: field names are the node config's (``resize`` parsed to (height, width));
+    ``reconnect_backoff_s`` is internal."""
+
     loop: bool = False  # files: start again at the end
     realtime: bool = False  # files: pace at the native frame rate
     resize: tuple[int, int] | None = None  # (height, width)
@@ -66,7 +69,7 @@ class SourceOptions:
     max_frames: int | None = None
     reconnect_attempts: int = 5  # live sources
     reconnect_backoff_s: float = 0.5
-    stall_timeout_s: float = 5.0
+    stall_timeout: float = 5.0
 
 
 class Source(ABC):
@@ -149,7 +152,7 @@ class _CaptureSource(Source):
             self.cap.release()
         params = []
         if self.live:  # bound how long a dead stream can block open() and read()
-            timeout_ms = int(self.options.stall_timeout_s * 1000)
+            timeout_ms = int(self.options.stall_timeout * 1000)
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
         self.cap = cv2.VideoCapture(self._target, self._api, params)
         if not self.cap.isOpened():
@@ -260,7 +263,7 @@ class LiveCaptureSource(_CaptureSource):
     def stalled(self) -> bool:
         return (
             self.last_frame_time is not None
-            and time.monotonic() - self.last_frame_time > self.options.stall_timeout_s
+            and time.monotonic() - self.last_frame_time > self.options.stall_timeout
         )
 
 
