@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -319,6 +319,26 @@ class Node:
 
     def run(self) -> int:
         """Run until the source ends or :meth:`stop` is called; returns an exit code."""
+        if not self._start():
+            return 0  # stopped while waiting for subscribers
+        capture = threading.Thread(target=self._capture, name="capture", daemon=True)
+        capture.start()
+        try:
+            for frame in self._frames():  # from the capture thread, until the source ends or stop()
+                if self._process(frame):  # infer -> render -> publish the streams someone wants
+                    self.counters.processed += 1
+                    self.counters.recent.append(time.monotonic())
+                else:
+                    self.counters.skipped += 1
+        finally:
+            self._finish(capture)
+        if self.error is not None:
+            self.log(f"perception-node: error: {self.error}")
+            return 1
+        return 0
+
+    def _start(self) -> bool:
+        """Latch ``info``, then wait for subscribers if asked; False when stopped while waiting."""
         self.pub.poll(0)
         self._publish_info()
         if self.s.wait_for_subscribers > 0:
@@ -327,55 +347,55 @@ class Node:
                 self.s.wait_for_subscribers, timeout_s=self.s.wait_timeout, should_stop=self.stop_event.is_set
             ):
                 if self.stop_event.is_set():
-                    return 0
+                    return False
                 self.log("no subscribers in time; starting anyway")
         self._publish_info()
-        capture = threading.Thread(target=self._capture, name="capture", daemon=True)
-        capture.start()
-        next_stats = time.monotonic() + self.s.stats_period
-        next_info = time.monotonic() + self.s.info_period
-        next_log = time.monotonic() + (self.s.log_period or float("inf"))
-        try:
-            while not self.stop_event.is_set():
-                self.pub.poll(0)
-                if self.pub.take_info_request() or time.monotonic() >= next_info:
-                    self._publish_info()
-                    next_info = time.monotonic() + self.s.info_period
-                now = time.monotonic()
-                if now >= next_stats:
-                    if self.pub.wants("stats"):
-                        self.pub.publish_map("stats", self._map_header(), self.stats())
-                    next_stats = now + self.s.stats_period
-                if now >= next_log:
-                    st = self.stats()
-                    infer = st["latency_ms"].get("infer", {}).get("p50")
-                    self.log(f"{st['frames_processed']} frames, {st['fps']:.2f} fps"
-                             + (f", inference p50 {infer:.0f} ms" if infer is not None else "")
-                             + f", {st['frames_dropped']} dropped, {st['subscribers']} subscriber(s), "
-                             f"source {st['source_state']}")
-                    next_log = now + (self.s.log_period or float("inf"))
-                try:
-                    item = self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if item is _END:
-                    break
-                if self._process(item):
-                    self.counters.processed += 1
-                    self.counters.recent.append(time.monotonic())
-                else:
-                    self.counters.skipped += 1
-        finally:
-            self.stop_event.set()
-            self.source.interrupt()  # a source waiting to reconnect stops waiting
-            # A capture thread blocked inside OpenCV (opening a dead stream) is a daemon: do not wait it out.
-            capture.join(timeout=1.0)
+        return True
+
+    def _frames(self) -> Iterator[Frame]:
+        """The frames the capture thread queues, with the periodic work (``info``, ``stats``, the status
+        line) done between them, so it runs while the source is stalled too."""
+        now = time.monotonic()
+        self._next = {"stats": now + self.s.stats_period, "info": now + self.s.info_period,
+                      "log": now + (self.s.log_period or float("inf"))}
+        while not self.stop_event.is_set():
+            self._periodic()
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return
+            yield item
+
+    def _periodic(self) -> None:
+        self.pub.poll(0)
+        due = self._next
+        if self.pub.take_info_request() or time.monotonic() >= due["info"]:
+            self._publish_info()
+            due["info"] = time.monotonic() + self.s.info_period
+        now = time.monotonic()
+        if now >= due["stats"]:
             if self.pub.wants("stats"):
-                self.pub.publish_map("stats", self._map_header(), {**self.stats(), "final": True})
-        if self.error is not None:
-            self.log(f"perception-node: error: {self.error}")
-            return 1
-        return 0
+                self.pub.publish_map("stats", self._map_header(), self.stats())
+            due["stats"] = now + self.s.stats_period
+        if now >= due["log"]:
+            st = self.stats()
+            infer = st["latency_ms"].get("infer", {}).get("p50")
+            self.log(f"{st['frames_processed']} frames, {st['fps']:.2f} fps"
+                     + (f", inference p50 {infer:.0f} ms" if infer is not None else "")
+                     + f", {st['frames_dropped']} dropped, {st['subscribers']} subscriber(s), "
+                     f"source {st['source_state']}")
+            due["log"] = now + (self.s.log_period or float("inf"))
+
+    def _finish(self, capture: threading.Thread) -> None:
+        """Stop capturing and publish the final stats (``final: true``)."""
+        self.stop_event.set()
+        self.source.interrupt()  # a source waiting to reconnect stops waiting
+        # A capture thread blocked inside OpenCV (opening a dead stream) is a daemon: do not wait it out.
+        capture.join(timeout=1.0)
+        if self.pub.wants("stats"):
+            self.pub.publish_map("stats", self._map_header(), {**self.stats(), "final": True})
 
     def stop(self) -> None:
         self.stop_event.set()
