@@ -46,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(small, buf)
     size_mb = buf.tell() / 1e6
     if size_mb > args.max_mb:
-        print(f"compact_resume_state: error: {size_mb:.1f} MB is over --max-mb {args.max_mb:g}"
-              + ("" if not args.keep_optimizer else " (drop --keep-optimizer)"), file=sys.stderr)
-        return 1
+        return fail("compact_resume_state", f"{size_mb:.1f} MB is over --max-mb {args.max_mb:g}"
+                    + ("" if not args.keep_optimizer else " (drop --keep-optimizer)"), status=1)
     Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.dest, buf.getvalue())
     print(f"{args.dest}: {size_mb:.1f} MB (from {Path(args.source).stat().st_size / 1e6:.1f} MB), epoch "

@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = models_table(list_entries())
     except (OSError, ValueError) as e:
-        print(f"perception-models: error: {e}")
-        return 2
+        from perception.core.cli import fail
+
+        return fail("perception-models", str(e))
     if args.json:
         for r in rows:
             print(json.dumps(r))

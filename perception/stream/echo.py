@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except CurveError as e:
         return fail("perception-echo", str(e))
     except zmq.ZMQError as e:
-        print(f"perception-echo: error: cannot connect to {args.endpoint!r} ({e}); expected e.g. "
-              "tcp://127.0.0.1:5555", file=sys.stderr)
-        return 2
+        return fail("perception-echo", f"cannot connect to {args.endpoint!r} ({e}); expected e.g. tcp://127.0.0.1:5555")
     with sub_ctx as sub:
         rc = _echo(sub, args, stopped)
         if sub.rejections():

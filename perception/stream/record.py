@@ -246,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 msg = sub.recv(timeout=0.2)
                 if msg is None:
                     if sub.handshake_failures:
-                        print(f"perception-record: error: {handshake_failed(args.endpoint)}", file=sys.stderr)
-                        rc = 1
+                        rc = fail("perception-record", handshake_failed(args.endpoint), status=1)
                         break
                     if args.timeout is not None and time.monotonic() - last > args.timeout:
                         print(f"perception-record: nothing received for {args.timeout:g}s", file=sys.stderr)
@@ -271,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                     if len(finals) == len(prefixes):
                         break  # the node has finished its source (every camera recorded)
     except ValueError as e:  # BagError: a stream changed type mid-recording
-        print(f"perception-record: error: {e}", file=sys.stderr)
-        rc = 1
+        rc = fail("perception-record", str(e), status=1)
     finally:
         sink.close()
     if rc != 0 and not written and made_out:

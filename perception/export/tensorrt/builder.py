@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from perception.core.cli import fail
 from perception.core.fileio import atomic_write_bytes, sha256_file
 
 __all__ = ["build_parser", "main", "MissingDependency", "sidecar_path", "SIDECAR_SCHEMA"]
@@ -219,14 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     if not args.model and not args.emit_ptx:
-        log("build_engine: error: give --model (and --out) to build, and/or --emit-ptx DIR")
-        return 2
+        return fail("build_engine", "give --model (and --out) to build, and/or --emit-ptx DIR")
     # Compiling kernels (PTX, engines) must not run under Triton's CPU interpreter: with
     # TRITON_INTERPRET=1 in the environment, @triton.jit hands back interpreted functions and
     # compilation fails inside the interpreter's patched ops. Nothing here needs the interpreter.
     if os.environ.pop("TRITON_INTERPRET", None) is not None and "triton" in sys.modules:
-        log("build_engine: error: unset TRITON_INTERPRET before Triton is imported (it was, in this process)")
-        return 2
+        return fail("build_engine", "unset TRITON_INTERPRET before Triton is imported (it was, in this process)")
     try:
         if args.emit_ptx:
             emit_and_assemble_ptx(Path(args.emit_ptx), args.arch, log)
@@ -246,6 +245,5 @@ def main(argv: list[str] | None = None) -> int:
         log(f"build_engine: {e}; stopping after the steps that need neither")
         return EXIT_MISSING
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        log(f"build_engine: error: {e}")
-        return 2
+        return fail("build_engine", str(e))
     return 0
