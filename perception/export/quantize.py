@@ -18,7 +18,7 @@ import numpy as np
 from perception.core.fileio import atomic_write_bytes
 from perception.core.options import opt
 
-__all__ = ["quantize_int8", "calibration_frames", "Int8Options", "INT8_ACTIVATIONS"]
+__all__ = ["quantize_int8", "calibration_frames", "Int8Options", "INT8_ACTIVATIONS", "INT8_POOLS"]
 
 
 def calibration_frames(folder: str | Path, *, count: int = 32, size: tuple[int, int] | None = None) -> list[np.ndarray]:
@@ -41,6 +41,7 @@ def calibration_frames(folder: str | Path, *, count: int = 32, size: tuple[int, 
 
 
 INT8_ACTIVATIONS = ("u8", "s8")
+INT8_POOLS = ("quantized", "float")
 
 
 @dataclass
@@ -54,13 +55,20 @@ class Int8Options:
     calibration_data: str | None = opt(None, metavar="DIR",
                                        help="folder of frames to calibrate int8 activations (e.g. train images)")
     calibration_count: int = opt(32, check=(lambda v: v >= 1, ">= 1"), metavar="N", help="frames to calibrate on")
+    int8_pools: str = opt("quantized", choices=INT8_POOLS,
+                          help="quantized: max pooling and MaxUnpool run on the uint8 tensors (labels unchanged, "
+                               "perception.export.quantized_pools; u8 activations only); float: as quantized")
 
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np.ndarray], *,
-                  method: str = "minmax", activations: str = "u8") -> Path:
+                  method: str = "minmax", activations: str = "u8", pools: str = "quantized") -> Path:
     """Static int8 quantization (QDQ, per-channel int8 weights). ``activations``: ``u8`` (uint8, ONNX
     Runtime's fast path on x86: VNNI multiplies u8 x s8) or ``s8`` (int8: the only activation type
-    TensorRT's explicit quantization takes, as UINT8 may not be an intermediate tensor there)."""
+    TensorRT's explicit quantization takes, as UINT8 may not be an intermediate tensor there).
+    ``pools="quantized"`` then moves the pools and unpools onto the uint8 tensors (u8 only: TensorRT
+    places its own Q/DQ)."""
+    if pools not in INT8_POOLS:
+        raise ValueError(f"pools must be one of {INT8_POOLS}, got {pools!r}")
     if activations not in INT8_ACTIVATIONS:
         raise ValueError(f"activations must be one of {INT8_ACTIVATIONS}, got {activations!r}")
     import onnx
@@ -101,6 +109,10 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
             op_types_to_quantize=["Conv", "Relu"],
         )
         model = onnx.load(str(q))
+        if pools == "quantized" and activations == "u8":
+            from perception.export.quantized_pools import pools_on_quantized
+
+            model, _ = pools_on_quantized(model)
         del model.metadata_props[:]
         for k, v in {**meta, "segnet.precision": "int8", "segnet.int8_activations": activations}.items():
             e = model.metadata_props.add()

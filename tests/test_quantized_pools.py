@@ -1,0 +1,97 @@
+"""Pools and unpools on the quantized tensors (perception.export.quantized_pools): the rewritten int8
+graph predicts exactly the labels of the int8 graph it came from."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from perception.export.onnx import ExportOptions, export_onnx  # noqa: E402
+from perception.export.quantize import quantize_int8  # noqa: E402
+from perception.export.quantized_pools import pools_on_quantized  # noqa: E402
+
+
+def _session(model_or_path):
+    data = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def _labels(session, frame: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: frame[None]})[0]
+
+
+def _float_pools_int8(model_dir, tmp_path, frames, size=None):
+    fp32 = export_onnx(model_dir, tmp_path / "fp32.onnx", ExportOptions(unpool="onnx", size=size))
+    return quantize_int8(fp32, tmp_path / "int8_float_pools.onnx", frames, pools="float")
+
+
+def _pool_inputs(model) -> list[str]:
+    """The op type feeding each MaxPool/MaxUnpool-replacement: DequantizeLinear means a float pool."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "MaxPool":
+            src = producers.get(n.input[0])
+            if src is not None and src.op_type == "Pad":
+                src = producers.get(src.input[0])
+            out.append(src.op_type if src is not None else "input")
+    return out
+
+
+def test_rewrite_moves_every_pool_and_unpool_onto_the_integers(shipped_model, tmp_path):
+    rng = np.random.default_rng(0)
+    # 90x120: odd sizes at the last pools, so the -inf padding before them is rewritten too.
+    frames = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(4)]
+    before = onnx.load(str(_float_pools_int8(shipped_model, tmp_path, frames, size=(90, 120))))
+    assert set(_pool_inputs(before)) <= {"DequantizeLinear"}
+    ops_before = Counter(n.op_type for n in before.graph.node)
+    after, count = pools_on_quantized(onnx.load(str(tmp_path / "int8_float_pools.onnx")))
+    ops_after = Counter(n.op_type for n in after.graph.node)
+    assert count == ops_before["MaxPool"] + ops_before["MaxUnpool"] == 8
+    assert "DequantizeLinear" not in _pool_inputs(after)  # every pool reads the integers
+    assert ops_after["MaxUnpool"] == 0 and ops_after["ScatterElements"] == ops_before["MaxUnpool"]
+    # The full-resolution DQ before each pool and the Q after each unpool are gone.
+    assert ops_after["DequantizeLinear"] < ops_before["DequantizeLinear"]
+    assert ops_after["QuantizeLinear"] < ops_before["QuantizeLinear"]
+    a, b = _session(before), _session(after)
+    for f in frames + [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(8)]:
+        np.testing.assert_array_equal(_labels(a, f), _labels(b, f))
+    # Ties: flat regions (every window of equal values) pick the same first maximum in both graphs.
+    for value in (0, 17, 255):
+        flat = np.full((90, 120, 3), value, np.uint8)
+        np.testing.assert_array_equal(_labels(a, flat), _labels(b, flat))
+
+
+def test_rewrite_leaves_a_graph_without_qdq_pools_alone(shipped_model, tmp_path):
+    fp32 = export_onnx(shipped_model, tmp_path / "fp32.onnx", ExportOptions(unpool="onnx", size=(64, 96)))
+    model, count = pools_on_quantized(onnx.load(str(fp32)))
+    assert count == 0
+    assert Counter(n.op_type for n in model.graph.node) == Counter(n.op_type for n in onnx.load(str(fp32)).graph.node)
+
+
+def test_quantized_pools_give_the_float_pool_graphs_labels_on_every_val_frame(shipped_model, camvid_root, tmp_path):
+    """The acceptance check of the rewrite: SegNet-Basic's held-out twin (never trained on 0006R0)
+    quantized as shipped (uint8 activations) with float pools, against the same graph rewritten:
+    identical labels on all 101 val frames."""
+    import cv2
+
+    from perception.core.fileio import list_images
+
+    twin = shipped_model / "heldout_0006R0"
+    calib = [cv2.imread(str(p)) for p in list_images(camvid_root / "train") if not p.name.startswith("0006R0")][::40]
+    before_path = _float_pools_int8(twin, tmp_path, calib)
+    after, count = pools_on_quantized(onnx.load(str(before_path)))
+    assert count == 8
+    a, b = _session(before_path), _session(after)
+    val = list_images(camvid_root / "val")
+    assert len(val) == 101
+    differing = 0
+    for p in val:
+        frame = cv2.imread(str(p))
+        differing += int((_labels(a, frame) != _labels(b, frame)).sum())
+    assert differing == 0, f"{differing} pixels differ"
