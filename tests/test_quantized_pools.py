@@ -95,3 +95,45 @@ def test_quantized_pools_give_the_float_pool_graphs_labels_on_every_val_frame(sh
         frame = cv2.imread(str(p))
         differing += int((_labels(a, frame) != _labels(b, frame)).sum())
     assert differing == 0, f"{differing} pixels differ"
+
+
+def test_ship_int8_calibrates_off_the_measured_drive_and_feeds_the_auto_rule(shipped_model, camvid_root, tmp_path):
+    """tools/ship_int8.py on a copy of SegNet-Basic's held-out twin: calibration frames never come from
+    the measured drive (nor a drive the model was held out of), the card gains ``holdout_0006R0_int8``
+    from an evaluation of the written graph, and --precision auto picks that graph by it."""
+    import json
+    import shutil
+
+    from perception.core.card import load_card
+    from perception.data.splits import group_of
+    from perception.eval.scoring import evaluate_backend
+    from perception.data.loading import open_dataset
+    from perception.inference import load_backend
+    from perception.inference.resolve import int8_verdict, resolve_backend
+    from perception.train.ship_int8 import README_HEADING, _update_readme, calibration_pairs, main as ship_main
+
+    folder = tmp_path / "twin"
+    shutil.copytree(shipped_model / "heldout_0006R0", folder)
+    (folder / "model_int8.onnx").unlink(missing_ok=True)
+    card = load_card(folder)
+    pairs = calibration_pairs(card, str(camvid_root), "train+val", ["0016E5"], 6)
+    assert len(pairs) == 6 and {group_of(p[0].name) for p in pairs} == {"0001TP"}  # not 0016E5, not 0006R0
+    assert ship_main([str(folder), "--data", str(camvid_root), "--groups", "0006R0", "--count", "4"]) == 0
+    card = load_card(folder)
+    int8 = card.metrics["holdout_0006R0_int8"]
+    # The recorded number is the written graph's, re-measured here through the node's backend.
+    with load_backend(folder / "model_int8.onnx") as b:
+        again = evaluate_backend(b, open_dataset(camvid_root, "train+val", groups=["0006R0"]), progress=False)
+    assert again["miou"] == pytest.approx(int8["miou"], abs=1e-9)
+    loss = card.metrics["holdout_0006R0"]["miou"] - int8["miou"]
+    assert int8_verdict(folder)[0] == (loss <= 0.005 + 1e-9)
+    if loss <= 0.005:
+        with resolve_backend(folder, precision="auto") as b:
+            assert b.name == "onnxruntime" and b.path.name == "model_int8.onnx"
+    # Shipping again replaces the README section instead of adding a second one.
+    readme = (folder / "README.md").read_text()
+    assert readme.count(README_HEADING) == 1
+    _update_readme(folder, README_HEADING + "\n\nagain\n")
+    assert (folder / "README.md").read_text().count(README_HEADING) == 1
+    assert (folder / "README.md").read_text().startswith(readme.split(README_HEADING)[0])
+    assert "0006R0" not in json.loads((folder / "model.json").read_text())["extra"]["int8"]["calibration"]

@@ -1,0 +1,190 @@
+"""Ship a model folder's int8 graph: ``model_int8.onnx`` beside its weights, calibrated on frames of the
+drives it trained on (never the drive it is measured on), its mIoU on that drive recorded in the card
+next to fp32's (``<split>_int8``), which is what ``--precision auto`` decides on
+(:func:`perception.inference.resolve.int8_verdict`).
+
+    python tools/ship_int8.py models/segnet_basic_camvid --data ../shared/camvid --split train+val --groups 0006R0 \\
+        --twin models/segnet_basic_camvid/heldout_0006R0
+
+``--twin``: for a model that trained on every drive, its held-out twin (same recipe, the drive left
+out) gets the same treatment, and its fp32/int8 pair on frames it never saw is recorded beside the
+model's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+from perception.core.card import CARD_FILE, ModelCard, load_card
+from perception.core.cli import fail
+from perception.core.fileio import atomic_write_bytes
+from perception.core.zoo import INT8_ONNX_FILE
+
+__all__ = ["build_parser", "main", "ship_int8", "calibration_pairs"]
+
+README_HEADING = "## int8 (`model_int8.onnx`)"
+
+
+def calibration_pairs(card: ModelCard, data: str, split: str, exclude: list[str], count: int) -> list:
+    """``count`` (image, label) pairs spread evenly over ``split`` without the drives in ``exclude``
+    and those the model was held out of (``card.training.holdout``)."""
+    from perception.data.loading import open_dataset
+    from perception.data.splits import split_pairs_by_group
+
+    drives = sorted(set(exclude) | set(card.training.get("holdout") or []))
+    pairs = open_dataset(data, split).pairs
+    kept, _ = split_pairs_by_group(pairs, holdout=drives) if drives else (list(pairs), [])
+    if not kept:
+        raise ValueError(f"no calibration frames in {split} without {', '.join(drives)}")
+    step = max(1, len(kept) // count)
+    return list(kept[::step][:count])
+
+
+def ship_int8(
+    folder: str | Path, data: str, *, split: str, groups: list[str], count: int = 32, calibration_split: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export, calibrate, quantize (pools on the integers) and measure ``folder``'s int8 graph; writes
+    ``model_int8.onnx`` and the card's ``<split>_int8`` metrics. Returns the record kept in
+    ``card.extra["int8"]`` plus both metrics."""
+    import cv2
+
+    from perception.data.loading import open_dataset
+    from perception.data.splits import group_of
+    from perception.eval.card_metrics import card_metrics, metrics_key
+    from perception.eval.scoring import evaluate_backend
+    from perception.export.onnx import ExportOptions, export_onnx
+    from perception.export.quantize import quantize_int8
+    from perception.inference import load_backend
+
+    folder = Path(folder)
+    card = load_card(folder)
+    calibration_split = calibration_split or card.training.get("train_split", "train")
+    pairs = calibration_pairs(card, data, calibration_split, groups, count)
+    frames = [f for f in (cv2.imread(str(img)) for img, _ in pairs) if f is not None]
+    drives = sorted({group_of(Path(img).name) for img, _ in pairs})
+    log(f"{card.id}: calibrating on {len(frames)} frames of {calibration_split} (drives {', '.join(drives)})")
+    out = folder / INT8_ONNX_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(folder, Path(tmp) / "model.onnx", ExportOptions(unpool="onnx"))
+        quantize_int8(fp32, out, frames)
+    key = metrics_key(split, groups)
+    ds = open_dataset(data, split, groups=groups)
+    fp32_metrics = card.metrics.get(key)
+    if not isinstance(fp32_metrics, dict) or "miou" not in fp32_metrics:
+        from perception.eval.evaluate import evaluate
+        from perception.data.transforms import ToTensors
+        from perception.models.io import load
+
+        fp32_metrics = card_metrics(evaluate(load(folder), open_dataset(data, split, groups=groups, transform=ToTensors()),
+                                             card.input, progress=False, channels_last=True))
+        card.metrics[key] = fp32_metrics
+    with load_backend(out) as backend:
+        int8_metrics = card_metrics(evaluate_backend(backend, ds, progress=True))
+    card.metrics[f"{key}_int8"] = int8_metrics
+    record = {
+        "file": INT8_ONNX_FILE,
+        "command": f"python tools/ship_int8.py {folder} --data {data} --split {split} --groups {','.join(groups)} "
+                   f"--count {count}",
+        "calibration": f"{len(frames)} frames of {calibration_split} from drives {', '.join(drives)} (MinMax, u8 "
+                       "activations, s8 per-channel weights, pools on the uint8 tensors)",
+        "eval_command": f"perception-eval --model {out} --data {data} --split {split} --groups {','.join(groups)}",
+        "machine": _machine_line(),
+    }
+    card.extra["int8"] = {**card.extra.get("int8", {}), **record}
+    atomic_write_bytes(folder / CARD_FILE, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    log(f"{card.id}: {key} mIoU fp32 {100 * fp32_metrics['miou']:.2f}, int8 {100 * int8_metrics['miou']:.2f} "
+        f"({100 * (int8_metrics['miou'] - fp32_metrics['miou']):+.2f} points); wrote {out} "
+        f"({out.stat().st_size / 1e6:.1f} MB)")
+    return {**record, "key": key, "fp32": fp32_metrics, "int8": int8_metrics}
+
+
+def _machine_line() -> str:
+    import onnxruntime
+
+    from perception.train.loop import machine_description
+
+    m = machine_description()
+    return (f"{m.get('cpu')} ({m.get('cpu_count')} CPU cores), onnxruntime {onnxruntime.__version__}, "
+            f"{date.today().isoformat()}")
+
+
+def _readme_section(result: dict[str, Any], twin: dict[str, Any] | None, trained_on_measured: bool) -> str:
+    def row(label: str, m: dict[str, Any]) -> str:
+        return (f"| {label} | {100 * m['global_accuracy']:.1f} | {100 * m['class_accuracy']:.1f} | "
+                f"{100 * m['miou']:.1f} | {100 * m['bf']:.1f} |")
+
+    key = result["key"]
+    lines = [README_HEADING, "",
+             "ONNX Runtime on a CPU runs this graph by default (`--precision auto`) when its mIoU below is within 0.5 "
+             "points of fp32's; `--precision fp32` keeps the fp32 graph.", "",
+             "| graph | G | C | mIoU | BF |", "|---|---|---|---|---|",
+             row(f"fp32, {key}" + (" (frames it trained on)" if trained_on_measured else ""), result["fp32"]),
+             row(f"int8, {key}" + (" (frames it trained on)" if trained_on_measured else ""), result["int8"])]
+    if twin is not None:
+        lines += [row(f"fp32, {key}, the held-out twin (never trained on them)", twin["fp32"]),
+                  row(f"int8, {key}, the held-out twin", twin["int8"])]
+    lines += ["", f"Calibration: {result['calibration']}.", "", "```bash", result["command"], result["eval_command"],
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _update_readme(folder: Path, section: str) -> None:
+    path = folder / "README.md"
+    text = path.read_text() if path.is_file() else ""
+    if README_HEADING in text:
+        head, _, rest = text.partition(README_HEADING)
+        after = rest.split("\n## ", 1)
+        text = head + section + ("\n## " + after[1] if len(after) > 1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_bytes(path, text.encode())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ship_int8.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a model folder (models/<name>)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train+val", help="the split measured (default train+val)")
+    p.add_argument("--groups", required=True, metavar="GROUP[,GROUP]",
+                   help="the drive(s) measured, never calibrated on (e.g. 0006R0)")
+    p.add_argument("--count", type=int, default=32, help="calibration frames (default 32)")
+    p.add_argument("--calibration-split", help="default: the split the model trained on")
+    p.add_argument("--twin", help="the held-out twin folder, for a model that trained on the measured drive")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    groups = [g for g in args.groups.split(",") if g]
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        folder = Path(args.folder)
+        card = load_card(folder)
+        twin = None
+        if args.twin:
+            twin = ship_int8(args.twin, args.data, split=args.split, groups=groups, count=args.count,
+                             calibration_split=args.calibration_split, log=log)
+            _update_readme(Path(args.twin), _readme_section(twin, None, False))
+        trained_on_measured = not set(groups) <= set(card.training.get("holdout") or [])
+        result = ship_int8(folder, args.data, split=args.split, groups=groups, count=args.count,
+                           calibration_split=args.calibration_split, log=log)
+        if twin is not None:
+            card = load_card(folder)
+            card.extra["int8"]["heldout_twin"] = {"folder": str(args.twin), "key": twin["key"],
+                                                  "fp32_miou": twin["fp32"]["miou"], "int8_miou": twin["int8"]["miou"]}
+            atomic_write_bytes(folder / CARD_FILE, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+        _update_readme(folder, _readme_section(result, twin, trained_on_measured))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        return fail("ship_int8", str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
