@@ -76,25 +76,33 @@ def test_rewrite_leaves_a_graph_without_qdq_pools_alone(shipped_model, tmp_path)
 
 def test_quantized_pools_give_the_float_pool_graphs_labels_on_every_val_frame(shipped_model, camvid_root, tmp_path):
     """The acceptance check of the rewrite: SegNet-Basic's held-out twin (never trained on 0006R0)
-    quantized as shipped (uint8 activations) with float pools, against the same graph rewritten:
-    identical labels on all 101 val frames."""
+    quantized as shipped (uint8 activations) with float pools and run as the node's backend ran such
+    graphs (NCHW), against the same graph with the pools, and with the pools and unpools, on the
+    integers, each run with the layout the backend now gives it: identical labels on all 101 val frames."""
     import cv2
 
     from perception.core.fileio import list_images
+    from perception.inference.onnxruntime import disabled_optimizers
 
     twin = shipped_model / "heldout_0006R0"
     calib = [cv2.imread(str(p)) for p in list_images(camvid_root / "train") if not p.name.startswith("0006R0")][::40]
     before_path = _float_pools_int8(twin, tmp_path, calib)
-    after, count = pools_on_quantized(onnx.load(str(before_path)))
-    assert count == 8
-    a, b = _session(before_path), _session(after)
+    before = ort.InferenceSession(str(before_path), providers=["CPUExecutionProvider"],
+                                  disabled_optimizers=disabled_optimizers({"segnet.precision": "int8"}))
+    rewritten = {}
+    for unpools in (False, True):
+        model, count = pools_on_quantized(onnx.load(str(before_path)), unpools=unpools)
+        assert count == (8 if unpools else 4)
+        rewritten[unpools] = _session(model)  # ONNX Runtime's defaults: NHWC, as the backend runs these
     val = list_images(camvid_root / "val")
     assert len(val) == 101
-    differing = 0
+    differing = {False: 0, True: 0}
     for p in val:
         frame = cv2.imread(str(p))
-        differing += int((_labels(a, frame) != _labels(b, frame)).sum())
-    assert differing == 0, f"{differing} pixels differ"
+        reference = _labels(before, frame)
+        for unpools, session in rewritten.items():
+            differing[unpools] += int((_labels(session, frame) != reference).sum())
+    assert differing == {False: 0, True: 0}, f"pixels that differ: {differing}"
 
 
 def test_ship_int8_calibrates_off_the_measured_drive_and_feeds_the_auto_rule(shipped_model, camvid_root, tmp_path):
@@ -137,3 +145,26 @@ def test_ship_int8_calibrates_off_the_measured_drive_and_feeds_the_auto_rule(shi
     assert (folder / "README.md").read_text().count(README_HEADING) == 1
     assert (folder / "README.md").read_text().startswith(readme.split(README_HEADING)[0])
     assert "0006R0" not in json.loads((folder / "model.json").read_text())["extra"]["int8"]["calibration"]
+
+
+def test_int8_export_records_its_pools_and_the_backend_chooses_the_layout_by_them(shipped_model, tmp_path):
+    from perception.core.onnx_meta import read_onnx_metadata
+    from perception.inference.onnxruntime import disabled_optimizers
+
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(2)]
+    fp32 = export_onnx(shipped_model, tmp_path / "fp32.onnx", ExportOptions(unpool="onnx", size=(64, 96)))
+    seen = {}
+    for pools in ("float", "quantized", "quantized+unpools"):
+        out = quantize_int8(fp32, tmp_path / f"{pools}.onnx", frames, pools=pools)
+        meta = read_onnx_metadata(out)
+        ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+        seen[pools] = (meta["segnet.int8_pools"], ops["MaxUnpool"], ops["ScatterElements"], disabled_optimizers(meta))
+    assert seen["float"] == ("float", 4, 0, ["NhwcTransformer"])
+    assert seen["quantized"] == ("quantized", 4, 0, [])
+    assert seen["quantized+unpools"] == ("quantized+unpools", 0, 4, [])
+    # s8 activations (TensorRT's) keep float pools: TensorRT places its own Q/DQ.
+    s8 = quantize_int8(fp32, tmp_path / "s8.onnx", frames, activations="s8")
+    assert read_onnx_metadata(s8)["segnet.int8_pools"] == "float"
+    assert disabled_optimizers({"segnet.precision": "fp32"}) == []
+    assert disabled_optimizers({"segnet.precision": "int8"}) == ["NhwcTransformer"]  # graphs from before the key

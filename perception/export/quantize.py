@@ -41,7 +41,7 @@ def calibration_frames(folder: str | Path, *, count: int = 32, size: tuple[int, 
 
 
 INT8_ACTIVATIONS = ("u8", "s8")
-INT8_POOLS = ("quantized", "float")
+INT8_POOLS = ("quantized", "quantized+unpools", "float")
 
 
 @dataclass
@@ -56,8 +56,10 @@ class Int8Options:
                                        help="folder of frames to calibrate int8 activations (e.g. train images)")
     calibration_count: int = opt(32, check=(lambda v: v >= 1, ">= 1"), metavar="N", help="frames to calibrate on")
     int8_pools: str = opt("quantized", choices=INT8_POOLS,
-                          help="quantized: max pooling and MaxUnpool run on the uint8 tensors (labels unchanged, "
-                               "perception.export.quantized_pools; u8 activations only); float: as quantized")
+                          help="quantized: max pooling on the uint8 tensors (labels unchanged, "
+                               "perception.export.quantized_pools; u8 activations only); quantized+unpools: the "
+                               "unpooling too (as ScatterElements: measured slower than float MaxUnpool on 2 cores); "
+                               "float: pools as quantization leaves them")
 
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np.ndarray], *,
@@ -65,8 +67,8 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
     """Static int8 quantization (QDQ, per-channel int8 weights). ``activations``: ``u8`` (uint8, ONNX
     Runtime's fast path on x86: VNNI multiplies u8 x s8) or ``s8`` (int8: the only activation type
     TensorRT's explicit quantization takes, as UINT8 may not be an intermediate tensor there).
-    ``pools="quantized"`` then moves the pools and unpools onto the uint8 tensors (u8 only: TensorRT
-    places its own Q/DQ)."""
+    ``pools="quantized"`` then moves the pools onto the uint8 tensors, ``"quantized+unpools"`` the
+    unpooling too (u8 only: TensorRT places its own Q/DQ); the graph's ``segnet.int8_pools`` says which."""
     if pools not in INT8_POOLS:
         raise ValueError(f"pools must be one of {INT8_POOLS}, got {pools!r}")
     if activations not in INT8_ACTIVATIONS:
@@ -109,12 +111,15 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
             op_types_to_quantize=["Conv", "Relu"],
         )
         model = onnx.load(str(q))
-        if pools == "quantized" and activations == "u8":
+        if activations != "u8":
+            pools = "float"
+        if pools != "float":
             from perception.export.quantized_pools import pools_on_quantized
 
-            model, _ = pools_on_quantized(model)
+            model, _ = pools_on_quantized(model, unpools=pools == "quantized+unpools")
         del model.metadata_props[:]
-        for k, v in {**meta, "segnet.precision": "int8", "segnet.int8_activations": activations}.items():
+        for k, v in {**meta, "segnet.precision": "int8", "segnet.int8_activations": activations,
+                     "segnet.int8_pools": pools}.items():
             e = model.metadata_props.add()
             e.key, e.value = k, v
         atomic_write_bytes(onnx_out, model.SerializeToString())

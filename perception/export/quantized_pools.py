@@ -23,9 +23,10 @@ import numpy as np
 __all__ = ["pools_on_quantized"]
 
 
-def pools_on_quantized(model):
+def pools_on_quantized(model, *, unpools: bool = True):
     """Rewrite ``model`` (an ``onnx.ModelProto``, in place) so every ``DQ -> [Pad] -> MaxPool`` pools the
-    quantized tensor; returns ``(model, number of pools rewritten)``."""
+    quantized tensor, and with ``unpools`` every ``DQ -> MaxUnpool -> Slice* -> Q`` unpools it;
+    returns ``(model, number of pools and unpools rewritten)``."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -113,7 +114,7 @@ def pools_on_quantized(model):
                     g.node.remove(q)
         rewritten += 1
         _drop_dead(g)
-    for unpool in [n for n in g.node if n.op_type == "MaxUnpool"]:
+    for unpool in [n for n in g.node if n.op_type == "MaxUnpool" and unpools]:
         rewritten += _unpool_on_quantized(g, unpool, const, qparams, producers(), consumers())
     _drop_dead(g)
     if rewritten:

@@ -9,7 +9,19 @@ import numpy as np
 from perception.core.onnx_meta import read_card_from_onnx, read_onnx_metadata
 from perception.inference.base import Backend, Capabilities, InferenceResult
 
-__all__ = ["OnnxRuntimeBackend"]
+__all__ = ["OnnxRuntimeBackend", "disabled_optimizers"]
+
+
+def disabled_optimizers(meta: dict[str, str]) -> list[str]:
+    """ONNX Runtime graph rewrites to turn off for a graph with these ``segnet.*`` metadata.
+
+    ONNX Runtime's NHWC rewrite of QLinearConv transposes around the NCHW-only MaxPool/MaxUnpool
+    (indices). Around float pools (int8 graphs from before perception.export.quantized_pools) that
+    costs more than it gains, about 8% of the frame on the project's Zen 4 CPU; around pools on the
+    uint8 tensors the transposes move a quarter of the bytes and the rewrite pays (SegNet 195 -> 160
+    ms a frame, tools/profile_ops.py, docs/benchmarks.md). fp32 graphs keep ONNX Runtime's defaults."""
+    float_pools = meta.get("segnet.int8_pools", "float") == "float"
+    return ["NhwcTransformer"] if meta.get("segnet.precision") == "int8" and float_pools else []
 
 
 class OnnxRuntimeBackend(Backend):
@@ -38,10 +50,7 @@ class OnnxRuntimeBackend(Backend):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError("device cuda requested but onnxruntime has no CUDAExecutionProvider")
             providers.insert(0, "CUDAExecutionProvider")
-        # int8 graphs: ONNX Runtime's NHWC rewrite of QLinearConv has to transpose around our NCHW-only
-        # MaxPool/MaxUnpool (indices), which costs more than it gains (about 8% of the frame time on
-        # the project's Zen 4 CPU, tools/benchmark.py); keep those graphs in NCHW.
-        disabled = ["NhwcTransformer"] if self.precision == "int8" else []
+        disabled = disabled_optimizers(meta)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled)
         except Exception as e:  # ORT raises its own exception types
