@@ -28,7 +28,7 @@ def pools_on_quantized(model, *, unpools: bool = True):
     quantized tensor, and with ``unpools`` every ``DQ -> MaxUnpool -> Slice* -> Q`` unpools it;
     returns ``(model, number of pools and unpools rewritten)``."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -64,55 +64,7 @@ def pools_on_quantized(model, *, unpools: bool = True):
 
     rewritten = 0
     for pool in [n for n in g.node if n.op_type == "MaxPool"]:
-        prod, cons = producers(), consumers()
-        pad = None
-        src = prod.get(pool.input[0])
-        if src is not None and src.op_type == "Pad":
-            pad, src = src, prod.get(src.input[0])
-        if src is None or src.op_type != "DequantizeLinear" or qparams(src) is None:
-            continue
-        scale, zero = qparams(src)
-        qtype = zero.dtype
-        q_in = src.input[0]
-        x_in = q_in
-        if pad is not None:
-            mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
-            pads = const(pad.input[1]) if len(pad.input) > 1 else None
-            value = const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.float32(0)
-            if mode != b"constant" or pads is None or value is None or np.any(pads[: len(pads) // 2] != 0):
-                continue  # only end padding keeps first-max ties on a real cell
-            info = np.iinfo(qtype)
-            if np.isneginf(value):
-                qvalue = info.min
-            else:
-                k = np.round(float(value) / float(scale)) + int(zero)
-                if not (info.min <= k <= info.max) or np.float32((k - int(zero)) * np.float32(scale)) != np.float32(value):
-                    continue  # the pad value is no integer of this tensor
-                qvalue = int(k)
-            qpad_value = pool.name + "_qpad_value"
-            g.initializer.append(numpy_helper.from_array(np.array(qvalue, dtype=qtype), qpad_value))
-            qpadded = pool.name + "_qpadded"
-            g.node.append(helper.make_node("Pad", [q_in, pad.input[1], qpad_value], [qpadded],
-                                           name=pad.name + "_quantized", mode="constant"))
-            x_in = qpadded
-        # The pool on the integers; its values leave through a DQ under the old name, its indices unchanged.
-        y_float = pool.output[0]
-        y_q = y_float + "_quantized"
-        new_pool = helper.make_node("MaxPool", [x_in], [y_q] + list(pool.output[1:]), name=pool.name + "_quantized")
-        new_pool.attribute.extend(pool.attribute)
-        dq = helper.make_node("DequantizeLinear", [y_q, src.input[1], src.input[2]], [y_float],
-                              name=pool.name + "_dequantized")
-        g.node.remove(pool)
-        g.node.extend([new_pool, dq])
-        # A Q of the pooled values with the same scale and zero point returns y_q itself.
-        for q in [c for c in cons[y_float] if c is not None and c.op_type == "QuantizeLinear"]:
-            p = qparams(q)
-            if p is not None and p[0].tobytes() == scale.tobytes() and p[1].dtype == qtype and p[1].tobytes() == zero.tobytes():
-                for c in [c for c in cons[q.output[0]] if c is not None]:
-                    c.input[:] = [y_q if i == q.output[0] else i for i in c.input]
-                if None not in cons[q.output[0]]:
-                    g.node.remove(q)
-        rewritten += 1
+        rewritten += _pool_on_quantized(g, pool, const, qparams, producers(), consumers())
         _drop_dead(g)
     for unpool in [n for n in g.node if n.op_type == "MaxUnpool" and unpools]:
         rewritten += _unpool_on_quantized(g, unpool, const, qparams, producers(), consumers())
@@ -122,6 +74,61 @@ def pools_on_quantized(model, *, unpools: bool = True):
         _toposort(g)
         onnx.checker.check_model(model)
     return model, rewritten
+
+
+def _pool_on_quantized(g, pool, const, qparams, prod, cons) -> int:
+    """``DQ -> [Pad] -> MaxPool`` -> the pool (and pad) on the integers, a DQ after it under the pooled
+    tensor's old name, and a following Q of the same scale and zero point bypassed. 1 if rewritten."""
+    from onnx import helper, numpy_helper
+
+    pad = None
+    src = prod.get(pool.input[0])
+    if src is not None and src.op_type == "Pad":
+        pad, src = src, prod.get(src.input[0])
+    if src is None or src.op_type != "DequantizeLinear" or qparams(src) is None:
+        return 0
+    scale, zero = qparams(src)
+    qtype = zero.dtype
+    q_in = src.input[0]
+    x_in = q_in
+    if pad is not None:
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = const(pad.input[1]) if len(pad.input) > 1 else None
+        value = const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.float32(0)
+        if mode != b"constant" or pads is None or value is None or np.any(pads[: len(pads) // 2] != 0):
+            return 0  # only end padding keeps first-max ties on a real cell
+        info = np.iinfo(qtype)
+        if np.isneginf(value):
+            qvalue = info.min
+        else:
+            k = np.round(float(value) / float(scale)) + int(zero)
+            if not (info.min <= k <= info.max) or np.float32((k - int(zero)) * np.float32(scale)) != np.float32(value):
+                return 0  # the pad value is no integer of this tensor
+            qvalue = int(k)
+        qpad_value = pool.name + "_qpad_value"
+        g.initializer.append(numpy_helper.from_array(np.array(qvalue, dtype=qtype), qpad_value))
+        qpadded = pool.name + "_qpadded"
+        g.node.append(helper.make_node("Pad", [q_in, pad.input[1], qpad_value], [qpadded],
+                                       name=pad.name + "_quantized", mode="constant"))
+        x_in = qpadded
+    # The pool on the integers; its values leave through a DQ under the old name, its indices unchanged.
+    y_float = pool.output[0]
+    y_q = y_float + "_quantized"
+    new_pool = helper.make_node("MaxPool", [x_in], [y_q] + list(pool.output[1:]), name=pool.name + "_quantized")
+    new_pool.attribute.extend(pool.attribute)
+    dq = helper.make_node("DequantizeLinear", [y_q, src.input[1], src.input[2]], [y_float],
+                          name=pool.name + "_dequantized")
+    g.node.remove(pool)
+    g.node.extend([new_pool, dq])
+    # A Q of the pooled values with the same scale and zero point returns y_q itself.
+    for q in [c for c in cons[y_float] if c is not None and c.op_type == "QuantizeLinear"]:
+        p = qparams(q)
+        if p is not None and p[0].tobytes() == scale.tobytes() and p[1].dtype == qtype and p[1].tobytes() == zero.tobytes():
+            for c in [c for c in cons[q.output[0]] if c is not None]:
+                c.input[:] = [y_q if i == q.output[0] else i for i in c.input]
+            if None not in cons[q.output[0]]:
+                g.node.remove(q)
+    return 1
 
 
 def _unpool_on_quantized(g, unpool, const, qparams, prod, cons) -> int:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 
+from perception.core.fileio import atomic_write_bytes
 from perception.data.loading import open_dataset
 from perception.data.transforms import ToTensors
 from perception.eval.card_metrics import card_metrics, metrics_key
@@ -166,6 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     save(model, dest, card, weights_dtype=None if args.weights_dtype == "float32" else getattr(torch, args.weights_dtype))
+    readme = render_readme(card=card, model=model, args=args, rows=rows, mc=mc, recipe_run=recipe_run, history=history,
+                           run_dir=run_dir, dest=dest, split_name=split_name, m=m, groups=groups, trained_on=trained_on)
+    atomic_write_bytes(dest / "README.md", readme.encode())
+    print(json.dumps({k: m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")}, indent=2))
+    return 0
+
+
+def render_readme(
+    *, card, model, args: argparse.Namespace, rows: list, mc: dict | None, recipe_run: dict | None, history: list,
+    run_dir: Path, dest: Path, split_name: str, m: dict, groups: list[str] | None, trained_on: int,
+) -> str:
+    """The model folder's README: what it is, the measured rows, how to reproduce them, how it trained
+    (copies the run's curves beside it)."""
+    arch = card.architecture["name"]
     paper = PAPER_TEST.get(arch)
     t = card.training
     selected = t.get("selection")
@@ -260,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if (run_dir / "curves.png").is_file():
         shutil.copyfile(run_dir / "curves.png", dest / "training_curves.png")
         lines += ["![training curves](training_curves.png)", ""]
-    (dest / "README.md").write_text("\n".join(lines))
-    print(json.dumps({k: m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")}, indent=2))
-    return 0
+    return "\n".join(lines)
 
 
 def resume_lines(training: dict) -> list[str]:
