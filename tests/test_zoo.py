@@ -121,7 +121,8 @@ def test_int8_runs_by_default_only_within_half_a_point(int8_miou, expected, toy_
 
 
 def test_precision_auto_and_fp32_pick_the_graph(tmp_path):
-    """The shipped SegNet: auto runs its int8 graph (the card shows it within 0.5 points), fp32 the fp32 one."""
+    """The shipped models: auto runs each folder's int8 graph (its card shows it within 0.5 points),
+    fp32 the fp32 one."""
     pytest.importorskip("torch")
     from perception.inference.resolve import int8_verdict, resolve_backend
 
@@ -133,11 +134,12 @@ def test_precision_auto_and_fp32_pick_the_graph(tmp_path):
         assert be.name == "onnxruntime" and be.precision == "int8" and Path(be.path).name == INT8_ONNX_FILE
     finally:
         be.close()
-    basic = resolve_backend("segnet_basic_camvid")  # no int8 graph shipped: fp32 model.onnx
-    try:
+    for name in ("segnet_basic_camvid", "bayesian_segnet_basic_camvid"):
+        assert int8_verdict(ZOO_DIR / name)[0], name
+    with resolve_backend("segnet_basic_camvid") as basic:
+        assert basic.precision == "int8" and Path(basic.path).name == INT8_ONNX_FILE
+    with resolve_backend("segnet_basic_camvid", precision="fp32") as basic:
         assert basic.precision == "fp32" and Path(basic.path).name == "model.onnx"
-    finally:
-        basic.close()
 
 
 def _wheel_files(wheel: Path) -> set[str]:

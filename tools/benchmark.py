@@ -102,7 +102,12 @@ def prepare(name: str, model: Path, work: Path, calib: str | None) -> str | None
     kind, _, export = BACKENDS[name]
     if kind != "onnxruntime":
         return None
+    from perception.core.zoo import INT8_ONNX_FILE
     from perception.export.onnx import ExportOptions, export_onnx
+
+    if export.get("int8") and export["unpool"] == "onnx" and (model / INT8_ONNX_FILE).is_file():
+        print(f"{name}: the folder's shipped {INT8_ONNX_FILE}", file=sys.stderr)
+        return str(model / INT8_ONNX_FILE)  # what the node runs
 
     path = work / f"{name}.onnx"
     export_onnx(model, path, ExportOptions(unpool=export["unpool"], tta=export.get("tta", "none")))
