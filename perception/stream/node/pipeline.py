@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from perception.inference.base import Backend
+from perception.core.card import ModelCard
+from perception.inference.base import Capabilities, InferenceResult
 from perception.inference.postprocess import class_pixels, classes_present, colorize, draw_legend, overlay, palette_lut
 from perception.stream.protocol import FRAME_STREAMS, SCHEMA_VERSION, image_header, encode_image
 from perception.stream.node.sources import Frame, Source, SourceError
@@ -94,6 +95,22 @@ class NodePublisher(Protocol):
     def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None: ...
 
 
+class NodeBackend(Protocol):
+    """What a :class:`Node` needs from a backend: any :class:`~perception.inference.base.Backend`
+    (the table's, or the cameras' shared ``BatchingBackend``), or a test's stand-in."""
+
+    name: str
+    card: ModelCard
+
+    @property
+    def classes(self) -> list[str]: ...
+    @property
+    def palette(self) -> list[list[int]]: ...
+    @property
+    def capabilities(self) -> Capabilities: ...
+    def infer(self, frames: np.ndarray, *, probs: bool = False, uncertainty: bool = False) -> InferenceResult: ...
+
+
 @dataclass(frozen=True)
 class StreamStyle:
     """How a frame's streams are drawn and encoded (classes and colours after any class map)."""
@@ -157,7 +174,7 @@ class Node:
     """
 
     def __init__(
-        self, source: Source, backend: Backend, publisher: NodePublisher, settings: NodeSettings | None = None,
+        self, source: Source, backend: NodeBackend, publisher: NodePublisher, settings: NodeSettings | None = None,
         *, model_id: str = "", log: Callable[[str], None] = print, class_map=None,
     ) -> None:
         self.source = source
