@@ -29,10 +29,11 @@ __all__ = ["opt", "add_arguments", "merge", "validate", "flag_of", "given", "pro
 def opt(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, help: str | None = None,
         choices: tuple | None = None, check: tuple[Callable[[Any], bool], str] | None = None,
         flag: str | None = None, metavar: str | None = None, parse: Callable[[str], Any] | None = None,
-        cli: bool = True) -> Any:
-    """A dataclass field that is also a command-line option (``cli=False``: YAML/config only)."""
+        cli: bool = True, nargs: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option (``cli=False``: YAML/config only). A
+    ``flag`` without leading dashes makes a positional argument (``nargs`` as argparse's)."""
     metadata = {"option": {"help": help, "choices": choices, "check": check, "flag": flag, "metavar": metavar,
-                           "parse": parse, "cli": cli}}
+                           "parse": parse, "cli": cli, "nargs": nargs}}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -73,7 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         if meta.get("cli") is False or f.name in skip:
             continue
         kinds, _ = _base_types(hints[f.name])
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None}
+        positional = not flag_of(f).startswith("-")
+        kwargs: dict[str, Any] = {} if positional else {"dest": f.name, "default": None}
+        if meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
+        if not positional and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True  # a field without a default is a required flag
         text = meta.get("help") or ""
         if text == argparse.SUPPRESS:
             kwargs["help"] = argparse.SUPPRESS

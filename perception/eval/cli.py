@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 
-from perception.core.fileio import atomic_write_bytes
 from perception.core.cli import fail
+from perception.core.fileio import atomic_write_bytes
+from perception.core.options import add_arguments, given, merge, opt, validate
+from perception.inference.resolve import TTA_CHOICES
 
-__all__ = ["build_parser", "main", "format_table"]
+__all__ = ["EvalOptions", "build_parser", "parse_options", "main", "format_table"]
 
 
 def _to_tensors():
@@ -22,27 +25,44 @@ def _to_tensors():
     return ToTensors()
 
 
+@dataclass
+class EvalOptions:
+    """perception-eval's options: its flags come from these fields (core.options)."""
+
+    model: str = opt(help="a model by name (perception-models lists them), a model folder, or what the node deploys: "
+                          "an .onnx (fp32, fp16, int8) or a TensorRT .engine, evaluated through the node's backend")
+    data: str = opt(help="dataset folder (CamVid or folder layout)")
+    split: str = opt("val", help="split to evaluate (test, val, ...); '+' joins splits (train+val)")
+    groups: str | None = opt(None, metavar="GROUP[,GROUP]",
+                             help="only the frames of these drives, e.g. 0006R0 (a drive held out of training)")
+    group_pattern: str | None = opt(None, metavar="REGEX",
+                                    help="regex whose first group is an image's drive (default '^(.+?)_': CamVid's prefix)")
+    tta: str = opt("none", choices=TTA_CHOICES,
+                   help="test-time augmentation: 'flip' averages the logits of the image and its mirror")
+    json: str | None = opt(None, metavar="FILE", help="write the metrics here as JSON")
+    save_predictions: str | None = opt(None, metavar="DIR", help="one uint8 label PNG per image (class ids), same name")
+    mc_samples: int | None = opt(None, check=(lambda v: v >= 1, ">= 1"), help="Monte-Carlo dropout samples (Bayesian models)")
+    seed: int = opt(0, help="seed of the MC dropout masks")
+    precision: str = opt("fp32", choices=("fp32", "bf16"), help="PyTorch precision for model folders")
+    device: str = opt("cpu", help="cpu or cuda")
+    progress: bool = opt(True, help="a progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-eval", description=__doc__)
-    p.add_argument("--model", required=True,
-                   help="a model by name (perception-models lists them), a model folder, or what the node deploys: an .onnx "
-                        "(fp32, fp16, int8) or a TensorRT .engine, evaluated through the node's backend")
-    p.add_argument("--data", required=True, help="dataset folder (CamVid or folder layout)")
-    p.add_argument("--split", default="val", help="split to evaluate (test, val, ...); '+' joins splits (train+val)")
-    p.add_argument("--groups", metavar="GROUP[,GROUP]",
-                   help="only the frames of these drives, e.g. 0006R0 (a drive held out of training)")
-    p.add_argument("--group-pattern", metavar="REGEX", help="regex whose first group is an image's drive "
-                                                            "(default '^(.+?)_': CamVid's prefix)")
-    p.add_argument("--tta", choices=("none", "flip"), default="none",
-                   help="test-time augmentation: 'flip' averages the logits of the image and its mirror")
-    p.add_argument("--json", help="write the metrics here as JSON")
-    p.add_argument("--save-predictions", metavar="DIR", help="one uint8 label PNG per image (class ids), same name")
-    p.add_argument("--mc-samples", type=int, help="Monte-Carlo dropout samples (Bayesian models)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the MC dropout masks (default 0)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    add_arguments(p, EvalOptions)
     return p
+
+
+def parse_options(argv: list[str] | None = None) -> EvalOptions:
+    """The command line as :class:`EvalOptions` (argparse exits with status 2 on a bad or missing flag)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        return validate(merge(EvalOptions, given(args, EvalOptions)))
+    except ValueError as e:
+        p.error(str(e))  # exits with status 2, argparse's one line
+        raise  # unreachable
 
 
 def format_table(result: dict[str, Any], classes: list[str]) -> str:
@@ -56,7 +76,7 @@ def format_table(result: dict[str, Any], classes: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_options(argv)
     try:
         from perception.data.loading import open_dataset
         from perception.eval.scoring import evaluate_backend
@@ -97,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_bytes(path, buf.tobytes())
 
         if backend is not None:
-            result = evaluate_backend(backend, dataset, progress=not args.no_progress,
+            result = evaluate_backend(backend, dataset, progress=args.progress,
                                       on_prediction=save_prediction if save_dir is not None else None)
         else:
             import torch
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate(
                 model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
-                mc_samples=args.mc_samples, seed=args.seed, progress=not args.no_progress, tta=args.tta,
+                mc_samples=args.mc_samples, seed=args.seed, progress=args.progress, tta=args.tta,
                 on_prediction=save_prediction if save_dir is not None else None,
                 channels_last=torch.device(args.device).type == "cpu",
             )

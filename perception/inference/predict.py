@@ -6,31 +6,40 @@ import argparse
 import sys
 from pathlib import Path
 
-from perception.core.fileio import list_images
-from perception.inference import BACKEND_CHOICES
+from dataclasses import dataclass
 
 import cv2
 
 from perception.core.cli import fail
+from perception.core.fileio import list_images
+from perception.core.options import add_arguments, given, merge, opt, validate
+from perception.inference import BACKEND_CHOICES
 
-__all__ = ["build_parser", "main", "expand_images"]
+__all__ = ["PredictOptions", "build_parser", "main", "expand_images"]
 
+
+
+@dataclass
+class PredictOptions:
+    """perception-predict's options: its arguments come from these fields (core.options)."""
+
+    images: list[str] = opt(flag="images", nargs="+", help="image files, folders or glob patterns")
+    out: str = opt(help="output folder")
+    model: str | None = opt(None, help="a model by name (perception-models lists them), a model folder, .onnx or "
+                                       ".engine (default: the shipped default model)")
+    backend: str = opt("auto", choices=BACKEND_CHOICES,
+                       help="as perception-node chooses: an engine -> TensorRT, a folder -> its int8 or fp32 graph (or "
+                            "PyTorch for MC-dropout uncertainty), an .onnx -> ONNX Runtime")
+    alpha: float = opt(0.5, check=(lambda v: 0.0 <= v <= 1.0, "in [0, 1]"), help="overlay opacity of the colour mask")
+    legend: bool = opt(True, help="draw the legend of the classes present on the overlay")
+    save_labels: bool = opt(False, help="also write the uint8 class-id PNGs")
+    uncertainty: bool = opt(False, help="uncertainty heat maps (Bayesian models)")
+    device: str = opt("cpu", help="cpu or cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-predict", description=__doc__)
-    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--model", help="a model by name (perception-models lists them), a model folder, .onnx or "
-                                    ".engine (default: the shipped default model)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                   help="as perception-node chooses: an engine -> TensorRT, a folder -> its model.onnx (or PyTorch "
-                        "for MC-dropout uncertainty), an .onnx -> ONNX Runtime")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask")
-    p.add_argument("--no-legend", action="store_true")
-    p.add_argument("--save-labels", action="store_true", help="also write the uint8 class-id PNGs")
-    p.add_argument("--uncertainty", action="store_true", help="uncertainty heat maps (Bayesian models)")
-    p.add_argument("--device", default="cpu")
+    add_arguments(p, PredictOptions)
     return p
 
 
@@ -50,7 +59,11 @@ def expand_images(items: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = validate(merge(PredictOptions, given(parser.parse_args(argv), PredictOptions)))
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2, argparse's one line
     from perception.inference.resolve import resolve_backend
     from perception.inference.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut, uncertainty_to_bgr
 
@@ -75,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = res.labels[0]
         color = colorize(labels, lut)
         over = overlay(frame, color, args.alpha)
-        if not args.no_legend:
+        if args.legend:
             draw_legend(over, backend.classes, backend.palette, present=classes_present(labels, len(backend.classes)),
                         in_place=True)
         stem = path.stem
