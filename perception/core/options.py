@@ -23,17 +23,18 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["opt", "add_arguments", "merge", "validate", "flag_of", "given", "project"]
+__all__ = ["opt", "add_arguments", "merge", "validate", "flag_of", "given", "project", "parse_into"]
 
 
 def opt(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, help: str | None = None,
         choices: tuple | None = None, check: tuple[Callable[[Any], bool], str] | None = None,
         flag: str | None = None, metavar: str | None = None, parse: Callable[[str], Any] | None = None,
-        cli: bool = True, nargs: str | None = None) -> Any:
+        cli: bool = True, nargs: str | None = None, repeat: bool = False) -> Any:
     """A dataclass field that is also a command-line option (``cli=False``: YAML/config only). A
-    ``flag`` without leading dashes makes a positional argument (``nargs`` as argparse's)."""
+    ``flag`` without leading dashes makes a positional argument (``nargs`` as argparse's); ``repeat``
+    makes a repeatable flag whose values collect in a list."""
     metadata = {"option": {"help": help, "choices": choices, "check": check, "flag": flag, "metavar": metavar,
-                           "parse": parse, "cli": cli, "nargs": nargs}}
+                           "parse": parse, "cli": cli, "nargs": nargs, "repeat": repeat}}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -88,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
             if default not in (None, "", [], ()) and "default" not in text:
                 text = f"{text} (default: {_show(default)})" if text else f"default: {_show(default)}"
             kwargs["help"] = text
+        if meta.get("repeat"):
+            kwargs["action"] = "append"
+            inner = [t for k in kinds for t in typing.get_args(k)]
+            kinds = set(inner) or {str}
         if meta.get("parse") is not None:
             kwargs["type"] = _argparse_type(meta["parse"])
         elif kinds == {bool}:
@@ -185,3 +190,10 @@ def project(cls: type, config: Any, **overrides: Any) -> Any:
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(config, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+def parse_into(parser: argparse.ArgumentParser, cls: type, argv: list[str] | None = None) -> Any:
+    """``argv`` parsed by ``parser`` (built with :func:`add_arguments` for ``cls``) into a validated
+    ``cls``: defaults < flags. argparse exits on a malformed flag; a value outside its declared range
+    raises ValueError naming the flag (the caller prints it as its one error line)."""
+    return validate(merge(cls, given(parser.parse_args(argv), cls)))

@@ -12,28 +12,37 @@ import sys
 import time
 from collections import defaultdict, deque
 
-from perception.core.cli import fail
-from perception.stream.protocol import json_text
+from dataclasses import dataclass
 
-__all__ = ["build_parser", "main", "summarize", "class_areas"]
+from perception.core.cli import fail
+from perception.core.options import add_arguments, opt, parse_into
+from perception.stream.protocol import json_text
+from perception.stream.security import ClientKeyOptions
+
+__all__ = ["EchoOptions", "build_parser", "main", "summarize", "class_areas"]
+
+
+@dataclass(kw_only=True)
+class EchoOptions(ClientKeyOptions):
+    """perception-echo's options: its arguments come from these fields (core.options)."""
+
+    endpoint: str = opt(flag="endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
+    topic: str = opt("", flag="topic", nargs="?", help="topic prefix to subscribe to (default: all)")
+    count: int | None = opt(None, check=(lambda v: v >= 1, ">= 1"), metavar="N", help="exit after N messages")
+    timeout: float | None = opt(None, check=(lambda v: v > 0, "> 0"), metavar="SECONDS",
+                                help="exit with status 1 if nothing arrives for this many seconds")
+    rate_only: bool = opt(False, help="print only the per-topic rates, once a second")
+    json: bool = opt(False, help="one JSON object per message")
+    areas: bool = opt(False, help="with each mask, the share of the view per class (its header's class_pixels), "
+                                  "largest first")
+    stay: bool = opt(False, help="keep listening after the node's final stats (default: exit 0 when the node says "
+                                 "it is done)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-echo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("topic", nargs="?", default="", help="topic prefix to subscribe to (default: all)")
-    p.add_argument("--count", type=int, help="exit after N messages")
-    p.add_argument("--timeout", type=float, help="exit with status 1 if nothing arrives for this many seconds")
-    p.add_argument("--rate-only", action="store_true", help="print only the per-topic rates, once a second")
-    p.add_argument("--json", action="store_true", help="one JSON object per message")
-    p.add_argument("--areas", action="store_true",
-                   help="with each mask, the share of the view per class (its header's class_pixels), largest first")
-    p.add_argument("--stay", action="store_true",
-                   help="keep listening after the node's final stats (default: exit 0 when the node says it is done)")
-    from perception.stream.security import add_client_arguments
-
-    add_client_arguments(p)
+    add_arguments(p, EchoOptions)
     return p
 
 
@@ -58,13 +67,12 @@ def summarize(msg, *, areas: bool = False, classes: list[str] | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_into(build_parser(), EchoOptions, argv)
+    except ValueError as e:
+        return fail("perception-echo", str(e))
     from perception.core.cli import stop_on_signals
 
-    if args.count is not None and args.count < 1:
-        return fail("perception-echo", f"--count must be >= 1, got {args.count}")
-    if args.timeout is not None and not args.timeout > 0:
-        return fail("perception-echo", f"--timeout must be > 0, got {args.timeout:g}")
     from perception.stream.client import Subscriber
 
     stopped = stop_on_signals()

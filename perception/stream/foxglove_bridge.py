@@ -30,11 +30,15 @@ import sys
 import threading
 from typing import Any
 
+from dataclasses import dataclass
+
+from perception.core.cli import fail
+from perception.core.options import add_arguments, opt, parse_into
 from perception.stream.ondemand import OnDemandTopics
 from perception.stream.protocol import json_safe
-from perception.core.cli import fail
+from perception.stream.security import ClientKeyOptions
 
-__all__ = ["FoxgloveBridge", "build_parser", "main"]
+__all__ = ["FoxgloveBridge", "FoxgloveOptions", "build_parser", "main"]
 
 _IMAGE_STREAMS = ("color_mask", "overlay")
 DEFAULT_BACKLOG = 16  # messages queued per Foxglove client (a few frames of each stream it watches)
@@ -214,32 +218,37 @@ def _bgr(data: bytes):
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
 
 
+@dataclass(kw_only=True)
+class FoxgloveOptions(ClientKeyOptions):
+    """perception-foxglove's options: its arguments come from these fields (core.options)."""
+
+    endpoint: str = opt(flag="endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
+    host: str = opt("127.0.0.1", help="address to serve on (default: loopback only)")
+    port: int = opt(8765, check=(lambda v: 0 <= v <= 65535, "a port number (0-65535)"),
+                    help="WebSocket port (Foxglove's default 8765; 0: any free)")
+    namespace: str = opt("segnet", help="topic prefix of the node")
+    camera: list[str] | None = opt(None, repeat=True, metavar="NAME",
+                                   help="a node running several cameras: bridge this one (repeatable; channels "
+                                        "/<namespace>/<camera>/...)")
+    backlog: int = opt(DEFAULT_BACKLOG, check=(lambda v: v >= 1, ">= 1"), metavar="N",
+                       help="messages queued per Foxglove client; a client that reads slower loses the oldest, so "
+                            "its memory stays bounded")
+    image_format: str = opt("jpeg", choices=("jpeg", "raw"),
+                            help="colour mask and overlay as CompressedImage jpeg (default) or RawImage bgr8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-foxglove", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8765, help="WebSocket port (Foxglove's default 8765; 0: any free)")
-    p.add_argument("--namespace", default="segnet")
-    p.add_argument("--camera", action="append", metavar="NAME",
-                   help="a node running several cameras: bridge this one (repeatable; channels /<namespace>/<camera>/...)")
-    p.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, metavar="N",
-                   help=f"messages queued per Foxglove client (default {DEFAULT_BACKLOG}); a client that reads "
-                        "slower loses the oldest, so its memory stays bounded")
-    p.add_argument("--image-format", choices=("jpeg", "raw"), default="jpeg",
-                   help="colour mask and overlay as CompressedImage jpeg (default) or RawImage bgr8")
-    from perception.stream.security import add_client_arguments
-
-    add_client_arguments(p)
+    add_arguments(p, FoxgloveOptions)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        return fail("perception-foxglove", f"--port {args.port} is not a port number")
-    if args.backlog < 1:
-        return fail("perception-foxglove", f"--backlog must be >= 1, got {args.backlog}")
+    try:
+        args = parse_into(build_parser(), FoxgloveOptions, argv)
+    except ValueError as e:
+        return fail("perception-foxglove", str(e))
     try:
         import foxglove  # noqa: F401
     except ImportError:

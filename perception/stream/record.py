@@ -22,42 +22,55 @@ import sys
 import time
 from pathlib import Path
 
-from perception.core.cli import fail
-from perception.stream.protocol import json_text
+from dataclasses import dataclass
 
-__all__ = ["build_parser", "main"]
+from perception.core.cli import fail
+from perception.core.options import add_arguments, opt, parse_into
+from perception.stream.protocol import json_text
+from perception.stream.security import ClientKeyOptions
+
+__all__ = ["RecordOptions", "build_parser", "main"]
 
 DEFAULT_STREAMS = "mask,overlay,stats,info"
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+
+
+@dataclass(kw_only=True)
+class RecordOptions(ClientKeyOptions):
+    """perception-record's options: its arguments come from these fields (core.options)."""
+
+    endpoint: str | None = opt(None, flag="endpoint", nargs="?", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
+    out: str | None = opt(None, help="output folder (new, or empty)")
+    format: str = opt("files", choices=("files", "mcap"),
+                      help="files: PNG masks + overlay.mp4 (default); mcap: a ROS 2 bag folder")
+    namespace: str = opt("segnet", help="topic prefix of the node")
+    camera: list[str] | None = opt(None, repeat=True, metavar="NAME",
+                                   help="a node running several cameras: record this one (repeatable; topics "
+                                        "<namespace>/<camera>/<stream>; files go to OUT/<camera>/, a bag holds them all)")
+    streams: str | None = opt(None, help="comma list of streams to record (default: mask,overlay,stats,info; "
+                                         "mcap also takes color_mask and uncertainty)")
+    fps: float = opt(30.0, check=_POSITIVE, help="frame rate written into the overlay video (files)")
+    max_bag_duration: float | None = opt(None, check=_POSITIVE, metavar="SECONDS",
+                                         help="mcap: start a new .mcap file every this many seconds, so a killed "
+                                              "recorder loses at most the file in progress (as ros2 bag record "
+                                              "--max-bag-duration)")
+    chunk_size: int = opt(1 << 20, check=_POSITIVE, metavar="BYTES",
+                          help="mcap: bytes of messages per compressed chunk (default 1 MiB); a killed recorder loses "
+                               "the chunk it was filling, so smaller chunks lose less")
+    recover: str | None = opt(None, metavar="BAG",
+                              help="make a bag readable after its recorder was killed (SIGKILL, power loss), then exit")
+    count: int | None = opt(None, check=_POSITIVE, metavar="N", help="stop after N frames (mask or overlay messages)")
+    duration: float | None = opt(None, check=_POSITIVE, metavar="SECONDS", help="stop after this many seconds")
+    timeout: float | None = opt(None, check=_POSITIVE, metavar="SECONDS",
+                                help="stop (status 1) if nothing arrives for this many seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-record", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("endpoint", nargs="?", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("--out", help="output folder (new, or empty)")
-    p.add_argument("--format", choices=("files", "mcap"), default="files",
-                   help="files: PNG masks + overlay.mp4 (default); mcap: a ROS 2 bag folder")
-    p.add_argument("--namespace", default="segnet")
-    p.add_argument("--camera", action="append", metavar="NAME",
-                   help="a node running several cameras: record this one (repeatable; topics "
-                        "<namespace>/<camera>/<stream>; files go to OUT/<camera>/, a bag holds them all)")
-    p.add_argument("--streams", help="comma list of streams to record (default: mask,overlay,stats,info; "
-                   "mcap also takes color_mask and uncertainty)")
-    p.add_argument("--fps", type=float, default=30.0, help="frame rate written into the overlay video (files)")
-    p.add_argument("--max-bag-duration", type=float,
-                   help="mcap: start a new .mcap file every this many seconds, so a killed recorder loses "
-                        "at most the file in progress (as ros2 bag record --max-bag-duration)")
-    p.add_argument("--chunk-size", type=int, default=1 << 20, metavar="BYTES",
-                   help="mcap: bytes of messages per compressed chunk (default 1 MiB); a killed recorder loses "
-                        "the chunk it was filling, so smaller chunks lose less")
-    p.add_argument("--recover", metavar="BAG",
-                   help="make a bag readable after its recorder was killed (SIGKILL, power loss), then exit")
-    p.add_argument("--count", type=int, help="stop after N frames (mask or overlay messages)")
-    p.add_argument("--duration", type=float, help="stop after this many seconds")
-    p.add_argument("--timeout", type=float, help="stop (status 1) if nothing arrives for this many seconds")
-    from perception.stream.security import add_client_arguments
-
-    add_client_arguments(p)
+    add_arguments(p, RecordOptions)
     return p
 
 
@@ -168,18 +181,16 @@ def _recover(folder: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_into(parser, RecordOptions, argv)
+    except ValueError as e:
+        return fail("perception-record", str(e))
     if args.recover:
         return _recover(args.recover)
     if not args.endpoint or not args.out:
         parser.error("an endpoint and --out are required (or --recover BAG)")
-    if args.max_bag_duration is not None and (args.format != "mcap" or args.max_bag_duration <= 0):
-        parser.error("--max-bag-duration needs --format mcap and a positive number of seconds")
-    if args.chunk_size <= 0:
-        parser.error("--chunk-size must be a positive number of bytes")
-    for flag, value in (("--count", args.count), ("--duration", args.duration), ("--timeout", args.timeout)):
-        if value is not None and not value > 0:
-            return fail("perception-record", f"{flag} must be > 0, got {value:g}")
+    if args.max_bag_duration is not None and args.format != "mcap":
+        parser.error("--max-bag-duration needs --format mcap")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return fail("perception-record", f"--out {out} is a file, not a folder")

@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
 from perception.core.cli import fail
+from perception.core.options import add_arguments, opt
 
 __all__ = ["CurveError", "generate_keys", "load_public_key", "load_key_pair", "CurveServer",
            "configure_client", "add_client_arguments", "client_keys_from_args", "build_parser", "main"]
@@ -162,11 +164,19 @@ def configure_client(sock: zmq.Socket, server_key_file: str | Path, secret_key_f
     sock.curve_secretkey = secret
 
 
+@dataclass(kw_only=True)
+class ClientKeyOptions:
+    """A consumer's CURVE options (each consumer's options dataclass extends it)."""
+
+    curve_server_key: str | None = opt(None, metavar="FILE",
+                                       help="the node's public key (server.key): encrypt and authenticate with CURVE")
+    curve_secret_key: str | None = opt(None, metavar="FILE",
+                                       help="this client's key pair (client.key_secret), listed on the node with "
+                                            "--curve-allow")
+
+
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--curve-server-key", metavar="FILE",
-                   help="the node's public key (server.key): encrypt and authenticate with CURVE")
-    p.add_argument("--curve-secret-key", metavar="FILE",
-                   help="this client's key pair (client.key_secret), listed on the node with --curve-allow")
+    add_arguments(p, ClientKeyOptions)
 
 
 def handshake_failed(endpoint: str) -> str:

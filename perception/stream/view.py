@@ -23,13 +23,17 @@ import time
 from importlib import resources
 from typing import Any
 
+from dataclasses import dataclass
+
+from perception.core.cli import fail
+from perception.core.options import add_arguments, opt, parse_into
 from perception.stream.ondemand import OnDemandTopics
 from perception.stream.protocol import json_text
-from perception.core.cli import fail
+from perception.stream.security import ClientKeyOptions
 
 log = logging.getLogger("perception-view")
 
-__all__ = ["ViewState", "ViewCounters", "build_parser", "main", "make_app", "serve"]
+__all__ = ["ViewState", "ViewCounters", "ViewOptions", "build_parser", "main", "make_app", "serve"]
 
 VIEW_STREAMS = ("overlay", "color_mask", "uncertainty")  # uncertainty: Bayesian models, as a heat map
 STALE_AFTER_S = 3.0  # the node sends stats every second: this long without any message means it is gone
@@ -329,49 +333,41 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
 def _parse_http(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+REQUEST_TIMEOUT_S = 10.0  # a connection must complete its request (headers) within this
+MAX_CONNECTIONS = 256  # open connections (pages, requests in progress); more are closed at once
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+@dataclass(kw_only=True)
+class ViewOptions(ClientKeyOptions):
+    """perception-view's options: its arguments come from these fields (core.options)."""
+
+    endpoint: str = opt(flag="endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
+    http: tuple[str, int] = opt(("127.0.0.1", 8080), parse=_parse_http, metavar="HOST:PORT",
+                                help="where to serve the page (default 127.0.0.1:8080, loopback only; port 0: any free)")
+    namespace: str = opt("segnet", help="topic prefix of the node")
+    camera: list[str] | None = opt(None, repeat=True, metavar="NAME",
+                                   help="a node running several cameras: offer this one on the page (repeatable)")
+    allow_origin: list[str] | None = opt(None, repeat=True, metavar="ORIGIN",
+                                         help="let pages of this origin (e.g. http://dashboard.local:3000) open the "
+                                              "view's WebSocket (repeatable); by default only the view's own page may, "
+                                              "so other sites open in the same browser cannot read the streams")
+    max_connections: int = opt(MAX_CONNECTIONS, check=(lambda v: v >= 1, ">= 1"), metavar="N",
+                               help="open connections at most; more are closed at once")
+    request_timeout: float = opt(REQUEST_TIMEOUT_S, check=(lambda v: v > 0, "> 0"), metavar="SECONDS",
+                                 help="close a connection that has not sent a whole request in this time")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-view", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("--http", type=_parse_http, default=("127.0.0.1", 8080), metavar="HOST:PORT",
-                   help="where to serve the page (default 127.0.0.1:8080, loopback only; port 0: any free)")
-    p.add_argument("--namespace", default="segnet")
-    p.add_argument("--camera", action="append", metavar="NAME",
-                   help="a node running several cameras: offer this one on the page (repeatable)")
-    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
-                   help="let pages of this origin (e.g. http://dashboard.local:3000) open the view's WebSocket "
-                        "(repeatable); by default only the view's own page may, so other sites open in the same "
-                        "browser cannot read the streams")
-    p.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS,
-                   help=f"open connections at most (default {MAX_CONNECTIONS}); more are closed at once")
-    p.add_argument("--request-timeout", type=_positive_float, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
-                   help=f"close a connection that has not sent a whole request in this time (default {REQUEST_TIMEOUT_S:g})")
-    from perception.stream.security import add_client_arguments
-
-    add_client_arguments(p)
+    add_arguments(p, ViewOptions)
     return p
 
 
-REQUEST_TIMEOUT_S = 10.0  # a connection must complete its request (headers) within this
-MAX_CONNECTIONS = 256  # open connections (pages, requests in progress); more are closed at once
 
 
 class _Refused:
@@ -445,7 +441,10 @@ async def serve(endpoint: str, host: str, port: int, namespace: str, stop: threa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_into(build_parser(), ViewOptions, argv)
+    except ValueError as e:
+        return fail("perception-view", str(e))
     try:
         import aiohttp  # noqa: F401
     except ImportError:
