@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from perception.core.card import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, ModelCard, has_mc_dropout, load_card
+from perception.core.options import opt
 
 __all__ = ["ZOO_DIR", "MODEL_PATH_ENV", "ModelEntry", "find_model", "list_entries", "default_model_name",
            "heldout_metrics", "INT8_ONNX_FILE", "models_table", "build_parser", "main"]
@@ -159,19 +160,30 @@ def models_table(entries: list[ModelEntry]) -> list[dict[str, str]]:
     return rows
 
 
+@dataclass
+class ModelsOptions:
+    """perception-models' options (core.options)."""
+
+    json: bool = opt(False, help="one JSON object per model")
+
+
 def build_parser():
     import argparse
 
+    from perception.core.options import add_arguments
+
     p = argparse.ArgumentParser(prog="perception-models", description="List the models this install can run by "
                                 f"name: the shipped ones, and model folders in ${MODEL_PATH_ENV}.")
-    p.add_argument("--json", action="store_true", help="one JSON object per model")
+    add_arguments(p, ModelsOptions)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    args = build_parser().parse_args(argv)
+    from perception.core.options import parse_into
+
+    args = parse_into(build_parser(), ModelsOptions, argv)
     try:
         rows = models_table(list_entries())
     except (OSError, ValueError) as e:

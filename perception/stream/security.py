@@ -22,7 +22,7 @@ from pathlib import Path
 import zmq
 
 from perception.core.cli import fail
-from perception.core.options import add_arguments, opt
+from perception.core.options import add_arguments, opt, parse_into
 
 __all__ = ["CurveError", "generate_keys", "load_public_key", "load_key_pair", "CurveServer",
            "configure_client", "add_client_arguments", "client_keys_from_args", "build_parser", "main"]
@@ -197,20 +197,25 @@ def client_keys_from_args(args: argparse.Namespace) -> tuple[str, str] | None:
     return None
 
 
+@dataclass
+class GenerateKeysOptions:
+    """``perception-keys generate``: its arguments come from these fields (core.options)."""
+
+    folder: str = opt(flag="folder", help="where the key files go")
+    name: list[str] | None = opt(None, repeat=True, help="key pair name (repeatable; default: server and client)")
+    force: bool = opt(False, help="overwrite existing key files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception-keys", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="write CURVE key pairs")
-    g.add_argument("folder")
-    g.add_argument("--name", action="append",
-                   help="key pair name (repeatable; default: server and client)")
-    g.add_argument("--force", action="store_true", help="overwrite existing key files")
+    add_arguments(sub.add_parser("generate", help="write CURVE key pairs"), GenerateKeysOptions)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_into(build_parser(), GenerateKeysOptions, argv)  # one subcommand: generate
     try:
         written = generate_keys(args.folder, names=tuple(args.name or ("server", "client")), force=args.force)
     except (CurveError, OSError) as e:
