@@ -13,7 +13,7 @@ import cv2
 
 from perception.core.cli import fail
 from perception.core.fileio import atomic_write_bytes
-from perception.core.options import add_arguments, given, merge, opt, validate
+from perception.core.options import add_arguments, opt, parse_into
 from perception.inference.resolve import TTA_CHOICES
 
 __all__ = ["EvalOptions", "build_parser", "parse_options", "main", "format_table"]
@@ -57,9 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_options(argv: list[str] | None = None) -> EvalOptions:
     """The command line as :class:`EvalOptions` (argparse exits with status 2 on a bad or missing flag)."""
     p = build_parser()
-    args = p.parse_args(argv)
     try:
-        return validate(merge(EvalOptions, given(args, EvalOptions)))
+        return parse_into(p, EvalOptions, argv)
     except ValueError as e:
         p.error(str(e))  # exits with status 2, argparse's one line
         raise  # unreachable

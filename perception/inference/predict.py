@@ -12,7 +12,7 @@ import cv2
 
 from perception.core.cli import fail
 from perception.core.fileio import list_images
-from perception.core.options import add_arguments, given, merge, opt, validate
+from perception.core.options import add_arguments, opt, parse_into
 from perception.inference import BACKEND_CHOICES
 
 __all__ = ["PredictOptions", "build_parser", "main", "expand_images"]
@@ -61,7 +61,7 @@ def expand_images(items: list[str]) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = validate(merge(PredictOptions, given(parser.parse_args(argv), PredictOptions)))
+        args = parse_into(parser, PredictOptions, argv)
     except ValueError as e:
         parser.error(str(e))  # exits with status 2, argparse's one line
     from perception.inference.resolve import resolve_backend
