@@ -115,7 +115,9 @@ def test_int8_runs_by_default_only_within_half_a_point(int8_miou, expected, toy_
     metrics = {"holdout_X": {"miou": 0.400}}
     if int8_miou is not None:
         metrics["holdout_X_int8"] = {"miou": int8_miou}
-    ok, why = int8_verdict(_folder_with(tmp_path, model_dir, metrics))
+    # The card's rule alone: the stand-in graph (a copy of the fp32 one) has no weight-bits record, so
+    # the CPU rule (tests/test_int8_cpu.py) is set aside here.
+    ok, why = int8_verdict(_folder_with(tmp_path, model_dir, metrics), saturates=False)
     assert ok is expected, why
     assert not int8_verdict(_folder_with(tmp_path / "no", model_dir, {"a": {"miou": 1}}, int8=False))[0]
 

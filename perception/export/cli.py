@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             card = load_card(args.model)
             frames = calibration_frames(q.calibration_data, count=q.calibration_count,
                                         size=None if opts.dynamic_size else (opts.size or (card.input.height, card.input.width)))
-            quantize_int8(out, out, frames, activations=q.int8_activations, pools=q.int8_pools)
+            quantize_int8(out, out, frames, activations=q.int8_activations, pools=q.int8_pools,
+                          weight_bits=q.int8_weight_bits)
             check_frame = frames[len(frames) // 2]  # a real frame: int8 is judged on data like its own
     except (FileNotFoundError, ValueError) as e:
         return fail("perception-export", str(e))

@@ -42,6 +42,7 @@ def calibration_frames(folder: str | Path, *, count: int = 32, size: tuple[int, 
 
 INT8_ACTIVATIONS = ("u8", "s8")
 INT8_POOLS = ("quantized", "quantized+unpools", "float")
+INT8_WEIGHT_BITS = (7, 8)
 
 
 @dataclass
@@ -60,19 +61,32 @@ class Int8Options:
                                "perception.export.quantized_pools; u8 activations only); quantized+unpools: the "
                                "unpooling too (as ScatterElements: measured slower than float MaxUnpool on 2 cores); "
                                "float: pools as quantization leaves them")
+    int8_weight_bits: int | None = opt(None, choices=INT8_WEIGHT_BITS, metavar="BITS",
+                                       help="7: weights in [-64, 64], so ONNX Runtime's u8 x s8 products cannot "
+                                            "saturate on x86 CPUs without VNNI and every CPU computes the same "
+                                            "integers; 8: full range (exact only on VNNI CPUs and TensorRT). "
+                                            "Default: 7 with u8 activations (CPUs), 8 with s8 (TensorRT)")
 
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np.ndarray], *,
-                  method: str = "minmax", activations: str = "u8", pools: str = "quantized") -> Path:
+                  method: str = "minmax", activations: str = "u8", pools: str = "quantized",
+                  weight_bits: int | None = None) -> Path:
     """Static int8 quantization (QDQ, per-channel int8 weights). ``activations``: ``u8`` (uint8, ONNX
     Runtime's fast path on x86: VNNI multiplies u8 x s8) or ``s8`` (int8: the only activation type
     TensorRT's explicit quantization takes, as UINT8 may not be an intermediate tensor there).
     ``pools="quantized"`` then moves the pools onto the uint8 tensors, ``"quantized+unpools"`` the
-    unpooling too (u8 only: TensorRT places its own Q/DQ); the graph's ``segnet.int8_pools`` says which."""
+    unpooling too (u8 only: TensorRT places its own Q/DQ); the graph's ``segnet.int8_pools`` says which.
+    ``weight_bits`` (default 7 for u8, 8 for s8): 7-bit weights keep ONNX Runtime's u8 x s8 pair sums
+    inside int16 on x86 CPUs without VNNI (:mod:`perception.core.cpu`), so the graph's accuracy measured
+    on one CPU holds on every one; ``segnet.int8_weight_bits`` records it."""
     if pools not in INT8_POOLS:
         raise ValueError(f"pools must be one of {INT8_POOLS}, got {pools!r}")
     if activations not in INT8_ACTIVATIONS:
         raise ValueError(f"activations must be one of {INT8_ACTIVATIONS}, got {activations!r}")
+    if weight_bits is None:
+        weight_bits = 7 if activations == "u8" else 8
+    if weight_bits not in INT8_WEIGHT_BITS:
+        raise ValueError(f"weight_bits must be one of {INT8_WEIGHT_BITS}, got {weight_bits!r}")
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -106,6 +120,7 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
             str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=calib,
+            reduce_range=weight_bits == 7,  # weights only, in [-64, 64]; activations keep all 8 bits
             # Conv and the ReLU after it (ONNX Runtime fuses them into one QLinearConv). Pooling and
             # unpooling stay float: quantizing the -inf padding of odd-sized pools destroys them.
             op_types_to_quantize=["Conv", "Relu"],
@@ -119,7 +134,7 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
             model, _ = pools_on_quantized(model, unpools=pools == "quantized+unpools")
         del model.metadata_props[:]
         for k, v in {**meta, "segnet.precision": "int8", "segnet.int8_activations": activations,
-                     "segnet.int8_pools": pools}.items():
+                     "segnet.int8_pools": pools, "segnet.int8_weight_bits": str(weight_bits)}.items():
             e = model.metadata_props.add()
             e.key, e.value = k, v
         atomic_write_bytes(onnx_out, model.SerializeToString())

@@ -6,7 +6,8 @@ evaluator and the tools.
   for this machine (TensorRT and a CUDA GPU present); in PyTorch where its model samples dropout at
   test time (Bayesian SegNet: MC uncertainty) and PyTorch is installed; otherwise in ONNX Runtime:
   with ``precision="auto"`` on the folder's ``model_int8.onnx`` where its card shows the int8 graph
-  within 0.5 points of fp32's held-out mIoU (:func:`int8_verdict`), else on its ``model.onnx`` (no
+  within 0.5 points of fp32's held-out mIoU and the graph computes here what it computed where it was
+  measured (:func:`int8_verdict`, :func:`int8_cpu_verdict`), else on its ``model.onnx`` (no
   PyTorch needed), or on an export cached per weights hash; ``precision="fp32"`` keeps the fp32 graph.
 """
 
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from perception.core.cpu import isa_summary, u8s8_may_saturate
 from perception.core.card import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, has_mc_dropout, load_card
 from perception.core.fileio import sha256_file
 from perception.core.onnx_meta import read_onnx_metadata
@@ -25,7 +27,7 @@ from perception.core.zoo import INT8_ONNX_FILE, default_model_name, find_model
 from perception.inference import BACKEND_CHOICES, Backend, backend_kind, load_backend
 
 
-__all__ = ["resolve_backend", "default_model_dir", "folder_onnx", "int8_verdict", "DEFAULT_MODEL", "BACKENDS",
+__all__ = ["resolve_backend", "default_model_dir", "folder_onnx", "int8_verdict", "int8_cpu_verdict", "DEFAULT_MODEL", "BACKENDS",
            "TTA_CHOICES", "PRECISIONS", "INT8_MAX_LOSS"]
 
 DEFAULT_MODEL = default_model_name()
@@ -102,11 +104,29 @@ INT8_MAX_LOSS = 0.005  # auto runs a folder's int8 graph where its card shows at
 PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")
 
 
-def int8_verdict(model_dir: Path) -> tuple[bool, str]:
-    """Whether ``precision="auto"`` runs the folder's ``model_int8.onnx``, and why: it must be there, and
-    the card must record its held-out mIoU (``<split>_int8``) within :data:`INT8_MAX_LOSS` of fp32's."""
+def int8_cpu_verdict(onnx_path: Path, *, saturates: bool | None = None) -> tuple[bool, str]:
+    """Whether an int8 graph computes on this CPU the integers it computed where it was measured. A graph
+    with 8-bit weights (``segnet.int8_weight_bits`` 8, or absent: graphs made before the field) does not
+    on an x86 CPU without VNNI, where ONNX Runtime's u8 x s8 pair sums saturate int16
+    (:mod:`perception.core.cpu`; measured there: 37.3 -> 30.4 held-out mIoU). 7-bit weights cannot."""
+    bits = read_onnx_metadata(onnx_path).get("segnet.int8_weight_bits", "8")
+    if bits == "7" or not (u8s8_may_saturate() if saturates is None else saturates):
+        return True, f"{bits}-bit weights on {isa_summary()}"
+    return False, (f"{onnx_path.name} has 8-bit weights and this CPU ({isa_summary()}) has no VNNI: ONNX Runtime's "
+                   "u8 x s8 sums saturate here, so the card's int8 mIoU does not hold (perception-export --int8 "
+                   "makes a 7-bit-weight graph that is exact on every CPU)")
+
+
+def int8_verdict(model_dir: Path, *, saturates: bool | None = None) -> tuple[bool, str]:
+    """Whether ``precision="auto"`` runs the folder's ``model_int8.onnx``, and why: it must be there,
+    the card must record its held-out mIoU (``<split>_int8``) within :data:`INT8_MAX_LOSS` of fp32's,
+    and the graph must compute the same here (:func:`int8_cpu_verdict`; ``saturates`` overrides the
+    CPU probe, for tests)."""
     if not (model_dir / INT8_ONNX_FILE).is_file():
         return False, f"no {INT8_ONNX_FILE}"
+    cpu_ok, cpu_why = int8_cpu_verdict(model_dir / INT8_ONNX_FILE, saturates=saturates)
+    if not cpu_ok:
+        return False, cpu_why
     card = load_card(model_dir)
     for key, m in card.metrics.items():
         base = card.metrics.get(key.removesuffix("_int8"))
@@ -117,6 +137,12 @@ def int8_verdict(model_dir: Path) -> tuple[bool, str]:
                 return True, f"int8 {100 * m['miou']:.1f} vs fp32 {100 * base['miou']:.1f} mIoU on {split}"
             return False, f"int8 loses {100 * loss:.2f} points of mIoU on {split} (more than {100 * INT8_MAX_LOSS:g})"
     return False, "its card records no held-out int8 mIoU next to fp32's"
+
+
+def _warn_if_int8_differs_here(onnx_path: Path) -> None:
+    ok, why = int8_cpu_verdict(onnx_path)
+    if not ok:
+        print(f"warning: {why}", file=sys.stderr)
 
 
 def resolve_backend(
@@ -155,18 +181,25 @@ def resolve_backend(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend == "onnxruntime" and kind == "torch":
-        use_int8 = tta == "none" and precision in ("auto", "int8") and int8_verdict(path)[0]
+        verdict = int8_verdict(path)
+        use_int8 = tta == "none" and precision in ("auto", "int8") and verdict[0]
+        if precision == "auto" and tta == "none" and not use_int8 and (path / INT8_ONNX_FILE).is_file():
+            print(f"note: {path.name}: fp32, not {INT8_ONNX_FILE}: {verdict[1]}", file=sys.stderr)
         if precision == "int8" and not use_int8 and not (path / INT8_ONNX_FILE).is_file():
             raise ValueError(f"--precision int8: {path} has no {INT8_ONNX_FILE} (perception-export --int8 makes one)")
         if use_int8 or precision == "int8":
             path = path / INT8_ONNX_FILE
+            _warn_if_int8_differs_here(path)
         elif precision == "auto" and not (path / ONNX_FILE).is_file() and (path / INT8_ONNX_FILE).is_file() \
                 and not _torch_available():
             path = path / INT8_ONNX_FILE  # the only graph this install can run
+            _warn_if_int8_differs_here(path)
         else:
             path = folder_onnx(path, tta)
     elif precision == "int8" and not (kind == "onnxruntime" and read_onnx_metadata(path).get("segnet.precision") == "int8"):
         raise ValueError("--precision int8 runs a model folder's int8 graph (or pass an int8 .onnx)")
+    elif kind == "onnxruntime" and read_onnx_metadata(path).get("segnet.precision") == "int8":
+        _warn_if_int8_differs_here(path)
     elif backend == "torch" and kind != "torch":
         raise ValueError(f"--backend torch needs a model folder, got {path}")
     opts: dict[str, Any] = {}

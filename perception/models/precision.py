@@ -6,11 +6,47 @@ from contextlib import nullcontext
 
 import torch
 
-__all__ = ["autocast_context"]
+__all__ = ["autocast_context", "native_bf16", "resolve_amp", "AMP_CHOICES"]
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 convolutions run natively here: on a CUDA GPU that supports bf16; on a CPU with
+    AVX512_BF16 or AMX (oneDNN's bf16 kernels). Elsewhere bf16 autocast is emulated: measured 9x
+    *slower* than fp32 for a SegNet-Basic training step on a Zen 3 (AVX2), where the AVX-512 BF16 Zen 5
+    it was chosen on ran it about 2x faster."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_amp(amp: str, device: torch.device | str) -> tuple[str, str | None]:
+    """The precision ``amp`` means on ``device``, and a line to tell the user (None: nothing to say).
+    ``auto``: bf16 where it is native, else off. An explicit bf16 where it is emulated runs as asked,
+    with a warning."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
+    native = native_bf16(device)
+    if amp == "auto":
+        if native:
+            return "bf16", None
+        return "off", f"amp auto: fp32 on this {torch.device(device).type} (no native bf16: AVX512_BF16 or AMX)"
+    if amp == "bf16" and not native:
+        return "bf16", (f"warning: --amp bf16 on a {torch.device(device).type} without native bf16 (AVX512_BF16 or "
+                        "AMX) is emulated and can be several times slower than fp32: --amp auto or off")
+    return amp, None
 
 
 def autocast_context(device: torch.device | str, amp: str):
     device = torch.device(device)
+    if amp == "auto":
+        amp = resolve_amp(amp, device)[0]
     if amp == "off":
         return nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]

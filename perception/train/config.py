@@ -92,7 +92,9 @@ class TrainConfig:
     class_weight_power: float = opt(1.0, help="raise the class weights to this power (0.5 softens median frequency balancing)")
     loss_normalization: str = opt("valid_pixels", choices=("valid_pixels", "weights"),
                                   help="valid_pixels (Caffe's) or weights (PyTorch's weighted mean)")
-    amp: str = opt("off", choices=("bf16", "fp16", "off"))
+    amp: str = opt("off", choices=("auto", "bf16", "fp16", "off"),
+                   help="autocast precision; auto: bf16 where the device runs it natively (CUDA, or a CPU with "
+                        "AVX512_BF16/AMX), else fp32 (bf16 is emulated, several times slower, elsewhere)")
     channels_last: bool = opt(False)
     compile: bool = opt(False, help="torch.compile the training forward and backward (1.1x for SegNet on a "
                                    "2-core Zen 4 CPU: tools/bench_train_step.py; a minute or two of compiling first)")
@@ -147,8 +149,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "amp": "off",
         "epochs": 300,
     },
-    # Fast on a 2-core CPU: bf16 autocast + channels_last (about 2.5x fp32), crops with scale and colour
-    # jitter (generalisation to unseen sequences), AdamW with warmup and cosine decay.
+    # Fast on a 2-core CPU: bf16 autocast where the CPU has it natively (about 2.5x fp32 on AVX-512 BF16;
+    # auto keeps fp32 elsewhere, where bf16 is emulated and slower) + channels_last, crops with scale
+    # and colour jitter (generalisation to unseen sequences), AdamW with warmup and cosine decay.
     "cpu": {
         "optimizer": "adamw",
         "lr": 2e-3,
@@ -162,7 +165,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "scale": (0.75, 1.5),
         "color_jitter": 0.3,
         "batch_size": 8,
-        "amp": "bf16",
+        "amp": "auto",
         "channels_last": True,
         "epochs": 100,
         "val_every": 2,

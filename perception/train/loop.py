@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from perception.core.cpu import isa_summary
 from perception.core.classes import CAMVID_REFERENCE_WEIGHTS
 from perception.data.class_weights import median_frequency_weights
 from perception.core.classes import default_palette
@@ -32,7 +33,7 @@ from perception.data.loading import open_dataset
 from perception.data.transforms import ToTensors, TrainAugment, normalize
 from perception.eval.card_metrics import card_metrics, metrics_key
 from perception.eval.evaluate import evaluate
-from perception.models.precision import autocast_context
+from perception.models.precision import autocast_context, resolve_amp
 from perception.models import io as model_io
 from perception.models.registry import get_model, model_config
 from perception.train.checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
@@ -71,6 +72,7 @@ def machine_description(device: torch.device | None = None) -> dict[str, Any]:
     d = {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "cpu_isa": isa_summary(),  # what decides bf16 and int8 speed (and int8 results without VNNI)
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -367,6 +369,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
     and select / checkpoint, and finalize (the model folder that ships, with its measured card)."""
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     info = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    # config.yaml keeps what was asked (auto re-decides on the machine that resumes); the run uses this.
+    _, amp_note = resolve_amp(cfg.amp, resolve_device(cfg.device, info))
+    if amp_note and info.is_main:
+        print(amp_note, file=sys.stderr, flush=True)
     try:
         run = _setup(cfg, info, resume=resume, command=command)
         if resume:

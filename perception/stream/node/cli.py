@@ -48,7 +48,8 @@ class NodeConfig:
     device: str = opt("cpu", help="cpu or cuda")
     precision: str = opt("auto", choices=("auto", "fp32", "int8", "bf16", "fp16"),
                          help="auto: a model folder's int8 graph on ONNX Runtime where its card shows it within "
-                              "0.5 points of fp32's held-out mIoU, else fp32; fp32 keeps the fp32 graph; bf16 and "
+                              "0.5 points of fp32's held-out mIoU (and the graph cannot saturate on this CPU: "
+                              "7-bit weights, or VNNI), else fp32; fp32 keeps the fp32 graph; bf16 and "
                               "fp16 are the torch backend's")
     tta: str = opt("none", choices=("none", "flip"),
                    help="flip: average each frame's logits with its mirror's (about 2x the compute; see "
