@@ -64,7 +64,8 @@ class Int8Options:
     int8_weight_bits: int | None = opt(None, choices=INT8_WEIGHT_BITS, metavar="BITS",
                                        help="7: weights in [-64, 64], so ONNX Runtime's u8 x s8 products cannot "
                                             "saturate on x86 CPUs without VNNI and every CPU computes the same "
-                                            "integers; 8: full range (exact only on VNNI CPUs and TensorRT). "
+                                            "integers; 8: full range (its sums saturate on x86 CPUs without VNNI; "
+                                            "VNNI CPUs and TensorRT sum exactly). "
                                             "Default: 7 with u8 activations (CPUs), 8 with s8 (TensorRT)")
 
 
