@@ -207,6 +207,13 @@ def resolve_backend(
         torch_precision = "fp32" if precision == "auto" else precision
         if torch_precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"the torch backend runs fp32, bf16 or fp16, not {precision}")
+        if torch_precision == "bf16":
+            from perception.models.precision import resolve_amp
+
+            note = resolve_amp("bf16", device.split(":")[0] if device != "auto" else "cpu")[1]
+            if note:
+                print(note.replace("--amp bf16", "--precision bf16").replace("--amp auto or off", "--precision fp32"),
+                      file=sys.stderr)
         opts = {"precision": torch_precision, "mc_samples": mc_samples, "threads": threads, "tta": tta}
     elif backend == "onnxruntime":
         opts = {"threads": threads}
