@@ -371,8 +371,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
     info = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     # config.yaml keeps what was asked (auto re-decides on the machine that resumes); the run uses this.
     _, amp_note = resolve_amp(cfg.amp, resolve_device(cfg.device, info))
-    if amp_note and info.is_main:
-        print(amp_note, file=sys.stderr, flush=True)
+    if amp_note and info.is_main:  # a choice made for the user goes with the run's log; a warning to stderr
+        print(amp_note, file=sys.stderr if amp_note.startswith("warning") else sys.stdout, flush=True)
     try:
         run = _setup(cfg, info, resume=resume, command=command)
         if resume:
