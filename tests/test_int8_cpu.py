@@ -172,3 +172,26 @@ def test_the_cpu_recipe_asks_for_auto():
     from perception.train.config import RECIPES
 
     assert RECIPES["cpu"]["amp"] == "auto" and RECIPES["robust"]["amp"] == "auto"
+
+
+def test_the_backend_says_why_it_runs_fp32_or_an_int8_graph_that_may_differ(graphs, shipped_model, tmp_path,
+                                                                              monkeypatch, capsys):
+    import shutil
+
+    from perception.core.zoo import INT8_ONNX_FILE
+    from perception.inference import resolve
+
+    monkeypatch.setattr(resolve, "u8s8_may_saturate", lambda: True)  # as on an AVX2 CPU
+    folder = tmp_path / "m"
+    shutil.copytree(shipped_model, folder, ignore=shutil.ignore_patterns("heldout_*"))
+    shutil.copy(graphs[8], folder / INT8_ONNX_FILE)
+    with resolve.resolve_backend(folder) as b:  # the card allows int8; the CPU does not
+        assert b.precision == "fp32"
+    assert "fp32, not model_int8.onnx" in capsys.readouterr().err
+    with resolve.resolve_backend(graphs[8]) as b:  # an int8 file asked for by name runs, with a warning
+        assert b.precision == "int8"
+    assert "warning:" in capsys.readouterr().err
+    shutil.copy(graphs[7], folder / INT8_ONNX_FILE)
+    with resolve.resolve_backend(folder) as b:
+        assert b.precision == "int8"
+    assert "warning" not in capsys.readouterr().err

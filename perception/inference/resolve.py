@@ -181,10 +181,10 @@ def resolve_backend(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend == "onnxruntime" and kind == "torch":
-        verdict = int8_verdict(path)
-        use_int8 = tta == "none" and precision in ("auto", "int8") and verdict[0]
-        if precision == "auto" and tta == "none" and not use_int8 and (path / INT8_ONNX_FILE).is_file():
-            print(f"note: {path.name}: fp32, not {INT8_ONNX_FILE}: {verdict[1]}", file=sys.stderr)
+        wants_int8 = tta == "none" and precision in ("auto", "int8")
+        use_int8, why = int8_verdict(path) if wants_int8 else (False, "")
+        if precision == "auto" and wants_int8 and not use_int8 and (path / INT8_ONNX_FILE).is_file():
+            print(f"note: {path.name}: fp32, not {INT8_ONNX_FILE}: {why}", file=sys.stderr)
         if precision == "int8" and not use_int8 and not (path / INT8_ONNX_FILE).is_file():
             raise ValueError(f"--precision int8: {path} has no {INT8_ONNX_FILE} (perception-export --int8 makes one)")
         if use_int8 or precision == "int8":
@@ -198,22 +198,21 @@ def resolve_backend(
             path = folder_onnx(path, tta)
     elif precision == "int8" and not (kind == "onnxruntime" and read_onnx_metadata(path).get("segnet.precision") == "int8"):
         raise ValueError("--precision int8 runs a model folder's int8 graph (or pass an int8 .onnx)")
-    elif kind == "onnxruntime" and read_onnx_metadata(path).get("segnet.precision") == "int8":
-        _warn_if_int8_differs_here(path)
     elif backend == "torch" and kind != "torch":
         raise ValueError(f"--backend torch needs a model folder, got {path}")
+    elif kind == "onnxruntime" and read_onnx_metadata(path).get("segnet.precision") == "int8":
+        _warn_if_int8_differs_here(path)
     opts: dict[str, Any] = {}
     if backend == "torch":
         torch_precision = "fp32" if precision == "auto" else precision
         if torch_precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"the torch backend runs fp32, bf16 or fp16, not {precision}")
         if torch_precision == "bf16":
-            from perception.models.precision import resolve_amp
+            from perception.models.precision import native_bf16
 
-            note = resolve_amp("bf16", device.split(":")[0] if device != "auto" else "cpu")[1]
-            if note:
-                print(note.replace("--amp bf16", "--precision bf16").replace("--amp auto or off", "--precision fp32"),
-                      file=sys.stderr)
+            if not native_bf16("cpu" if device == "auto" else device):
+                print(f"warning: --precision bf16 on this {device} has no native bf16 (AVX512_BF16 or AMX): emulated, "
+                      "it can be several times slower than --precision fp32", file=sys.stderr)
         opts = {"precision": torch_precision, "mc_samples": mc_samples, "threads": threads, "tta": tta}
     elif backend == "onnxruntime":
         opts = {"threads": threads}
