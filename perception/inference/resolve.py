@@ -189,7 +189,8 @@ def resolve_backend(
             raise ValueError(f"--precision int8: {path} has no {INT8_ONNX_FILE} (perception-export --int8 makes one)")
         if use_int8 or precision == "int8":
             path = path / INT8_ONNX_FILE
-            _warn_if_int8_differs_here(path)
+            if not use_int8:  # forced by --precision int8; a passing verdict already checked this CPU
+                _warn_if_int8_differs_here(path)
         elif precision == "auto" and not (path / ONNX_FILE).is_file() and (path / INT8_ONNX_FILE).is_file() \
                 and not _torch_available():
             path = path / INT8_ONNX_FILE  # the only graph this install can run
