@@ -174,3 +174,110 @@ def test_encoder_init_from_local_vgg16_bn(tmp_path):
     torch.save({"features.0.weight": torch.randn(64, 3, 3, 3)}, bad)
     with pytest.raises(ValueError, match="vgg16_bn"):
         load_vgg16_bn_encoder(model, bad)
+
+
+def _stage_by_stage(model, x):
+    """SegNet / SegNet-Basic written out layer by layer through their submodules, independently of
+    their ``forward`` (which composes ``forward_to_dropout`` and ``forward_from_dropout``)."""
+    from perception.models.segnet import SegNet
+
+    if isinstance(model, SegNet):
+        switches = []
+        for enc in model.encoders:
+            x, sw = enc.pool(enc.convs(x))
+            x = enc.dropout(x)
+            switches.append(sw)
+        for dec, sw in zip(model.decoders, reversed(switches)):
+            x = dec.dropout(dec.convs(dec.unpool(x, sw)))
+        return model.classifier(x)
+    enc, feats = model.encoder, []
+    x = enc.lrn(x)
+    for conv, pool, drop in zip(enc.stages, enc.pools, enc.dropouts):
+        pre = conv(x)
+        x, sw = pool(pre)
+        x = drop(x)
+        feats.append((pre, x, sw))
+    x = feats[-1][1]
+    for dec, (pre, _, sw) in zip(model.decoders, reversed(feats)):
+        x = dec(x, pre, sw)
+    return model.classifier(x)
+
+
+SPLIT_MODELS = [n for n in list_models() if hasattr(get_model(n, num_classes=3), "forward_to_dropout")]
+
+
+def test_split_models_cover_segnet_and_segnet_basic_families():
+    assert {"segnet", "bayesian_segnet", "segnet_basic", "bayesian_segnet_basic", "bilinear_interpolation"} <= set(SPLIT_MODELS)
+
+
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+def test_forward_is_the_stage_by_stage_pass_with_dropout_sampling(name):
+    """forward = forward_from_dropout(forward_to_dropout(x)) draws the same dropout masks in the same
+    order as the pass written out stage by stage (training mode, same seed), in float64."""
+    model = get_model(name, num_classes=4).double().train()
+    x = torch.randn(2, 3, 33, 47, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        got = model(x)
+        torch.manual_seed(11)
+        want = _stage_by_stage(model, x)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["bayesian_segnet", "bayesian_segnet_basic"])
+def test_mc_reusing_the_prefix_equals_whole_passes_in_float64(name):
+    """MC dropout computes the part before the first dropout once; its samples are still exactly those
+    of whole stage-by-stage passes with the same seed (no random draw there, nothing reused mutated)."""
+    from perception.models import mc_dropout_predict
+    from perception.models.bayesian import mc_dropout_mode
+
+    model = get_model(name, num_classes=4).double()
+    with torch.no_grad():  # non-trivial running statistics, so eval-mode BN is not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 33, 47, dtype=torch.float64)
+    pred = mc_dropout_predict(model, x, samples=4, generator_seed=3)
+
+    def whole_passes(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad(), mc_dropout_mode(model):
+            return torch.stack([torch.softmax(_stage_by_stage(model, x), 1) for _ in range(4)])
+
+    ref = whole_passes(3)
+    torch.testing.assert_close(pred.probs.double(), ref.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pred.uncertainty.double(), ref.var(0, unbiased=False).mean(1), rtol=0, atol=1e-6)
+    # The comparison can fail: other masks give probabilities far outside its tolerance.
+    assert (pred.probs.double() - whole_passes(4).mean(0)).abs().max() > 100 * 1e-6
+
+
+@pytest.mark.parametrize("name", ["bayesian_segnet", "bayesian_segnet_basic"])
+def test_mc_runs_the_prefix_once_per_frame(name):
+    from perception.models import mc_dropout_predict
+
+    model = get_model(name, num_classes=3)
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    last_conv = model.classifier
+    calls = {"first": 0, "last": 0}
+    first_conv.register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1))
+    last_conv.register_forward_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1))
+    mc_dropout_predict(model, torch.randn(1, 3, 32, 48), samples=5)
+    assert calls == {"first": 1, "last": 5}
+
+
+def test_bench_mc_reports_each_sample_count_and_refuses_a_model_without_dropout(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_mc", Path(__file__).parents[1] / "tools" / "bench_mc.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--model", "bayesian_segnet_basic", "--size", "24x32", "--samples", "1", "3",
+                      "--rounds", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bayesian_segnet_basic, one 24x32 frame")
+    rows = {int(line.split()[0]): line.split() for line in lines[2:]}
+    assert set(rows) == {1, 3} and all(r[-1].endswith("x") and float(r[-1][:-1]) > 0 for r in rows.values())
+    assert tool.main(["--model", "segnet_basic", "--size", "24x32"]) == 2
+    assert "has no dropout layers" in capsys.readouterr().err

@@ -38,11 +38,16 @@ def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def mc_dropout_predict(model: nn.Module, x: Tensor, *, samples: int = 8, generator_seed: int | None = None) -> MCPrediction:
+def mc_dropout_predict(
+    model: nn.Module, x: Tensor, *, samples: int = 8, generator_seed: int | None = None, reuse_prefix: bool = True
+) -> MCPrediction:
     """Run ``samples`` stochastic forward passes and summarise them.
 
     The mean and variance are accumulated in float64 one sample at a time, so memory does not grow
-    with ``samples``.
+    with ``samples``. A model with ``forward_to_dropout``/``forward_from_dropout`` (SegNet, SegNet-Basic)
+    computes the layers before its first dropout once per frame: they draw no random numbers and are
+    the same in every sample, so the samples are exactly those of whole passes, at a lower cost
+    (``reuse_prefix=False`` runs whole passes: the baseline of ``tools/bench_mc.py``).
     """
     if samples < 1:
         raise ValueError("samples must be >= 1")
@@ -52,8 +57,18 @@ def mc_dropout_predict(model: nn.Module, x: Tensor, *, samples: int = 8, generat
         torch.manual_seed(generator_seed)
     mean = sq = None
     with mc_dropout_mode(model):
+        to_dropout = getattr(model, "forward_to_dropout", None)
+        from_dropout = getattr(model, "forward_from_dropout", None)
+        if reuse_prefix and to_dropout is not None and from_dropout is not None:
+            prefix = to_dropout(x)
+
+            def sample() -> Tensor:
+                return from_dropout(prefix)
+        else:
+            def sample() -> Tensor:
+                return model(x)
         for _ in range(samples):
-            p = torch.softmax(model(x).double(), dim=1)
+            p = torch.softmax(sample().double(), dim=1)
             mean = p if mean is None else mean + p
             sq = p * p if sq is None else sq + p * p
     assert mean is not None and sq is not None

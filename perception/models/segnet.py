@@ -4,6 +4,7 @@ that upsamples with the encoder's max-pooling switches."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch import Tensor, nn
 
@@ -11,7 +12,7 @@ from perception.models.pretrained import load_encoder
 from perception.models.registry import register_model
 from perception.models.unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
 
-__all__ = ["ConvBNReLU", "EncoderStage", "DecoderStage", "SegNet"]
+__all__ = ["ConvBNReLU", "EncoderStage", "DecoderStage", "SegNet", "DropoutPrefix"]
 
 # VGG16 conv widths per stage; the decoder mirrors them.
 VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -41,6 +42,10 @@ class EncoderStage(nn.Module):
         y, switches = self.pool(self.convs(x))
         return self.dropout(y), switches
 
+    @property
+    def has_dropout(self) -> bool:
+        return isinstance(self.dropout, nn.Dropout)
+
 
 class DecoderStage(nn.Module):
     """unpool with the matching encoder's switches -> convs -> optional dropout."""
@@ -53,6 +58,14 @@ class DecoderStage(nn.Module):
 
     def forward(self, x: Tensor, switches: Switches) -> Tensor:
         return self.dropout(self.convs(self.unpool(x, switches)))
+
+
+class DropoutPrefix(NamedTuple):
+    """What :meth:`SegNet.forward_to_dropout` computed: the map that enters the first dropout layer
+    (or the deepest pooled map when there is none) and the switches of the encoders run so far."""
+
+    x: Tensor
+    switches: list[Switches]
 
 
 def _stage_convs(widths: Sequence[int], in_ch: int) -> list[nn.Module]:
@@ -99,8 +112,36 @@ class SegNet(nn.Module):
         self.classifier = nn.Conv2d(stages[0][-1], num_classes, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_from_dropout(self.forward_to_dropout(x))
+
+    def _first_dropout_encoder(self) -> int:
+        """Index of the shallowest encoder with dropout, ``len(self.encoders)`` when none has any."""
+        return next((i for i, enc in enumerate(self.encoders) if enc.has_dropout), len(self.encoders))
+
+    def forward_to_dropout(self, x: Tensor) -> DropoutPrefix:
+        """The deterministic part of the network: every layer before the first dropout.
+
+        Monte-Carlo dropout computes it once per frame and runs only :meth:`forward_from_dropout` per
+        sample (:func:`~perception.models.bayesian.mc_dropout_predict`); ``forward`` is the composition
+        of the two, so there is one code path.
+        """
+        first = self._first_dropout_encoder()
         switches = []
-        for enc in self.encoders:
+        for enc in self.encoders[:first]:
+            x, sw = enc(x)
+            switches.append(sw)
+        if first < len(self.encoders):  # that encoder's convs and pool, not its dropout
+            x, sw = self.encoders[first].pool(self.encoders[first].convs(x))
+            switches.append(sw)
+        return DropoutPrefix(x, switches)
+
+    def forward_from_dropout(self, prefix: DropoutPrefix) -> Tensor:
+        """The rest of the network from :meth:`forward_to_dropout`'s output (which it does not modify)."""
+        first = self._first_dropout_encoder()
+        x, switches = prefix.x, list(prefix.switches)
+        if first < len(self.encoders):
+            x = self.encoders[first].dropout(x)
+        for enc in self.encoders[first + 1:]:
             x, sw = enc(x)
             switches.append(sw)
         for dec, sw in zip(self.decoders, reversed(switches)):

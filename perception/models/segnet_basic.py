@@ -7,6 +7,7 @@ as in the reference model), then a 1x1 classifier. The variants change only the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,10 +15,21 @@ from torch import Tensor, nn
 from perception.models.registry import register_model
 from perception.models.unpool import MaxPoolWithSwitches, MaxUnpoolWithSwitches, Switches
 
-__all__ = ["BasicEncoder", "BasicDecoderStage", "SegNetBasic", "EncoderFeatures"]
+__all__ = ["BasicEncoder", "BasicDecoderStage", "SegNetBasic", "EncoderFeatures", "BasicDropoutPrefix"]
 
 # Per encoder stage, shallowest first: (pre-pool map, pooled map, switches).
 EncoderFeatures = list[tuple[Tensor, Tensor, Switches]]
+
+
+class BasicDropoutPrefix(NamedTuple):
+    """What :meth:`BasicEncoder.forward_to_dropout` computed: the pooled map that enters the first
+    dropout layer (the deepest pooled map when there is none), that stage's pre-pool map and switches,
+    and the features of the stages before it."""
+
+    x: Tensor
+    pre_pool: Tensor
+    switches: Switches
+    feats: EncoderFeatures
 
 WIDTH = 64
 KERNEL = 7
@@ -59,9 +71,26 @@ class BasicEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> EncoderFeatures:
+        return self.forward_from_dropout(self.forward_to_dropout(x))
+
+    def forward_to_dropout(self, x: Tensor) -> BasicDropoutPrefix:
+        """Every layer before the first dropout (see :meth:`SegNetBasic.forward_to_dropout`)."""
+        first = next((i for i, d in enumerate(self.dropouts) if isinstance(d, nn.Dropout)), len(self.stages) - 1)
         feats: EncoderFeatures = []
         x = self.lrn(x)
-        for conv, pool, drop in zip(self.stages, self.pools, self.dropouts):
+        for i in range(first + 1):
+            pre = self.stages[i](x)
+            x, sw = self.pools[i](pre)
+            if i < first:
+                feats.append((pre, x, sw))  # no dropout in these stages
+        return BasicDropoutPrefix(x, pre, sw, feats)
+
+    def forward_from_dropout(self, prefix: BasicDropoutPrefix) -> EncoderFeatures:
+        """The remaining stages from :meth:`forward_to_dropout`'s output (which it does not modify)."""
+        first = len(prefix.feats)
+        x = self.dropouts[first](prefix.x)
+        feats: EncoderFeatures = [*prefix.feats, (prefix.pre_pool, x, prefix.switches)]
+        for conv, pool, drop in zip(self.stages[first + 1:], self.pools[first + 1:], self.dropouts[first + 1:]):
             pre = conv(x)
             x, sw = pool(pre)
             x = drop(x)
@@ -129,7 +158,20 @@ class SegNetBasic(nn.Module):
         self.classifier = nn.Conv2d(WIDTH, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        feats = self.encoder(x)
+        return self.forward_from_dropout(self.forward_to_dropout(x))
+
+    def forward_to_dropout(self, x: Tensor) -> BasicDropoutPrefix:
+        """The deterministic part of the network: every layer before the first dropout.
+
+        Monte-Carlo dropout computes it once per frame and runs only :meth:`forward_from_dropout` per
+        sample (:func:`~perception.models.bayesian.mc_dropout_predict`); ``forward`` is the composition
+        of the two, so there is one code path.
+        """
+        return self.encoder.forward_to_dropout(x)
+
+    def forward_from_dropout(self, prefix: BasicDropoutPrefix) -> Tensor:
+        """The rest of the network from :meth:`forward_to_dropout`'s output (which it does not modify)."""
+        feats = self.encoder.forward_from_dropout(prefix)
         x = feats[-1][1]
         for dec, (pre, _, sw) in zip(self.decoders, reversed(feats)):
             x = dec(x, pre, sw)
