@@ -144,6 +144,22 @@ def test_precision_auto_and_fp32_pick_the_graph(tmp_path):
         assert basic.precision == "fp32" and Path(basic.path).name == "model.onnx"
 
 
+def test_a_bayesian_folder_without_its_weights_runs_its_graph_without_uncertainty(tmp_path, capsys):
+    """A wheel leaves large weights out (packaged_without): with PyTorch installed, a Bayesian folder
+    without weights.safetensors runs its exported graph and says why there is no uncertainty, rather than
+    choosing the PyTorch backend and failing to load."""
+    pytest.importorskip("torch")
+    from perception.inference.resolve import resolve_backend
+
+    folder = tmp_path / "bayesian_segnet_basic_camvid"
+    shutil.copytree(ZOO_DIR / "bayesian_segnet_basic_camvid", folder, ignore=shutil.ignore_patterns("weights.safetensors"))
+    with resolve_backend(folder) as be:
+        assert be.name == "onnxruntime" and Path(be.path).name == INT8_ONNX_FILE
+    assert "does not carry" in capsys.readouterr().err
+    with resolve_backend(ZOO_DIR / "bayesian_segnet_basic_camvid") as be:  # with its weights: MC in PyTorch
+        assert be.name == "torch"
+
+
 def _wheel_files(wheel: Path) -> set[str]:
     with zipfile.ZipFile(wheel) as z:
         return set(z.namelist())
