@@ -255,3 +255,59 @@ def test_bad_yaml_config_is_a_one_line_error(tmp_path, capsys):
     assert train_main(["--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not valid YAML" in err[0]
+
+
+@pytest.mark.parametrize("device,amp,native,expected,says", [
+    ("cpu", "off", True, False, True),     # fp32 on a CPU: NCHW, said
+    ("cpu", "auto", False, False, True),   # auto precision is fp32 here: NCHW
+    ("cpu", "auto", True, True, False),    # auto precision is bf16 here: channels_last
+    ("cpu", "bf16", False, True, False),   # asked bf16 (emulated) still gets the bf16 layout
+    ("cuda", "off", True, True, False),
+])
+def test_channels_last_auto_follows_device_and_precision(monkeypatch, device, amp, native, expected, says):
+    from perception.models import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda d: native)
+    got, note = precision.resolve_channels_last("auto", device, amp)
+    assert got is expected and (note is not None) is says
+    assert precision.resolve_channels_last("on", device, amp) == (True, None)
+    assert precision.resolve_channels_last("off", device, amp) == (False, None)
+    assert precision.resolve_channels_last(True, device, amp) == (True, None)  # an older config's yes/no
+    with pytest.raises(ValueError, match="channels_last must be one of"):
+        precision.resolve_channels_last("maybe", device, amp)
+
+
+def test_channels_last_config_values(tmp_path, capsys):
+    from perception.train.config import RECIPES
+
+    assert RECIPES["cpu"]["channels_last"] == "auto" and RECIPES["robust"]["channels_last"] == "auto"
+    y = tmp_path / "old.yaml"
+    y.write_text("channels_last: true\n")  # config.yaml of a run started before auto|on|off
+    assert build_config(yaml_file=y).channels_last == "on"
+    y.write_text("channels_last: false\n")
+    assert build_config(yaml_file=y).channels_last == "off"
+    with pytest.raises(ValueError, match="channels"):
+        build_config(overrides={"channels_last": "sometimes"})
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error (exit 2) names the flag
+        train_main(["--channels-last", "sometimes", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert stop.value.code == 2 and "--channels-last" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,expected", [("on", True), ("off", False), ("auto", False)])
+def test_the_training_step_sees_the_layout_asked_for(toy_data, tmp_path, monkeypatch, capsys, value, expected):
+    """What the model's forward receives in training, for fp32 on this CPU (auto: NCHW, said in the log)."""
+    from perception.models import segnet_basic
+
+    seen: list[bool] = []
+    original = segnet_basic.SegNetBasic.forward
+
+    def spy(self, x):
+        if self.training:
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return original(self, x)
+
+    monkeypatch.setattr(segnet_basic.SegNetBasic, "forward", spy)
+    assert train_main([*TINY, "--data", str(toy_data), "--epochs", "1", "--max-iters-per-epoch", "2",
+                       "--channels-last", value, "--out", str(tmp_path / value)]) == 0
+    assert seen and set(seen) == {expected}
+    assert ("channels-last auto: NCHW" in capsys.readouterr().out) is (value == "auto")

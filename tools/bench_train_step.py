@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Training-step throughput of a registry model on this machine: eager vs ``torch.compile``, fp32 vs bf16.
+"""Training-step throughput of a registry model on this machine: eager vs ``torch.compile``, fp32 vs
+bf16, NCHW vs channels_last.
 
     python tools/bench_train_step.py --model segnet --forms eager-bf16,compile-bf16 --steps 6
+    python tools/bench_train_step.py --model segnet --forms eager-fp32-nchw,eager-fp32-nhwc --steps 4
 
 One step = forward under the recipe's autocast, the Caffe-normalised weighted loss, backward and an
-AdamW step, on random 240x320 crops in channels_last (what ``perception-train --recipe cpu`` runs).
-Prints images/s per form and its ratio to the first form, measured in the same process.
+AdamW step, on random 240x320 crops. A form is ``{eager,compile}-{fp32,bf16}[-{nchw,nhwc}]``; without a
+layout it is channels_last (nhwc). Prints images/s per form and its ratio to the first form, measured
+in the same process.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="segnet_basic")
     p.add_argument("--forms", default="eager-bf16,compile-bf16",
-                   help="comma list of {eager,compile}-{fp32,bf16}; the first is the baseline")
+                   help="comma list of {eager,compile}-{fp32,bf16}[-{nchw,nhwc}]; the first is the baseline")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", default="240x320", help="HxW")
     p.add_argument("--steps", type=int, default=6, help="timed steps per form (after warm-up)")
@@ -42,17 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     h, w = (int(v) for v in args.crop.lower().split("x"))
     device = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    x_nchw = torch.randn(args.batch_size, 3, h, w, generator=g)
     y = torch.randint(0, 11, (args.batch_size, h, w), generator=g)
     criterion = SegmentationLoss(torch.ones(11), ignore_index=11)
     results: list[tuple[str, float, float]] = []
     for form in args.forms.split(","):
-        mode, _, precision = form.partition("-")
-        if mode not in ("eager", "compile") or precision not in ("fp32", "bf16"):
+        mode, precision, layout = (form.split("-") + ["nhwc"])[:3]
+        if mode not in ("eager", "compile") or precision not in ("fp32", "bf16") or layout not in ("nchw", "nhwc") \
+                or form.count("-") > 2:
             print(f"error: unknown form {form!r}", file=sys.stderr)
             return 2
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        x = x_nchw.contiguous(memory_format=fmt)
         torch.manual_seed(0)
-        model = get_model(args.model, num_classes=11).to(memory_format=torch.channels_last).train()
+        model = get_model(args.model, num_classes=11).to(memory_format=fmt).train()
         step_model = torch.compile(model) if mode == "compile" else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         amp = "bf16" if precision == "bf16" else "off"
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     base = results[0][1]
     print(f"\n{args.model}, batch {args.batch_size} of {h}x{w}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for form, ips, _ in results:
-        print(f"  {form:14s} {ips:6.2f} img/s  x{ips / base:.2f} vs {results[0][0]}")
+        print(f"  {form:19s} {ips:6.2f} img/s  x{ips / base:.2f} vs {results[0][0]}")
     return 0
 
 

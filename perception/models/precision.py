@@ -6,9 +6,11 @@ from contextlib import nullcontext
 
 import torch
 
-__all__ = ["autocast_context", "native_bf16", "resolve_amp", "AMP_CHOICES"]
+__all__ = ["autocast_context", "native_bf16", "resolve_amp", "resolve_channels_last", "AMP_CHOICES",
+           "CHANNELS_LAST_CHOICES"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+CHANNELS_LAST_CHOICES = ("auto", "on", "off")
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -41,6 +43,26 @@ def resolve_amp(amp: str, device: torch.device | str) -> tuple[str, str | None]:
         return "bf16", (f"warning: --amp bf16 on a {torch.device(device).type} without native bf16 (AVX512_BF16 or "
                         "AMX) is emulated and can be several times slower than fp32: --amp auto or off")
     return amp, None
+
+
+def resolve_channels_last(value: str | bool, device: torch.device | str, amp: str) -> tuple[bool, str | None]:
+    """Whether to train in channels_last for ``value`` ("auto", "on", "off"; a bool from an older
+    config.yaml) on ``device`` under ``amp``, and a line to tell the user (None: nothing to say).
+
+    ``auto``: channels_last under bf16/fp16 autocast and on CUDA, where oneDNN's and cuDNN's NHWC
+    kernels are the fast ones; NCHW for fp32 on a CPU, where channels_last training is the slower layout
+    (``tools/bench_train_step.py --forms eager-fp32-nchw,eager-fp32-nhwc`` measures it; docs/benchmarks.md).
+    """
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    if value not in CHANNELS_LAST_CHOICES:
+        raise ValueError(f"channels_last must be one of {CHANNELS_LAST_CHOICES}, got {value!r}")
+    if value != "auto":
+        return value == "on", None
+    device = torch.device(device)
+    if device.type == "cuda" or resolve_amp(amp, device)[0] in ("bf16", "fp16"):
+        return True, None
+    return False, f"channels-last auto: NCHW for fp32 training on this {device.type}"
 
 
 def autocast_context(device: torch.device | str, amp: str):

@@ -33,7 +33,7 @@ from perception.data.loading import open_dataset
 from perception.data.transforms import ToTensors, TrainAugment, normalize
 from perception.eval.card_metrics import card_metrics, metrics_key
 from perception.eval.evaluate import evaluate
-from perception.models.precision import autocast_context, resolve_amp
+from perception.models.precision import autocast_context, resolve_amp, resolve_channels_last
 from perception.models import io as model_io
 from perception.models.registry import get_model, model_config
 from perception.train.checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
@@ -203,7 +203,8 @@ def _open_splits(cfg: TrainConfig, aug: TrainAugment):
     return train_set, val_set, report
 
 
-def _choose_epochs(cfg: TrainConfig, state: _State, elapsed: float, epoch_seconds: float, val_set, model, spec, info) -> None:
+def _choose_epochs(cfg: TrainConfig, state: _State, elapsed: float, epoch_seconds: float, val_set, model, spec, info,
+                   *, channels_last: bool = False) -> None:
     """Fix ``cfg.epochs`` (at most its current value) so the run ends within ``cfg.time_budget_s``.
 
     ``epoch_seconds`` is one epoch's whole cost (training, checkpoint, plot); a tenth of the budget is
@@ -212,7 +213,7 @@ def _choose_epochs(cfg: TrainConfig, state: _State, elapsed: float, epoch_second
     val_seconds = 0.0
     if val_set is not None and info.is_main:
         t0 = time.time()
-        evaluate(model, val_set, spec, amp=cfg.amp, progress=False, channels_last=cfg.channels_last)
+        evaluate(model, val_set, spec, amp=cfg.amp, progress=False, channels_last=channels_last)
         val_seconds = time.time() - t0
     per_epoch = epoch_seconds + val_seconds / max(1, cfg.val_every)
     left = 0.9 * cfg.time_budget_s - elapsed - val_seconds * 2  # the final fp32 evaluations
@@ -351,6 +352,7 @@ class _Run:
     loader: Any
     steps_per_epoch: int
     state: _State
+    channels_last: bool = False  # cfg.channels_last resolved for this device and precision
     ddp_model: nn.Module | None = None
 
     @property
@@ -370,9 +372,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     info = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     # config.yaml keeps what was asked (auto re-decides on the machine that resumes); the run uses this.
-    _, amp_note = resolve_amp(cfg.amp, resolve_device(cfg.device, info))
-    if amp_note and info.is_main:  # a choice made for the user goes with the run's log; a warning to stderr
-        print(amp_note, file=sys.stderr if amp_note.startswith("warning") else sys.stdout, flush=True)
+    device = resolve_device(cfg.device, info)
+    _, amp_note = resolve_amp(cfg.amp, device)
+    _, layout_note = resolve_channels_last(cfg.channels_last, device, cfg.amp)
+    for note in (amp_note, layout_note):
+        if note and info.is_main:  # a choice made for the user goes with the run's log; a warning to stderr
+            print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
     try:
         run = _setup(cfg, info, resume=resume, command=command)
         if resume:
@@ -394,7 +399,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
                 # The lr of the warmup epochs does not depend on the total, so choosing the total now
                 # trains exactly as a run started with --epochs <chosen> would.
                 _choose_epochs(cfg, run.state, time.time() - run_started,
-                               record["epoch_seconds"] + bookkeeping_seconds, run.val_set, run.model, run.spec, info)
+                               record["epoch_seconds"] + bookkeeping_seconds, run.val_set, run.model, run.spec, info,
+                               channels_last=run.channels_last)
                 if info.is_main:
                     (run.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             _validate_and_select(run, record, progress=progress)
@@ -445,7 +451,8 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
         if info.is_main:
             print(f"initialised {loaded} tensors from {cfg.init_weights}"
                   + (f"; skipped {len(skipped)} that differ: {skipped[:4]}" if skipped else ""), flush=True)
-    if cfg.channels_last:
+    channels_last, _ = resolve_channels_last(cfg.channels_last, device, cfg.amp)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     weights = _class_weights(cfg, train_set)
     criterion = SegmentationLoss(
@@ -476,7 +483,7 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
     return _Run(cfg=cfg, info=info, device=device, out=out, command=command, aug=aug, train_set=train_set,
                 val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
                 optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
-                steps_per_epoch=steps_per_epoch, state=_State(command=command))
+                steps_per_epoch=steps_per_epoch, state=_State(command=command), channels_last=channels_last)
 
 
 def _resume(run: _Run) -> None:
@@ -539,7 +546,7 @@ def _train_epoch(run: _Run, *, progress: bool) -> dict[str, Any]:
         if it >= run.steps_per_epoch:
             break
         x = normalize(images.to(run.device, non_blocking=True), run.spec)
-        if cfg.channels_last:
+        if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels.to(run.device, non_blocking=True)
         with autocast_context(run.device, cfg.amp):
@@ -578,7 +585,7 @@ def _validate_and_select(run: _Run, record: dict[str, Any], *, progress: bool) -
     is_last = state.epoch == cfg.epochs
     if not (run.info.is_main and run.val_set is not None and (state.epoch % cfg.val_every == 0 or is_last)):
         return
-    m = evaluate(run.model, run.val_set, run.spec, amp=cfg.amp, progress=progress, channels_last=cfg.channels_last)
+    m = evaluate(run.model, run.val_set, run.spec, amp=cfg.amp, progress=progress, channels_last=run.channels_last)
     record.update({f"val_{k}": m[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")})
     if m["miou"] > state.best_miou:
         state.best_miou, state.best_epoch = float(m["miou"]), state.epoch
