@@ -257,17 +257,19 @@ def test_bad_yaml_config_is_a_one_line_error(tmp_path, capsys):
     assert len(err) == 1 and "is not valid YAML" in err[0]
 
 
-@pytest.mark.parametrize("device,amp,native,expected,says", [
-    ("cpu", "off", True, False, True),     # fp32 on a CPU: NCHW, said
-    ("cpu", "auto", False, False, True),   # auto precision is fp32 here: NCHW
-    ("cpu", "auto", True, True, False),    # auto precision is bf16 here: channels_last
-    ("cpu", "bf16", False, True, False),   # asked bf16 (emulated) still gets the bf16 layout
-    ("cuda", "off", True, True, False),
+@pytest.mark.parametrize("device,amp,native,avx512,expected,says", [
+    ("cpu", "off", True, False, False, True),    # fp32 on an AVX2 CPU: NCHW, said
+    ("cpu", "off", True, True, True, False),     # fp32 on an AVX-512 CPU: channels_last
+    ("cpu", "auto", False, False, False, True),  # auto precision is fp32 here: NCHW
+    ("cpu", "auto", True, False, True, False),   # auto precision is bf16 here: channels_last
+    ("cpu", "bf16", False, False, True, False),  # asked bf16 (emulated) still gets the bf16 layout
+    ("cuda", "off", True, False, True, False),
 ])
-def test_channels_last_auto_follows_device_and_precision(monkeypatch, device, amp, native, expected, says):
+def test_channels_last_auto_follows_device_precision_and_isa(monkeypatch, device, amp, native, avx512, expected, says):
     from perception.models import precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda d: native)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if avx512 else "AVX2")
     got, note = precision.resolve_channels_last("auto", device, amp)
     assert got is expected and (note is not None) is says
     assert precision.resolve_channels_last("on", device, amp) == (True, None)
@@ -295,8 +297,11 @@ def test_channels_last_config_values(tmp_path, capsys):
 
 @pytest.mark.parametrize("value,expected", [("on", True), ("off", False), ("auto", False)])
 def test_the_training_step_sees_the_layout_asked_for(toy_data, tmp_path, monkeypatch, capsys, value, expected):
-    """What the model's forward receives in training, for fp32 on this CPU (auto: NCHW, said in the log)."""
+    """What the model's forward receives in training, for fp32 on a CPU taken to be AVX2 (auto: NCHW, said
+    in the log)."""
     from perception.models import segnet_basic
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
 
     seen: list[bool] = []
     original = segnet_basic.SegNetBasic.forward

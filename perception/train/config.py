@@ -96,8 +96,8 @@ class TrainConfig:
                    help="autocast precision; auto: bf16 where the device runs it natively (CUDA, or a CPU with "
                         "AVX512_BF16/AMX), else fp32 (bf16 is emulated, several times slower, elsewhere)")
     channels_last: str = opt("off", choices=("auto", "on", "off"),
-                             help="train in channels_last memory format; auto: with bf16/fp16 autocast and on CUDA, "
-                                  "NCHW for fp32 on a CPU (slower there in channels_last)")
+                             help="train in channels_last memory format; auto: with bf16/fp16 autocast, on CUDA and "
+                                  "on AVX-512 CPUs, NCHW for fp32 on other CPUs (slower there in channels_last)")
     compile: bool = opt(False, help="torch.compile the training forward and backward (1.1x for SegNet on a "
                                    "2-core Zen 4 CPU: tools/bench_train_step.py; a minute or two of compiling first)")
     val_every: int = opt(1, check=(lambda v: v >= 1, ">= 1"), help="validate every N epochs")
@@ -152,8 +152,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "epochs": 300,
     },
     # Fast on a 2-core CPU: bf16 autocast where the CPU has it natively (about 2.5x fp32 on AVX-512 BF16;
-    # auto keeps fp32 elsewhere, where bf16 is emulated and slower) + channels_last with bf16 (auto: NCHW
-    # with fp32), crops with scale
+    # auto keeps fp32 elsewhere, where bf16 is emulated and slower) + channels_last (auto: NCHW for
+    # fp32 on a CPU without AVX-512), crops with scale
     # and colour jitter (generalisation to unseen sequences), AdamW with warmup and cosine decay.
     "cpu": {
         "optimizer": "adamw",
