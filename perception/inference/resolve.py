@@ -169,15 +169,16 @@ def resolve_backend(
             path, kind, backend = engine, "tensorrt", "tensorrt"
         elif kind == "torch":
             bayes = has_mc_dropout(load_card(path))
+            has_weights = (path / WEIGHTS_FILE).is_file()
             if bayes and not _torch_available():
                 print(f"warning: {path.name} samples dropout for its uncertainty, which needs PyTorch; running its "
                       "exported graph without uncertainty", file=sys.stderr)
-            elif bayes and not (path / WEIGHTS_FILE).is_file():
+            elif bayes and not has_weights:
                 # A wheel leaves large weights out (perception/zoo/index.yaml: packaged_without): a clone has them.
                 print(f"warning: {path.name} samples dropout for its uncertainty from {WEIGHTS_FILE}, which this "
                       "install does not carry (a clone of the repository does); running its exported graph without "
                       "uncertainty", file=sys.stderr)
-            backend = "torch" if bayes and _torch_available() and (path / WEIGHTS_FILE).is_file() else "onnxruntime"
+            backend = "torch" if bayes and has_weights and _torch_available() else "onnxruntime"
     if backend == "tensorrt" and kind != "tensorrt":
         raise ValueError(f"--backend tensorrt needs an .engine file (build one with tools/build_engine.py), got {path}")
     if tta != "none" and kind != "torch":
