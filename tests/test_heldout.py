@@ -100,6 +100,27 @@ def test_train_holds_out_a_drive_and_reports_val_only_if_unseen(tmp_path, capsys
     assert ev["images"] == 4 and ev["groups"] == ["d2"]
     assert ev["miou"] == pytest.approx(card["metrics"]["holdout_d2"]["miou"], abs=1e-12)
 
+    # Batch-norm recalibration at shipping runs over the frames the model trained on, never the held-out
+    # drive it is then measured on.
+    from perception.train import ship
+
+    dest = tmp_path / "models" / "recal"
+    assert ship.main([str(out / "final"), str(dest), "--data", str(root), "--split", "train", "--groups", "d2",
+                      "--try-bn-recalibration"]) == 0
+    tried = json.loads((dest / "model.json").read_text())["training"]["bn_recalibration_tried"]
+    assert tried["frames"] == card["training"]["train_images"] == 7
+    from types import SimpleNamespace
+
+    from perception.core.card import load_card
+
+    frames = ship._training_frames(load_card(out / "final"), str(root))
+    assert sorted(img.name for img, _ in frames.pairs) == [f"d1_{k:04d}.png" for k in range(6)] + ["d3_0000.png"]
+    held = tmp_path / "held.txt"
+    held.write_text("d1_0002.png\nimages/d3_0000.png  # a path works too\n")
+    by_list = SimpleNamespace(training={"train_split": "train", "holdout": ["d2"], "holdout_list": str(held)})
+    assert sorted(img.name for img, _ in ship._training_frames(by_list, str(root)).pairs) == [
+        f"d1_{k:04d}.png" for k in (0, 1, 3, 4, 5)]
+
     # Training on train+val: val is trained on, so it is not reported.
     out2 = tmp_path / "run2"
     assert train_main([*common, "--train-split", "train+val", "--out", str(out2)]) == 0

@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the weights at this precision (float16 halves a large model; loading upcasts)")
     p.add_argument("--status", default="final", help="'final', or e.g. 'in progress (epoch 12 of 120)'")
     p.add_argument("--try-bn-recalibration", action="store_true",
-                   help="also recompute batch-norm statistics over the training split (no augmentation) and keep "
-                   "them if that scores a higher mIoU on --split (the selection split)")
+                   help="also recompute batch-norm statistics over the frames the model trained on (its training "
+                   "split less the drives it held out; no augmentation) and keep them if that scores a higher mIoU "
+                   "on --split (the selection split)")
     p.add_argument("--mc-samples", type=int, help="also measure Monte-Carlo dropout (Bayesian models), seed 0")
     p.add_argument("--also", action="append", default=[], metavar="SPLIT[:GROUP,...]",
                    help="also measure this split (e.g. val, or train+val:0006R0); repeatable")
@@ -101,14 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         from perception.train.loop import recalibrate_batch_norm
 
         recal = copy.deepcopy(model)
-        train_set = open_dataset(args.data, card.training.get("train_split", "train"), transform=ToTensors())
+        train_set = _training_frames(card, args.data)
+        if train_set is None:
+            print("ship_model: --try-bn-recalibration: the card does not say which split the model trained on",
+                  file=sys.stderr)
+            return 2
         recalibrate_batch_norm(recal, train_set, card.input, device="cpu", amp="off", progress=True)
         _round_as_stored(recal, args.weights_dtype)
         m_recal = evaluate(recal, ds, card.input, amp="off", progress=True, channels_last=True)
         keep = m_recal["miou"] > m["miou"]
         print(f"batch-norm recalibration: {args.split} mIoU {m['miou']:.4f} -> {m_recal['miou']:.4f} "
               f"({'kept' if keep else 'not kept'})", file=sys.stderr)
-        card.training["bn_recalibration_tried"] = {"miou_before": m["miou"], "miou_after": m_recal["miou"]}
+        card.training["bn_recalibration_tried"] = {"miou_before": m["miou"], "miou_after": m_recal["miou"],
+                                                   "frames": len(train_set)}
         if keep:
             model, m = recal, m_recal
             card.training["bn_recalibrated"] = True
@@ -314,21 +320,31 @@ def _machine(machine: dict) -> str:
             f"torch {machine.get('torch')}")
 
 
-def _frames_trained_on(card, data: str, measured) -> int:
-    """How many frames of ``measured`` the card's run trained on (matched by file stem, so a JPEG copy of
-    the data counts as the same frames)."""
+def _training_frames(card, data: str):
+    """The frames the card's run trained on (its training split less the drives and the name list it held
+    out), without augmentation; None where the card does not name its training split."""
     t = card.training
     if not t.get("train_split"):
-        return 0
-    train_set = open_dataset(data, t["train_split"], exclude_groups=t.get("holdout") or None)
-    trained = {img.stem for img, _ in train_set.pairs}
+        return None
+    train_set = open_dataset(data, t["train_split"], transform=ToTensors(), exclude_groups=t.get("holdout") or None,
+                             group_pattern=(t.get("config") or {}).get("group_pattern"))
     if t.get("holdout_list"):
         from perception.data.splits import read_name_list
 
         list_path = Path(t["holdout_list"])
         if list_path.is_file():
             held = {Path(n).stem for n in read_name_list(list_path)}
-            trained -= held
+            train_set = train_set.with_pairs([pair for pair in train_set.pairs if pair[0].stem not in held])
+    return train_set
+
+
+def _frames_trained_on(card, data: str, measured) -> int:
+    """How many frames of ``measured`` the card's run trained on (matched by file stem, so a JPEG copy of
+    the data counts as the same frames)."""
+    train_set = _training_frames(card, data)
+    if train_set is None:
+        return 0
+    trained = {img.stem for img, _ in train_set.pairs}
     return sum(img.stem in trained for img, _ in measured.pairs)
 
 
