@@ -120,6 +120,11 @@ def test_train_holds_out_a_drive_and_reports_val_only_if_unseen(tmp_path, capsys
     by_list = SimpleNamespace(training={"train_split": "train", "holdout": ["d2"], "holdout_list": str(held)})
     assert sorted(img.name for img, _ in ship._training_frames(by_list, str(root)).pairs) == [
         f"d1_{k:04d}.png" for k in (0, 1, 3, 4, 5)]
+    # int8 calibration draws from the same frames: never a held-out drive's, nor a frame held out by name.
+    from perception.train.ship_int8 import calibration_pairs
+
+    assert sorted(Path(img).name for img, _ in calibration_pairs(by_list, str(root), "train", [], 20)) == [
+        f"d1_{k:04d}.png" for k in (0, 1, 3, 4, 5)]
 
     # Training on train+val: val is trained on, so it is not reported.
     out2 = tmp_path / "run2"

@@ -328,14 +328,21 @@ def _training_frames(card, data: str):
         return None
     train_set = open_dataset(data, t["train_split"], transform=ToTensors(), exclude_groups=t.get("holdout") or None,
                              group_pattern=(t.get("config") or {}).get("group_pattern"))
-    if t.get("holdout_list"):
-        from perception.data.splits import read_name_list
-
-        list_path = Path(t["holdout_list"])
-        if list_path.is_file():
-            held = {Path(n).stem for n in read_name_list(list_path)}
-            train_set = train_set.with_pairs([pair for pair in train_set.pairs if pair[0].stem not in held])
+    held = held_out_names(card)
+    if held:
+        train_set = train_set.with_pairs([pair for pair in train_set.pairs if pair[0].stem not in held])
     return train_set
+
+
+def held_out_names(card) -> set[str]:
+    """The file stems of the frames the card's run held out by name (``--holdout-list``), where that list
+    is still at hand; drives held out by group are in ``card.training["holdout"]``."""
+    listed = card.training.get("holdout_list")
+    if not listed or not Path(listed).is_file():
+        return set()
+    from perception.data.splits import read_name_list
+
+    return {Path(n).stem for n in read_name_list(Path(listed))}
 
 
 def _frames_trained_on(card, data: str, measured) -> int:

@@ -33,13 +33,16 @@ README_HEADING = "## int8 (`model_int8.onnx`)"
 
 def calibration_pairs(card: ModelCard, data: str, split: str, exclude: list[str], count: int) -> list:
     """``count`` (image, label) pairs spread evenly over ``split`` without the drives in ``exclude``
-    and those the model was held out of (``card.training.holdout``)."""
+    and the frames the model was held out of (``card.training``'s ``holdout`` drives and ``holdout_list``)."""
     from perception.data.loading import open_dataset
     from perception.data.splits import split_pairs_by_group
+    from perception.train.ship import held_out_names
 
     drives = sorted(set(exclude) | set(card.training.get("holdout") or []))
     pairs = open_dataset(data, split).pairs
     kept, _ = split_pairs_by_group(pairs, holdout=drives) if drives else (list(pairs), [])
+    named = held_out_names(card)
+    kept = [pair for pair in kept if Path(pair[0]).stem not in named]
     if not kept:
         raise ValueError(f"no calibration frames in {split} without {', '.join(drives)}")
     step = max(1, len(kept) // count)
