@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 
+from perception.core.cli import fail
 from perception.core.fileio import atomic_write_bytes
 from perception.data.loading import open_dataset
 from perception.data.transforms import ToTensors
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     split_flags = _split_flags(args.split, groups)
     # channels_last as perception-eval uses on a CPU: dropout masks are drawn in memory order, so the
     # MC numbers reproduce only with the same layout.
+    recal_frames = _training_frames(card, args.data) if args.try_bn_recalibration else None
+    if args.try_bn_recalibration and recal_frames is None:  # before the evaluations, which take minutes
+        return fail("ship_model", "--try-bn-recalibration: the card does not say which split the model trained on")
     m = evaluate(model, ds, card.input, amp="off", progress=True, channels_last=True)
     if args.try_bn_recalibration:
         import copy
@@ -102,19 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         from perception.train.loop import recalibrate_batch_norm
 
         recal = copy.deepcopy(model)
-        train_set = _training_frames(card, args.data)
-        if train_set is None:
-            print("ship_model: --try-bn-recalibration: the card does not say which split the model trained on",
-                  file=sys.stderr)
-            return 2
-        recalibrate_batch_norm(recal, train_set, card.input, device="cpu", amp="off", progress=True)
+        recalibrate_batch_norm(recal, recal_frames, card.input, device="cpu", amp="off", progress=True)
         _round_as_stored(recal, args.weights_dtype)
         m_recal = evaluate(recal, ds, card.input, amp="off", progress=True, channels_last=True)
         keep = m_recal["miou"] > m["miou"]
         print(f"batch-norm recalibration: {args.split} mIoU {m['miou']:.4f} -> {m_recal['miou']:.4f} "
               f"({'kept' if keep else 'not kept'})", file=sys.stderr)
         card.training["bn_recalibration_tried"] = {"miou_before": m["miou"], "miou_after": m_recal["miou"],
-                                                   "frames": len(train_set)}
+                                                   "frames": len(recal_frames)}
         if keep:
             model, m = recal, m_recal
             card.training["bn_recalibrated"] = True
