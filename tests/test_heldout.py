@@ -148,6 +148,10 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
     for k, v in final.state_dict().items():
         assert torch.equal(v, last[k]), k
     assert final.card.metrics == {} and final.card.training["train_images"] == 13
+    # Its curves have no validation panels to leave empty: train loss and lr only (1x2 at 11x4 in, 90 dpi).
+    from PIL import Image
+
+    assert Image.open(out / "curves.png").size == (990, 360)
 
     # Shipping it: the drive it trained on is labelled as such, and the held-out run of the same recipe
     # (which chose the number of epochs) is measured on that drive and cited, with its own command.
@@ -155,6 +159,7 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
     assert train_main(["--model", "segnet_basic", "--data", str(root), "--train-split", "train+val", "--holdout",
                        "d2", "--epochs", "1", "--crop", "32x48", "--batch-size", "4", "--no-progress", "--amp", "off",
                        "--out", str(heldout)]) == 0
+    assert Image.open(heldout / "curves.png").size == (1170, 630)  # with a selection split: all six panels
     ship = _ship_model_module()
     dest = tmp_path / "models" / "all_data"
     flags = ["--data", str(root), "--split", "train+val", "--groups", "d2", "--also", "val"]

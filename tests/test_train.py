@@ -113,6 +113,12 @@ def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
     (resume,) = training["resumes"]
     assert resume["after_epoch"] == ck["state"]["epoch"]
     assert resume["compact"] is False and resume["optimizer_restarted"] is False and resume["selection_restarted"] is False
+    # The summary's training time counts every stretch's epochs, not just the resumed process's.
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["training_seconds"] == round(sum(r["epoch_seconds"] for r in rows), 1)
+    assert summary["training_seconds"] > sum(r["epoch_seconds"] for r in rows if r["epoch"] > ck["state"]["epoch"])
+    assert summary["wall_seconds_this_process"] > 0
 
 
 def test_compiled_training_matches_eager(toy_data, tmp_path):

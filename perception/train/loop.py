@@ -40,7 +40,7 @@ from perception.train.checkpoint import atomic_torch_save, capture_rng_state, lo
 from perception.train.config import TrainConfig
 from perception.train.distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
 from perception.train.loss import SegmentationLoss
-from perception.train.plots import plot_history
+from perception.train.plots import plot_history, read_history
 
 __all__ = ["train", "machine_description", "resolve_device", "recalibrate_batch_norm", "LAST_CHECKPOINT"]
 
@@ -278,7 +278,6 @@ def _truncate_history(path: Path, epochs_done: int) -> None:
     if not path.is_file():
         return
     from perception.core.fileio import atomic_write_bytes
-    from perception.train.plots import read_history
 
     rows = [r for r in read_history(path) if r.get("epoch", 0) <= epochs_done]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
@@ -617,7 +616,7 @@ def _checkpoint(run: _Run, record: dict[str, Any]) -> None:
         run.ckpt_path,
     )
     try:
-        plot_history(run.history_path, run.out / "curves.png")
+        plot_history(run.history_path, run.out / "curves.png", selection=run.val_set is not None)
     except Exception as e:  # a plot must never kill a long run
         print(f"warning: could not plot training curves: {e}", file=sys.stderr)
 
@@ -655,6 +654,9 @@ def _finalize(run: _Run, *, progress: bool, started: float) -> dict[str, Any]:
     if run.val_set is not None:
         summary["final_val"] = card.metrics[_selection_name(cfg)]
     summary["final_metrics"] = card.metrics
-    summary["training_seconds"] = round(time.time() - started, 1)
+    # A resumed run's epochs ran in several processes: the training time is the history's, every stretch
+    # (tools/train_many.py tabulates it); this process's wall time (evaluations included) is kept apart.
+    summary["training_seconds"] = round(sum(r.get("epoch_seconds", 0.0) for r in read_history(run.history_path)), 1)
+    summary["wall_seconds_this_process"] = round(time.time() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

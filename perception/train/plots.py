@@ -30,16 +30,26 @@ def read_history(path: str | Path) -> list[dict]:
     return rows
 
 
-def plot_history(history: str | Path, out_png: str | Path) -> Path:
+def plot_history(history: str | Path, out_png: str | Path, *, selection: bool = True) -> Path:
+    """Plot the run's history (``metrics.jsonl``) to ``out_png`` (written atomically).
+
+    ``selection=False`` is a run without a selection split (``--val-split none``, a final run on all the
+    data): it has no validation curves, so the figure is the train loss and the learning rate alone,
+    titled so that nobody looks for the missing panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_history(history)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
-    for ax, (key, title) in zip(axes.ravel(), PANELS):
-        pts = [(r["epoch"], r[key]) for r in rows if key in r]
+    panels = PANELS if selection else tuple(p for p in PANELS if not p[0].startswith("val_"))
+    shape, size = ((2, 3), (13, 7)) if selection else ((1, 2), (11, 4))
+    fig, axes = plt.subplots(*shape, figsize=size, constrained_layout=True, squeeze=False)
+    if not selection:
+        fig.suptitle("no selection split: the last epoch ships")
+    for ax, (key, title) in zip(axes.ravel(), panels):
+        # A log axis cannot show lr 0 (the cosine schedule's last epoch): those points are left out.
+        pts = [(r["epoch"], r[key]) for r in rows if key in r and (key != "lr" or r[key] > 0)]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
