@@ -122,7 +122,7 @@ def test_unreadable_flags_on_x86_count_as_saturating(monkeypatch):
 def test_auto_runs_an_eight_bit_graph_only_where_it_cannot_saturate(graphs, shipped_model, tmp_path):
     import shutil
 
-    from perception.core.zoo import INT8_ONNX_FILE
+    from perception.core.card import INT8_ONNX_FILE
     from perception.inference.resolve import int8_cpu_verdict, int8_verdict
 
     for saturates in (True, False):
@@ -142,7 +142,8 @@ def test_auto_runs_an_eight_bit_graph_only_where_it_cannot_saturate(graphs, ship
 def test_every_shipped_int8_graph_has_seven_bit_weights():
     """So the held-out int8 mIoU in each card holds on every CPU, not only on the one that measured it."""
     from perception.core.onnx_meta import read_onnx_metadata
-    from perception.core.zoo import INT8_ONNX_FILE, ZOO_DIR
+    from perception.core.card import INT8_ONNX_FILE
+    from perception.core.zoo import ZOO_DIR
 
     found = sorted(ZOO_DIR.glob(f"**/{INT8_ONNX_FILE}"))
     assert found
@@ -175,23 +176,27 @@ def test_the_cpu_recipe_asks_for_auto():
 
 
 def test_the_backend_says_why_it_runs_fp32_or_an_int8_graph_that_may_differ(graphs, shipped_model, tmp_path,
-                                                                              monkeypatch, capsys):
+                                                                              monkeypatch):
     import shutil
 
-    from perception.core.zoo import INT8_ONNX_FILE
-    from perception.inference import resolve
+    from perception.core import model_folder
+    from perception.core.card import INT8_ONNX_FILE
+    from perception.inference.resolve import resolve
 
-    monkeypatch.setattr(resolve, "u8s8_may_saturate", lambda: True)  # as on an AVX2 CPU
+    monkeypatch.setattr(model_folder, "u8s8_may_saturate", lambda: True)  # as on an AVX2 CPU
     folder = tmp_path / "m"
     shutil.copytree(shipped_model, folder, ignore=shutil.ignore_patterns("heldout_*"))
     shutil.copy(graphs[8], folder / INT8_ONNX_FILE)
-    with resolve.resolve_backend(folder) as b:  # the card allows int8; the CPU does not
+    r = resolve(folder)  # the card allows int8; the CPU does not
+    with r.load() as b:
         assert b.precision == "fp32"
-    assert "fp32, not model_int8.onnx" in capsys.readouterr().err
-    with resolve.resolve_backend(graphs[8]) as b:  # an int8 file asked for by name runs, with a warning
+    assert len(r.notes) == 1 and "fp32, not model_int8.onnx" in r.notes[0] and "no VNNI" in r.notes[0]
+    r = resolve(graphs[8])  # an int8 file asked for by name runs, with a warning
+    with r.load() as b:
         assert b.precision == "int8"
-    assert "warning:" in capsys.readouterr().err
+    assert len(r.notes) == 1 and r.notes[0].startswith("warning:")
     shutil.copy(graphs[7], folder / INT8_ONNX_FILE)
-    with resolve.resolve_backend(folder) as b:
+    r = resolve(folder)
+    with r.load() as b:
         assert b.precision == "int8"
-    assert "warning" not in capsys.readouterr().err
+    assert r.notes == []

@@ -11,12 +11,45 @@ from typing import Any
 
 __all__ = [
     "ModelCard", "InputSpec", "load_card", "has_mc_dropout", "WEIGHTS_FILE", "CARD_FILE", "ONNX_FILE", "CARD_SCHEMA",
+    "INT8_ONNX_FILE", "ENGINE_SUFFIX", "ENGINE_SIDECAR_SUFFIX", "HELDOUT_PREFIX", "CARD_METRIC_KEYS", "INT8_SUFFIX",
+    "metrics_key", "int8_metrics_key", "int8_metric_pairs",
 ]
 
+# The files of a model folder (perception.core.model_folder.ModelFolder answers which are there and usable).
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"  # the exported graph a torch-free runtime runs (labels out)
+INT8_ONNX_FILE = "model_int8.onnx"  # its int8 graph (tools/ship_int8.py)
+ENGINE_SUFFIX = ".engine"  # TensorRT engines built into the folder (tools/build_engine.py) ...
+ENGINE_SIDECAR_SUFFIX = ".json"  # ... each with <engine>.json beside it
+HELDOUT_PREFIX = "heldout_"  # heldout_<drive>/: the card of the recipe's run on a drive it never trained on
 CARD_SCHEMA = 1
+
+# The card's metric records: ``metrics[key]`` per evaluation, key = split or ``holdout_<drives>``, and
+# ``<key>_int8`` for the folder's int8 graph on the same frames.
+CARD_METRIC_KEYS = ("global_accuracy", "class_accuracy", "miou", "bf", "per_class_accuracy", "per_class_iou",
+                    "per_class_bf")
+INT8_SUFFIX = "_int8"
+
+
+def metrics_key(split: str, groups: list[str] | None = None) -> str:
+    """``holdout_0006R0`` for drives held out of a split, else the split's name."""
+    return "holdout_" + "+".join(groups) if groups else str(split)
+
+
+def int8_metrics_key(key: str) -> str:
+    """The key of the int8 graph's record beside the fp32 record ``key``."""
+    return key + INT8_SUFFIX
+
+
+def int8_metric_pairs(metrics: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """``(key, fp32 mIoU, int8 mIoU)`` for every evaluation the card records in both precisions."""
+    pairs = []
+    for key, m in metrics.items():
+        base = metrics.get(key.removesuffix(INT8_SUFFIX))
+        if key.endswith(INT8_SUFFIX) and isinstance(m, dict) and isinstance(base, dict) and "miou" in m and "miou" in base:
+            pairs.append((key.removesuffix(INT8_SUFFIX), float(base["miou"]), float(m["miou"])))
+    return pairs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

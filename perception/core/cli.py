@@ -7,7 +7,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-__all__ = ["stop_on_signals", "fail"]
+__all__ = ["stop_on_signals", "fail", "print_notes"]
 
 EXIT_USAGE = 2  # bad input: a flag, a file, a model (argparse's status for usage errors too)
 
@@ -16,6 +16,12 @@ def fail(prog: str, message: str, *, status: int = EXIT_USAGE) -> int:
     """Print ``prog: error: message`` as one line on stderr and return ``status``, for ``return fail(...)``."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return status
+
+
+def print_notes(notes: list[str]) -> None:
+    """The notes a library call returned (``"warning: ..."``, ``"note: ..."``), one line each on stderr."""
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
 
 
 def stop_on_signals(callback: Callable[[], None] | None = None) -> threading.Event:

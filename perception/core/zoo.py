@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perception.core.card import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, ModelCard, has_mc_dropout, load_card
+from perception.core.card import (
+    CARD_FILE, HELDOUT_PREFIX, INT8_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, ModelCard, has_mc_dropout, load_card,
+)
 from perception.core.options import opt
 
 __all__ = ["ZOO_DIR", "MODEL_PATH_ENV", "ModelEntry", "find_model", "list_entries", "default_model_name",
@@ -26,7 +28,6 @@ __all__ = ["ZOO_DIR", "MODEL_PATH_ENV", "ModelEntry", "find_model", "list_entrie
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 MODEL_PATH_ENV = "PERCEPTION_MODEL_PATH"
-INT8_ONNX_FILE = "model_int8.onnx"
 
 
 @dataclass
@@ -134,7 +135,7 @@ def heldout_metrics(entry: ModelEntry) -> tuple[str, dict[str, Any], str] | None
     own = holdout_of(entry.card)
     if own:
         return own[0], own[1], "this model"
-    for sub in sorted(entry.folder.glob(f"heldout_*/{CARD_FILE}")):
+    for sub in sorted(entry.folder.glob(f"{HELDOUT_PREFIX}*/{CARD_FILE}")):
         found = holdout_of(load_card(sub.parent))
         if found:
             return found[0], found[1], f"its recipe's held-out run ({sub.parent.name}/)"

@@ -79,23 +79,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from perception.data.loading import open_dataset
         from perception.eval.scoring import evaluate_backend
-        from perception.inference import backend_kind, load_backend
 
-        from perception.core.zoo import find_model
+        from perception.core.cli import print_notes
+        from perception.inference.resolve import resolve
 
-        args.model = str(find_model(args.model))  # a path, or a model's name
+        resolution = resolve(args.model, device=args.device, tta=args.tta, reference=True,
+                             precision="auto" if args.precision == "fp32" else args.precision)
+        args.model = str(resolution.path)
+        print_notes(resolution.notes)
         backend = None
-        if backend_kind(args.model) != "torch":
+        if resolution.backend != "torch":
             if args.mc_samples or args.tta != "none" or args.precision != "fp32":
                 raise ValueError("--mc-samples, --tta and --precision apply to model folders; an exported model "
                                  "runs as it was exported (export with --tta flip for flip TTA)")
-            backend = load_backend(args.model, device=args.device)
+            backend = resolution.load()
             model = backend  # .card, for the checks and the report below
         else:
             from perception.models.bayesian import has_dropout
             from perception.models.io import load
 
-            model = load(args.model, map_location=args.device)
+            model = load(resolution.path, map_location=args.device)
             if args.mc_samples and not has_dropout(model):
                 raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
         groups = [g for g in args.groups.split(",") if g] if args.groups else None

@@ -64,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_into(parser, PredictOptions, argv)
     except ValueError as e:
         parser.error(str(e))  # exits with status 2, argparse's one line
-    from perception.inference.resolve import resolve_backend
+    from perception.core.cli import print_notes
+    from perception.inference.resolve import resolve
     from perception.inference.postprocess import classes_present, colorize, draw_legend, overlay, palette_lut, uncertainty_to_bgr
 
     try:
         images = expand_images(args.images)
-        backend = resolve_backend(args.model, backend=args.backend, device=args.device)
+        resolution = resolve(args.model, backend=args.backend, device=args.device)
+        print_notes(resolution.notes)
+        backend = resolution.load()
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         return fail("perception-predict", str(e))
     out = Path(args.out)

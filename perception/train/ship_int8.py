@@ -24,7 +24,7 @@ from typing import Any, Callable
 from perception.core.card import CARD_FILE, ModelCard, load_card
 from perception.core.cli import fail
 from perception.core.fileio import atomic_write_bytes
-from perception.core.zoo import INT8_ONNX_FILE
+from perception.core.card import INT8_ONNX_FILE, int8_metrics_key
 
 __all__ = ["build_parser", "main", "ship_int8", "calibration_pairs"]
 
@@ -90,7 +90,7 @@ def ship_int8(
         card.metrics[key] = fp32_metrics
     with load_backend(out) as backend:
         int8_metrics = card_metrics(evaluate_backend(backend, ds, progress=True))
-    card.metrics[f"{key}_int8"] = int8_metrics
+    card.metrics[int8_metrics_key(key)] = int8_metrics
     record = {
         "file": INT8_ONNX_FILE,
         "command": f"python tools/ship_int8.py {folder} --data {data} --split {split} --groups {','.join(groups)} "

@@ -169,10 +169,13 @@ def _is_local(endpoint: str) -> bool:
 
 def node_backend(cfg: NodeConfig):
     """The backend the node config asks for (see :mod:`perception.inference.resolve`)."""
-    from perception.inference.resolve import resolve_backend as resolve
+    from perception.core.cli import print_notes
+    from perception.inference.resolve import resolve
 
-    return resolve(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
-                   mc_samples=cfg.mc_samples, threads=cfg.threads, tta=cfg.tta)
+    resolution = resolve(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
+                         mc_samples=cfg.mc_samples, threads=cfg.threads, tta=cfg.tta)
+    print_notes(resolution.notes)
+    return resolution.load()
 
 
 def _graph_of(backend) -> str:
