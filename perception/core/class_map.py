@@ -32,6 +32,9 @@ UNLABELED = 255  # vision_msgs: UNLABELED is the top of the range, 255 for mono8
 
 @dataclass(frozen=True)
 class ClassMap:
+    """The node's output classes as groups of the model's: names, palette and a lookup table from model class id
+    to output id (:data:`UNLABELED` for model classes no group takes)."""
+
     classes: list[str]  # output class names, index = output id
     palette: list[tuple[int, int, int]]  # RGB per output class
     lut: np.ndarray  # (n_model_classes,) uint8: model class id -> output id, or UNLABELED

@@ -100,6 +100,8 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
     static_batch = dims[0].dim_value or None
 
     class Reader(CalibrationDataReader):
+        """ONNX Runtime's calibration reader over ``frames``, one input batch per call."""
+
         def __init__(self) -> None:
             self._it = iter(frames)
 

@@ -30,6 +30,9 @@ class Capabilities:
 
 @dataclass
 class InferenceResult:
+    """What a backend returns for a batch: class ids at the frames' own size, and on request class
+    probabilities and (Bayesian models in PyTorch) per-pixel uncertainty."""
+
     labels: np.ndarray  # (N, H, W) uint8 class ids
     probs: np.ndarray | None = None  # (N, K, H, W) float32
     uncertainty: np.ndarray | None = None  # (N, H, W) float32 (Bayesian models)

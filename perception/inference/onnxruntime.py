@@ -25,6 +25,9 @@ def disabled_optimizers(meta: dict[str, str]) -> list[str]:
 
 
 class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on an exported graph (fp32, fp16 or int8; labels out, probabilities where exported): the
+    CPU path of the node and of the torch-free runtime install. Reads the model card from the graph's metadata."""
+
     name = "onnxruntime"
 
     def __init__(

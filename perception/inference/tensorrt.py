@@ -38,6 +38,9 @@ def check_sidecar(engine_path: Path, sidecar: dict[str, Any], *, trt_version: st
 
 
 class TensorRTBackend(Backend):
+    """A TensorRT engine built by ``tools/build_engine.py`` (its ``.json`` sidecar says the input size, the
+    unpooling form and the card), run through pycuda on a CUDA GPU."""
+
     name = "tensorrt"
 
     def __init__(self, path: str | Path, *, device: str = "cuda") -> None:

@@ -23,6 +23,9 @@ _AMP = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
 
 
 class TorchBackend(Backend):
+    """PyTorch on a model folder's weights: fp32, bf16 or fp16, flip TTA, and Monte-Carlo dropout uncertainty for
+    Bayesian models (the only backend that samples dropout)."""
+
     name = "torch"
 
     def __init__(

@@ -12,6 +12,9 @@ __all__ = ["MCPrediction", "mc_dropout_predict", "has_dropout", "mc_dropout_mode
 
 
 class MCPrediction(NamedTuple):
+    """What Monte-Carlo dropout gives per frame: mean probabilities, their labels, the paper's uncertainty and
+    the predictive entropy."""
+
     probs: Tensor  # (N, K, H, W) mean softmax over samples
     labels: Tensor  # (N, H, W) argmax of ``probs``
     uncertainty: Tensor  # (N, H, W) mean over classes of the per-class softmax variance (the paper's)

@@ -49,6 +49,9 @@ class _Upsample2x(nn.ConvTranspose2d):
 
 
 class FCNBasic(nn.Module):
+    """FCN-Basic, the paper's decoder comparison (Table 1): SegNet-Basic's encoder with an FCN decoder that
+    upsamples by learnt deconvolution and adds the encoder's reduced feature maps (the module docstring)."""
+
     def __init__(
         self, *, num_classes: int, in_channels: int = 3, lrn: bool = False, addition: bool = True,
         dim_reduction: bool = True,

@@ -19,6 +19,8 @@ VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 25
 
 
 class ConvBNReLU(nn.Sequential):
+    """3x3 convolution, batch norm and (optionally) ReLU: SegNet's building block."""
+
     def __init__(self, in_ch: int, out_ch: int, *, kernel_size: int = 3, relu: bool = True) -> None:
         layers: list[nn.Module] = [
             nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),

@@ -129,6 +129,10 @@ class BasicDecoderStage(nn.Module):
 
 
 class SegNetBasic(nn.Module):
+    """SegNet-Basic (4 encoders of 64 7x7 filters, the paper's smaller network) and its Table 1 decoder variants:
+    how the decoder upsamples (``upsample``), encoder addition, single-channel decoders; dropout for Bayesian
+    SegNet-Basic."""
+
     def __init__(
         self,
         *,

@@ -58,6 +58,9 @@ class Switches(NamedTuple):
 
 
 class UnpoolImpl(NamedTuple):
+    """A pair of pool (returning switches) and unpool functions: one interchangeable implementation of
+    SegNet's pooling semantics."""
+
     pool: Callable[[Tensor], tuple[Tensor, Switches]]
     unpool: Callable[[Tensor, Switches], Tensor]
 

@@ -9,20 +9,31 @@
 ``latest_only=True`` returns only the newest message per topic each time (older queued ones are
 dropped), which is what a display or a controller wants. ZeroMQ's CONFLATE option cannot do this for
 multipart messages, so it is done here, on whole messages.
+
+:func:`follow` owns the rules for when a stream is over (a count, a duration, silence, a refused CURVE
+handshake, a signal, or every camera's final stats), for the consumers (echo, record, the Foxglove bridge,
+the browser view) and for programs of your own:
+
+    with Subscriber("tcp://127.0.0.1:5555") as sub:
+        following = follow(sub, timeout=10)
+        for msg in following:
+            ...
+        print(following.end)     # why it stopped: "final", "silence", "count", ...
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import zmq
 
 from perception.stream.monitor import monitor_owned, own_context_term
 from perception.stream.protocol import DEFAULT_LIMITS, Limits, Message, ProtocolError, decode_message
 
-__all__ = ["Subscriber", "Message", "ProtocolError", "rejections_text"]
+__all__ = ["Subscriber", "Message", "ProtocolError", "rejections_text", "follow", "Follow", "END_REASONS"]
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -207,3 +218,78 @@ class Subscriber:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+END_REASONS = ("final", "count", "duration", "silence", "handshake", "stopped")
+
+
+class Follow:
+    """Messages of a subscriber until the stream is over; :attr:`end` then says why (one of
+    :data:`END_REASONS`), or stays None while it runs. Made by :func:`follow`."""
+
+    def __init__(self, sub: Subscriber, *, count: int | None = None, duration: float | None = None,
+                 timeout: float | None = None, until_final: bool = True, stopped: threading.Event | None = None,
+                 counted: Callable[[Message], bool] | None = None, idle: bool = False, finals_needed: int = 1,
+                 poll_s: float = 0.2) -> None:
+        self.sub, self.count, self.duration, self.timeout = sub, count, duration, timeout
+        self.finals_needed = finals_needed
+        self.until_final, self.stopped, self.counted = until_final, stopped, counted
+        self.idle, self.poll_s = idle, poll_s
+        self.end: str | None = None
+        self.received = 0  # messages that count towards ``count``
+        self._running: set[str] = set()  # stats topics (one per camera) seen and not yet final
+        self._finished: set[str] = set()
+
+    def _stop_before_recv(self, started: float) -> str | None:
+        if self.stopped is not None and self.stopped.is_set():
+            return "stopped"
+        if self.count is not None and self.received >= self.count:
+            return "count"
+        if self.duration is not None and time.monotonic() - started > self.duration:
+            return "duration"
+        return None
+
+    def _is_final(self, msg: Message) -> bool:
+        """Whether ``msg`` completes the node's run: every camera's stats said ``final``."""
+        if msg.stream != "stats" or not isinstance(msg.data, dict):
+            return False
+        if msg.data.get("final") is True:
+            self._finished.add(msg.topic)
+            self._running.discard(msg.topic)
+        else:
+            self._running.add(msg.topic)
+        return self.until_final and len(self._finished) >= self.finals_needed and not self._running
+
+    def __iter__(self) -> Iterator[Message | None]:
+        started = last = time.monotonic()
+        while (end := self._stop_before_recv(started)) is None:
+            msg = self.sub.recv(timeout=self.poll_s)
+            if msg is None:
+                if self.sub.handshake_failures:
+                    end = "handshake"
+                    break
+                if self.timeout is not None and time.monotonic() - last > self.timeout:
+                    end = "silence"
+                    break
+                if self.idle:
+                    yield None  # lets the caller do periodic work (rates, status) while nothing arrives
+                continue
+            last = time.monotonic()
+            if self.counted is None or self.counted(msg):
+                self.received += 1
+            yield msg
+            if self._is_final(msg):
+                end = "final"
+                break
+        self.end = end
+
+
+def follow(sub: Subscriber, *, count: int | None = None, duration: float | None = None, timeout: float | None = None,
+           until_final: bool = True, stopped: threading.Event | None = None,
+           counted: Callable[[Message], bool] | None = None, idle: bool = False, finals_needed: int = 1) -> Follow:
+    """Follow a node through ``sub`` until ``count`` messages (those ``counted`` says count), ``duration``
+    seconds, ``timeout`` seconds of silence, a refused CURVE handshake, ``stopped`` being set, or (with
+    ``until_final``) the final stats of every camera that sent stats (at least ``finals_needed`` cameras).
+    With ``idle`` the iteration also yields None at each quiet poll."""
+    return Follow(sub, count=count, duration=duration, timeout=timeout, until_final=until_final, stopped=stopped,
+                  counted=counted, idle=idle, finals_needed=finals_needed)

@@ -95,52 +95,61 @@ def main(argv: list[str] | None = None) -> int:
 
 def _echo(sub, args: argparse.Namespace, stopped) -> int:
     """Print messages until --count, --timeout, a signal or the node's final stats; the exit status."""
-    from perception.stream.security import handshake_failed
+    from perception.stream.client import follow
 
-    arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
-    n = 0
+    rates = _Rates()
     classes: list[str] | None = None  # names for --areas, from the node's info message
-    running: set[str] = set()  # stats topics seen, not yet final
-    finished: set[str] = set()
-    last_msg = time.monotonic()
-    next_rate = time.monotonic() + 1.0
-    while not stopped.is_set() and (args.count is None or n < args.count):
-        msg = sub.recv(timeout=0.2)
+    following = follow(sub, count=args.count, timeout=args.timeout, until_final=not args.stay, stopped=stopped,
+                       idle=True)
+    for msg in following:
         now = time.monotonic()
-        if msg is None:
-            if sub.handshake_failures:
-                return fail("perception-echo", f"{handshake_failed(args.endpoint)}", status=1)
-            if args.timeout is not None and now - last_msg > args.timeout:
-                print(f"perception-echo: nothing received for {args.timeout:g}s on {args.endpoint}", file=sys.stderr)
-                return 1
-        else:
-            n += 1
-            last_msg = now
+        if msg is not None:
             if msg.stream == "info" and isinstance(msg.data, dict) and isinstance(msg.data.get("classes"), list):
                 classes = [str(c) for c in msg.data["classes"]]
-            arrivals[msg.topic].append(now)
+            rates.arrived(msg.topic, now)
             if args.json:
                 data = msg.data if isinstance(msg.data, dict) else None
                 print(json_text({"topic": msg.topic, "header": msg.header, "data": data}), flush=True)
             elif not args.rate_only:
                 print(summarize(msg, areas=args.areas, classes=classes), flush=True)
-            if msg.stream == "stats" and isinstance(msg.data, dict):
-                # One node may run several cameras (one stats topic each): done when all have finished.
-                (finished if msg.data.get("final") is True else running).add(msg.topic)
-                if msg.data.get("final") is True:
-                    running.discard(msg.topic)
-                if finished and not running and not args.stay:
-                    return 0  # the node has finished (its last stats message)
-        if now >= next_rate and (args.rate_only or args.count is None):
-            next_rate = now + 1.0
-            rates = []
-            for topic, ts in sorted(arrivals.items()):
-                recent = [t for t in ts if now - t < 5.0]
-                hz = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-                rates.append(f"{topic}: {hz:.2f} Hz")
-            if rates and args.rate_only:
-                print("  ".join(rates), flush=True)
+        if (args.rate_only or args.count is None) and (line := rates.line(now)) and args.rate_only:
+            print(line, flush=True)
+    return end_status("perception-echo", following, args.endpoint)
+
+
+def end_status(prog: str, following, endpoint: str) -> int:
+    """The exit status (and one line on stderr) for why :func:`~perception.stream.client.follow` ended."""
+    from perception.stream.security import handshake_failed
+
+    if following.end == "handshake":
+        return fail(prog, handshake_failed(endpoint), status=1)
+    if following.end == "silence":
+        print(f"{prog}: nothing received for {following.timeout:g}s on {endpoint}", file=sys.stderr)
+        return 1
     return 0
+
+
+class _Rates:
+    """Per-topic message rates over the last 5 s, as a line once a second (``ros2 topic hz``)."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
+        self.next_line = time.monotonic() + 1.0
+
+    def arrived(self, topic: str, now: float) -> None:
+        self.arrivals[topic].append(now)
+
+    def line(self, now: float) -> str:
+        """The rates line when a second has passed since the last one, else ""."""
+        if now < self.next_line:
+            return ""
+        self.next_line = now + 1.0
+        rates = []
+        for topic, ts in sorted(self.arrivals.items()):
+            recent = [t for t in ts if now - t < 5.0]
+            hz = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+            rates.append(f"{topic}: {hz:.2f} Hz")
+        return "  ".join(rates)
 
 
 if __name__ == "__main__":

@@ -182,10 +182,14 @@ class FoxgloveBridge:
                                      data=img.tobytes()), log_time=stamp)
         self.forwarded[msg.stream] = self.forwarded.get(msg.stream, 0) + 1
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+    def run(self, stop: threading.Event) -> str | None:
+        """Forward until ``stop`` is set or the node refuses this client's CURVE handshake; returns why it
+        ended (:func:`~perception.stream.client.follow`'s reason)."""
+        from perception.stream.client import Follow
+
+        following = Follow(self.sub, until_final=False, stopped=stop, idle=True, poll_s=0.05)
+        for msg in following:
             self._apply_changes()
-            msg = self.sub.recv(timeout=0.05)
             if msg is None:
                 continue
             try:
@@ -196,6 +200,7 @@ class FoxgloveBridge:
                 if self.skipped == 1:
                     print(f"perception-foxglove: warning: skipping messages Foxglove cannot take "
                           f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return following.end
 
     def close(self) -> None:
         self.server.stop()
@@ -279,11 +284,15 @@ def main(argv: list[str] | None = None) -> int:
           "Foxglove WebSocket)", file=sys.stderr, flush=True)
     stop = stop_on_signals()
     try:
-        bridge.run(stop)
+        end = bridge.run(stop)
     finally:
         bridge.close()
     if bridge.sub.rejections():
         print(f"perception-foxglove: {bridge.sub.rejections()}", file=sys.stderr)
+    if end == "handshake":  # a wrong --curve-server-key, or this client's key is not allowed
+        from perception.stream.security import handshake_failed
+
+        return fail("perception-foxglove", handshake_failed(args.endpoint), status=1)
     return 0
 
 

@@ -84,6 +84,9 @@ REJECT_REASONS = ("over a limit", "malformed msgpack", "bad header", "bad frames
 
 @dataclass(frozen=True)
 class Limits:
+    """Upper bounds a consumer applies when decoding network input (message, header, maps, arrays, strings,
+    image pixels, nesting depth): nothing decoded from the wire is larger."""
+
     max_message_bytes: int = 64 << 20  # the whole multipart message
     max_header_bytes: int = 64 << 10
     max_map_len: int = 256
@@ -100,6 +103,9 @@ DEFAULT_LIMITS = Limits()
 
 @dataclass
 class Message:
+    """One decoded message: its topic, stream name, header (ROS-style stamp, frame id, seq, ...) and data
+    (an array for image streams, a dict for info and stats)."""
+
     topic: str
     stream: str
     header: dict[str, Any]

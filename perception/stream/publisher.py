@@ -49,7 +49,7 @@ def _register_exit_handler() -> None:
 
 
 class PublisherError(RuntimeError):
-    pass
+    """The publisher cannot bind or send (the message is one line, for users)."""
 
 
 class Publisher:

@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from dataclasses import dataclass
@@ -179,6 +178,37 @@ def _recover(folder: str) -> int:
     return 0
 
 
+def _check_out(out: Path) -> str | None:
+    """Why --out cannot be recorded into, or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out {out} cannot be created ({probe} is not a writable folder)"
+    return None
+
+
+def _parse_streams(parser: argparse.ArgumentParser, args: RecordOptions) -> list[str]:
+    streams = [s.strip() for s in (args.streams or DEFAULT_STREAMS).split(",") if s.strip()]
+    allowed = ("mask", "overlay", "stats", "info") if args.format == "files" else \
+        ("mask", "color_mask", "overlay", "uncertainty", "stats", "info")
+    if bad := [s for s in streams if s not in allowed]:
+        parser.error(f"--streams: {bad} cannot be recorded as {args.format}; choose from {', '.join(allowed)}")
+    return streams
+
+
+def _open_sink(args: RecordOptions, out: Path, streams: list[str]):
+    if args.format == "mcap":
+        from perception.stream.rosbag import BagWriter
+
+        return BagWriter(out, max_bag_duration=args.max_bag_duration, chunk_size=args.chunk_size)
+    if args.camera:
+        return _PerCamera({c: _FileSink(out / c, streams, args.fps) for c in args.camera}, args.namespace)
+    return _FileSink(out, streams, args.fps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -192,106 +222,78 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_bag_duration is not None and args.format != "mcap":
         parser.error("--max-bag-duration needs --format mcap")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return fail("perception-record", f"--out {out} is a file, not a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        return fail("perception-record", f"--out {out} cannot be created ({probe} is not a writable folder)")
-    streams = [s.strip() for s in (args.streams or DEFAULT_STREAMS).split(",") if s.strip()]
-    allowed = ("mask", "overlay", "stats", "info") if args.format == "files" else \
-        ("mask", "color_mask", "overlay", "uncertainty", "stats", "info")
-    if bad := [s for s in streams if s not in allowed]:
-        parser.error(f"--streams: {bad} cannot be recorded as {args.format}; choose from {', '.join(allowed)}")
+    if why := _check_out(out):
+        return fail("perception-record", why)
+    streams = _parse_streams(parser, args)
 
     import zmq
 
-    from perception.core.cli import stop_on_signals
     from perception.stream.client import Subscriber
-    from perception.stream.rosbag import UnrecordableMessage
-    from perception.stream.security import CurveError, client_keys_from_args, handshake_failed
+    from perception.stream.rosbag import BagError
+    from perception.stream.security import CurveError, client_keys_from_args
 
     try:
         curve = client_keys_from_args(args)
     except CurveError as e:
         return fail("perception-record", str(e))
-
-    # A recording that fails before anything arrives leaves nothing behind (a folder this run made).
-    made_out = not out.exists()
-    if args.format == "mcap":
-        from perception.stream.rosbag import BagError, BagWriter
-
-        try:
-            sink = BagWriter(out, max_bag_duration=args.max_bag_duration, chunk_size=args.chunk_size)
-        except BagError as e:
-            return fail("perception-record", str(e))
-    elif args.camera:
-        sink = _PerCamera({c: _FileSink(out / c, streams, args.fps) for c in args.camera}, args.namespace)
-    else:
-        sink = _FileSink(out, streams, args.fps)
+    made_out = not out.exists()  # a recording that fails before anything arrives leaves nothing behind
+    try:
+        sink = _open_sink(args, out, streams)
+    except BagError as e:
+        return fail("perception-record", str(e))
     prefixes = [f"{args.namespace}/{c}" for c in args.camera] if args.camera else [args.namespace]
-    topics = [f"{p}/{s}" for p in prefixes for s in streams]
-    frame_stream = "mask" if "mask" in streams else "overlay"
-    finals: set[str] = set()  # stats topics that said final (one per camera)
-    stopped = stop_on_signals()
-    frames = 0
-    skipped = 0
-    written = 0
-    rc = 0
-    t_end = None if args.duration is None else time.monotonic() + args.duration
-    last = time.monotonic()
     try:
         # JPEG payloads go into a bag as they came (CompressedImage); the file sink needs pixels.
-        sub = Subscriber(args.endpoint, topics=topics, decode_jpeg=args.format == "files", curve=curve)
+        sub = Subscriber(args.endpoint, topics=[f"{p}/{s}" for p in prefixes for s in streams],
+                         decode_jpeg=args.format == "files", curve=curve)
     except zmq.ZMQError as e:
         sink.close()
         if made_out:
             shutil.rmtree(out, ignore_errors=True)
         return fail("perception-record", f"cannot connect to {args.endpoint!r} ({e})")
+    with sub:
+        rc, tally = _record(sub, sink, args, streams, len(prefixes))
+    if rc != 0 and not tally["written"] and made_out:
+        shutil.rmtree(out, ignore_errors=True)
+    if rc == 0 or tally["frames"]:  # after an error with nothing recorded, the error is the one line
+        notes = [f"{tally['skipped']} messages skipped (no ROS 2 form)"] if tally["skipped"] else []
+        notes += [sub.rejections()] if sub.rejections() else []
+        print(f"recorded {tally['frames']} frames to {out}" + (f" ({'; '.join(notes)})" if notes else ""),
+              file=sys.stderr)
+    return rc
+
+
+def _record(sub, sink, args: RecordOptions, streams: list[str], cameras: int) -> tuple[int, dict[str, int]]:
+    """Write what arrives into ``sink`` until the node is done (every camera's final stats), --count frames,
+    --duration, --timeout of silence or a signal; closes the sink. The exit status and the counts."""
+    from perception.core.cli import stop_on_signals
+    from perception.stream.client import follow
+    from perception.stream.echo import end_status
+    from perception.stream.rosbag import UnrecordableMessage
+
+    frame_stream = "mask" if "mask" in streams else "overlay"
+    tally = {"frames": 0, "skipped": 0, "written": 0}
+    following = follow(sub, count=args.count, duration=args.duration, timeout=args.timeout,
+                       stopped=stop_on_signals(), counted=lambda m: m.stream == frame_stream, finals_needed=cameras)
+    rc = 0
     try:
-        with sub:
-            while not stopped.is_set() and (args.count is None or frames < args.count):
-                if t_end is not None and time.monotonic() > t_end:
-                    break
-                msg = sub.recv(timeout=0.2)
-                if msg is None:
-                    if sub.handshake_failures:
-                        rc = fail("perception-record", handshake_failed(args.endpoint), status=1)
-                        break
-                    if args.timeout is not None and time.monotonic() - last > args.timeout:
-                        print(f"perception-record: nothing received for {args.timeout:g}s", file=sys.stderr)
-                        rc = 1
-                        break
-                    continue
-                last = time.monotonic()
-                try:
-                    sink.write(msg)
-                except UnrecordableMessage as e:
-                    if not skipped:
-                        print(f"perception-record: warning: skipping messages that cannot be recorded ({e})",
-                              file=sys.stderr, flush=True)
-                    skipped += 1
-                    continue
-                written += 1
-                if msg.stream == frame_stream:
-                    frames += 1
-                if msg.stream == "stats" and isinstance(msg.data, dict) and msg.data.get("final") is True:
-                    finals.add(msg.topic)
-                    if len(finals) == len(prefixes):
-                        break  # the node has finished its source (every camera recorded)
+        for msg in following:
+            try:
+                sink.write(msg)
+            except UnrecordableMessage as e:
+                if not tally["skipped"]:
+                    print(f"perception-record: warning: skipping messages that cannot be recorded ({e})",
+                          file=sys.stderr, flush=True)
+                tally["skipped"] += 1
+                continue
+            tally["written"] += 1
+            tally["frames"] += msg.stream == frame_stream
+        rc = end_status("perception-record", following, args.endpoint)
     except ValueError as e:  # BagError: a stream changed type mid-recording
         rc = fail("perception-record", str(e), status=1)
     finally:
         sink.close()
-    if rc != 0 and not written and made_out:
-        shutil.rmtree(out, ignore_errors=True)
-    if rc == 0 or frames:  # after an error with nothing recorded, the error is the one line
-        notes = [f"{skipped} messages skipped (no ROS 2 form)"] if skipped else []
-        notes += [sub.rejections()] if sub.rejections() else []
-        print(f"recorded {frames} frames to {out}" + (f" ({'; '.join(notes)})" if notes else ""),
-              file=sys.stderr)
-    return rc
+    return rc, tally
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_su
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in a ``torchrun`` job: rank, world size and local rank (1 process: not distributed)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

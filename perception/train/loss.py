@@ -15,6 +15,9 @@ __all__ = ["SegmentationLoss"]
 
 
 class SegmentationLoss(nn.Module):
+    """Weighted cross-entropy over labelled pixels, normalised as Caffe's SoftmaxWithLoss (by the count of
+    non-void pixels) or as PyTorch's weighted mean, with optional label smoothing."""
+
     def __init__(
         self,
         weight: Tensor | None = None,

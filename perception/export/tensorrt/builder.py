@@ -26,7 +26,7 @@ EXIT_MISSING = 3  # TensorRT or a GPU is missing (everything possible before tha
 
 
 class MissingDependency(RuntimeError):
-    pass
+    """TensorRT, pycuda or Triton is not installed here (the message says which and how to install it)."""
 
 
 def sidecar_path(engine: str | Path) -> Path:

@@ -198,6 +198,9 @@ def max_unpool2d(values, indices, output_size, out=None):
 
 @dataclass
 class CompiledKernel:
+    """One Triton kernel compiled ahead of time to PTX for a GPU architecture: what ``tensorrt.plugin``'s
+    ``aot_impl`` hands TensorRT (entry name, PTX text, warps, shared memory)."""
+
     name: str  # the PTX entry name
     ptx: str
     num_warps: int

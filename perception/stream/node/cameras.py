@@ -24,6 +24,8 @@ _NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_-]{0,31})=(.+)$")
 
 @dataclass(frozen=True)
 class CameraSpec:
+    """One camera of the node: its name (the topic segment ``segnet/<name>/...``) and source URI."""
+
     name: str
     uri: str
 

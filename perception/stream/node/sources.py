@@ -51,6 +51,8 @@ class SourceError(RuntimeError):
 
 @dataclass
 class Frame:
+    """One captured frame, with its per-source sequence number, capture time and position in the source."""
+
     image: np.ndarray  # H x W x 3 uint8 BGR
     seq: int  # frame counter from 0 per source (after skipping)
     stamp_ns: int  # capture time, Unix epoch ns
@@ -180,6 +182,8 @@ class _CaptureSource(Source):
 
 
 class VideoFileSource(_CaptureSource):
+    """A video file read with OpenCV's FFmpeg backend (pacing with ``realtime``, looping with ``loop``)."""
+
     def __init__(self, path: Path, options: SourceOptions) -> None:
         self.path = path
         super().__init__(str(path), options, str(path), cv2.CAP_FFMPEG)
@@ -268,6 +272,8 @@ class LiveCaptureSource(_CaptureSource):
 
 
 class ImageListSource(Source):
+    """A folder (or list) of image files read in order; files that do not decode are skipped and counted."""
+
     def __init__(self, paths: list[Path], options: SourceOptions) -> None:
         super().__init__(str(paths[0].parent), options)
         self.paths = paths
