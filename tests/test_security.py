@@ -73,7 +73,7 @@ def test_only_allowed_clients_receive_anything(keys, toy_model):
         pub.close()
 
 
-@pytest.mark.parametrize("client", ["echo", "record", "foxglove"])
+@pytest.mark.parametrize("client", ["echo", "record", "foxglove", "view"])
 def test_a_wrong_server_key_is_a_clear_error_for_clients(client, keys, toy_model, capsys, tmp_path):
     if client == "echo":
         from perception.stream.echo import main as client_main
@@ -81,23 +81,28 @@ def test_a_wrong_server_key_is_a_clear_error_for_clients(client, keys, toy_model
     elif client == "record":
         from perception.stream.record import main as client_main
         extra = ["--out", str(tmp_path / "rec")]
-    else:
+    elif client == "foxglove":
         pytest.importorskip("foxglove")
         from perception.stream.foxglove_bridge import main as client_main
         extra = ["--port", "0"]  # no --timeout: the bridge waits for a node; the handshake's refusal ends it
+    else:
+        pytest.importorskip("aiohttp")
+        from perception.stream.view import main as client_main
+        extra = ["--http", "127.0.0.1:0"]  # likewise
 
     _, model_dir = toy_model
     node, pub, t = _secure_node(keys, model_dir)
     t.start()
     try:
-        wait = ["--timeout", "20"] if client != "foxglove" else []
+        wait = ["--timeout", "20"] if client in ("echo", "record") else []
         rc = client_main([pub.endpoint, *wait, "--curve-server-key", str(keys / "stranger.key"),
                           "--curve-secret-key", str(keys / "client.key_secret"), *extra])
     finally:
         node.stop()
         t.join(timeout=30)
         pub.close()
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if "ws://" not in line]  # the bridge's address
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if "ws://" not in line and "open http://" not in line]  # where the bridge or the view serves
     assert rc == 1 and len(err) == 1 and "CURVE handshake" in err[0] and "--curve-server-key" in err[0], err
     assert not (tmp_path / "rec").exists()  # nothing recorded: no folder left behind
 

@@ -93,7 +93,7 @@ class _Upstream(threading.Thread):
     frames for the browser, and applies subscription changes the web side asks for."""
 
     def __init__(self, endpoint: str, states: dict[str, ViewState], on_change,
-                 curve: tuple[str, str] | None = None) -> None:
+                 curve: tuple[str, str] | None = None, on_end=None) -> None:
         super().__init__(daemon=True, name="perception-view-upstream")
         from perception.stream.client import Subscriber
 
@@ -102,47 +102,56 @@ class _Upstream(threading.Thread):
                               decode_jpeg=False, latest_only=True, curve=curve)
         self.states = states
         self.on_change = on_change
+        self.on_end = on_end  # called with follow()'s reason when reading ends
         self.requests: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self.stop_event = threading.Event()
 
+    def _apply_requests(self) -> None:
+        while True:
+            try:
+                topic, on = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            (self.sub.subscribe if on else self.sub.unsubscribe)(topic)
+
     def run(self) -> None:
+        from perception.stream.client import Follow
+
+        following = Follow(self.sub, until_final=False, stopped=self.stop_event, idle=True, poll_s=0.1)
+        try:
+            for msg in following:
+                self._apply_requests()
+                if msg is not None:
+                    self._show(msg)
+                self.on_change()  # after a quiet poll too: lets pages see the connection go stale
+        finally:
+            self.sub.close()
+            if self.on_end is not None:
+                self.on_end(following.end)
+
+    def _show(self, msg) -> None:
+        """Hand a message to the state of its camera, raw frames JPEG-encoded for the browser."""
         import cv2
 
         from perception.inference.postprocess import uncertainty_to_bgr
 
         try:
-            while not self.stop_event.is_set():
-                while True:
-                    try:
-                        topic, on = self.requests.get_nowait()
-                    except queue.Empty:
-                        break
-                    (self.sub.subscribe if on else self.sub.unsubscribe)(topic)
-                msg = self.sub.recv(timeout=0.1)
-                if msg is None:
-                    self.on_change()  # lets pages see the connection go stale
-                    continue
-                try:
-                    jpeg = None
-                    if msg.stream in VIEW_STREAMS:
-                        if msg.header["encoding"] == "jpeg":
-                            jpeg = bytes(msg.data)  # its size was checked against the header (protocol)
-                        else:
-                            img = msg.data
-                            if msg.stream == "uncertainty":  # float per pixel -> heat map (brighter = less sure)
-                                img = uncertainty_to_bgr(img)
-                            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
-                            jpeg = buf.tobytes() if ok else None
-                    state = self.states.get(msg.topic.rsplit("/", 1)[0])
-                    if state is not None:
-                        state.on_message(msg, jpeg)
-                except Exception as e:  # noqa: BLE001  (one unusable message must not end the reader)
-                    self.sub.rejected["unusable"] += 1
-                    log.warning("skipping a %s message the page cannot show (%s)", msg.stream, type(e).__name__)
-                    continue
-                self.on_change()
-        finally:
-            self.sub.close()
+            jpeg = None
+            if msg.stream in VIEW_STREAMS:
+                if msg.header["encoding"] == "jpeg":
+                    jpeg = bytes(msg.data)  # its size was checked against the header (protocol)
+                else:
+                    img = msg.data
+                    if msg.stream == "uncertainty":  # float per pixel -> heat map (brighter = less sure)
+                        img = uncertainty_to_bgr(img)
+                    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+                    jpeg = buf.tobytes() if ok else None
+            state = self.states.get(msg.topic.rsplit("/", 1)[0])
+            if state is not None:
+                state.on_message(msg, jpeg)
+        except Exception as e:  # noqa: BLE001  (one unusable message must not end the reader)
+            self.sub.rejected["unusable"] += 1
+            log.warning("skipping a %s message the page cannot show (%s)", msg.stream, type(e).__name__)
 
 
 def _page() -> str:
@@ -170,6 +179,7 @@ class ViewCounters:
 
         self.refused: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()  # the upstream subscriber's, live
+        self.upstream_end: str | None = None  # why the upstream stopped reading (follow()'s reason)
 
     def summary(self) -> str:
         from perception.stream.client import rejections_text
@@ -183,151 +193,188 @@ class ViewCounters:
 
 def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str] | None = None,
              cameras: list[str] | None = None, allow_origins: list[str] | None = None,
-             counters: ViewCounters | None = None):
+             counters: ViewCounters | None = None, stop: threading.Event | None = None):
     """The aiohttp application (the upstream reader starts and stops with it). ``cameras``: the
     cameras of a node that runs several; the page offers a choice between them. ``allow_origins``:
     other origins (``http://host:port``) whose pages may open the WebSocket. ``counters`` hears of
-    refused connections and rejected messages."""
-    from aiohttp import WSMsgType, web
+    refused connections and rejected messages; ``stop`` is set when the node refuses the upstream's
+    CURVE handshake (``counters.upstream_end`` says so)."""
+    from aiohttp import web
 
-    allowed_origins = set(allow_origins or ())
-    counters = counters if counters is not None else ViewCounters()
-    refused = counters.refused
-
-    ns = namespace.strip("/")
-    names = list(cameras) if cameras else [""]
-    prefix_of = {c: (f"{ns}/{c}" if c else ns).strip("/") for c in names}
-    states = {prefix_of[c]: ViewState() for c in names}
+    view = _View(endpoint, namespace=namespace, curve=curve, cameras=cameras, allow_origins=allow_origins,
+                 counters=counters if counters is not None else ViewCounters(), stop=stop)
     app = web.Application()
-    upstream: list[_Upstream] = []  # started with the app (a closure, not app state: aiohttp's AppKey
-    # needs a module-level frame, which a server run from a thread does not have)
-    on_demand = OnDemandTopics()  # node topic -> the pages showing it
-    wakers: set[asyncio.Event] = set()  # one per page: every page wakes on every change
+    app.on_response_prepare.append(_security_headers)
+    app.router.add_get("/", view.index)
+    app.router.add_get("/ws", view.websocket)
+    app.on_startup.append(view.start_upstream)
+    app.on_cleanup.append(view.stop_upstream)
+    return app
 
-    def notify() -> None:
-        for event in wakers:
+
+async def _security_headers(request, response) -> None:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Server"] = "perception-view"  # not aiohttp's name and version
+
+
+class _View:
+    """The web side of the view: the page, the WebSocket of each page, and which node streams the pages
+    watch (the upstream subscribes to a stream only while some page shows it)."""
+
+    def __init__(self, endpoint: str, *, namespace: str, curve: tuple[str, str] | None, cameras: list[str] | None,
+                 allow_origins: list[str] | None, counters: ViewCounters, stop: threading.Event | None) -> None:
+        self.endpoint, self.curve, self.counters, self.stop = endpoint, curve, counters, stop
+        self.allowed_origins = set(allow_origins or ())
+        ns = namespace.strip("/")
+        self.names = list(cameras) if cameras else [""]
+        self.prefix_of = {c: (f"{ns}/{c}" if c else ns).strip("/") for c in self.names}
+        self.states = {self.prefix_of[c]: ViewState() for c in self.names}
+        # Started with the app (an attribute, not app state: aiohttp's AppKey needs a module-level frame,
+        # which a server run from a thread does not have).
+        self.upstream: _Upstream | None = None
+        self.on_demand = OnDemandTopics()  # node topic -> the pages showing it
+        self.wakers: set[asyncio.Event] = set()  # one per page: every page wakes on every change
+        self.page = _page()
+        self.csp = ("default-src 'none'; img-src 'self' blob:; style-src 'unsafe-inline'; "
+                    f"script-src '{_inline_hash(self.page, 'script')}'; connect-src 'self'; frame-ancestors 'none'; "
+                    "base-uri 'none'; form-action 'none'")
+
+    def notify(self) -> None:
+        for event in self.wakers:
             event.set()
 
-    page = _page()
-    csp = ("default-src 'none'; img-src 'self' blob:; style-src 'unsafe-inline'; "
-           f"script-src '{_inline_hash(page, 'script')}'; connect-src 'self'; frame-ancestors 'none'; "
-           "base-uri 'none'; form-action 'none'")
+    async def index(self, request):
+        from aiohttp import web
 
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text=page, content_type="text/html",
-                            headers={"Cache-Control": "no-store", "Content-Security-Policy": csp})
+        return web.Response(text=self.page, content_type="text/html",
+                            headers={"Cache-Control": "no-store", "Content-Security-Policy": self.csp})
 
-    async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Server"] = "perception-view"  # not aiohttp's name and version
-
-    def origin_allowed(request: web.Request) -> bool:
+    def origin_allowed(self, request) -> bool:
         """Browsers send Origin with every WebSocket handshake: only pages this view served (same
         origin), or origins named with --allow-origin, may read the streams. Clients that are not
         browsers send none and are let in (loopback by default)."""
         origin = request.headers.get("Origin")
         if origin is None:
             return True
-        return origin in allowed_origins or origin == f"{request.scheme}://{request.host}"
+        return origin in self.allowed_origins or origin == f"{request.scheme}://{request.host}"
 
-    def watch(camera: str, stream: str, page: object, on: bool) -> None:
-        start, stop = (on_demand.watch if on else on_demand.unwatch)(f"{prefix_of[camera]}/{stream}", page)
+    def watch(self, camera: str, stream: str, page: object, on: bool) -> None:
+        """Count ``page`` as a viewer of ``camera``'s ``stream`` (or no longer); the upstream (un)subscribes
+        where that changes whether anyone watches."""
+        start, stop = (self.on_demand.watch if on else self.on_demand.unwatch)(f"{self.prefix_of[camera]}/{stream}", page)
         for topic in start:
-            upstream[0].requests.put((topic, True))
+            self.upstream.requests.put((topic, True))
         for topic in stop:
-            upstream[0].requests.put((topic, False))
+            self.upstream.requests.put((topic, False))
 
-    async def websocket(request: web.Request) -> web.StreamResponse:
-        if not origin_allowed(request):
-            refused["origin"] += 1
+    async def websocket(self, request):
+        from aiohttp import web
+
+        if not self.origin_allowed(request):
+            self.counters.refused["origin"] += 1
             log.warning("refused a WebSocket from origin %s (not this view's; see --allow-origin)",
                         request.headers.get("Origin"))
             return web.Response(status=403, text="cross-origin WebSocket refused\n")
         ws = web.WebSocketResponse(heartbeat=10, max_msg_size=4096)
         await ws.prepare(request)
-        stream, camera = "overlay", names[0]
-        page = object()  # this page, as a viewer of the streams it shows
-        watch(camera, stream, page, True)
-        changed = asyncio.Event()
-        wakers.add(changed)
-        sent_seq, sent_info, sent_stats, sent_status = None, None, None, None
-        await ws.send_str(json_text({"type": "cameras", "cameras": [c for c in names if c]}))
+        await _PageSession(self, ws).run()
+        return ws
 
-        async def read_choices() -> None:
-            nonlocal stream, camera, sent_seq, sent_info, sent_stats, sent_status
-            async for m in ws:
-                if m.type != WSMsgType.TEXT:
-                    continue
-                try:
-                    choice = json.loads(m.data)
-                except ValueError:
-                    continue
-                if not isinstance(choice, dict):
-                    continue
-                new_stream, new_camera = choice.get("stream", stream), choice.get("camera", camera)
-                if not (isinstance(new_stream, str) and isinstance(new_camera, str)):
-                    continue  # e.g. {"camera": []}: ignored, the page stays open
-                if new_stream in VIEW_STREAMS and new_camera in prefix_of and (new_stream, new_camera) != (stream, camera):
-                    watch(new_camera, new_stream, page, True)
-                    watch(camera, stream, page, False)
-                    if new_camera != camera:
-                        sent_info = sent_stats = None  # the other camera's info and stats, at once
-                    stream, camera = new_stream, new_camera
-                    sent_seq, sent_status = None, None  # the page hears of the switch first
-                    changed.set()
+    async def start_upstream(self, app) -> None:
+        loop = asyncio.get_running_loop()
+        self.upstream = _Upstream(self.endpoint, self.states, lambda: loop.call_soon_threadsafe(self.notify),
+                                  self.curve, on_end=self._upstream_ended)
+        self.counters.rejected = self.upstream.sub.rejected
+        self.upstream.start()
 
-        reader = asyncio.create_task(read_choices())
+    def _upstream_ended(self, reason: str | None) -> None:
+        self.counters.upstream_end = reason
+        if reason == "handshake" and self.stop is not None:
+            self.stop.set()  # nothing will ever arrive: the view ends with the reason
+
+    async def stop_upstream(self, app) -> None:
+        self.upstream.stop_event.set()
+        await asyncio.to_thread(self.upstream.join, 5)
+
+
+class _PageSession:
+    """One page's WebSocket: the camera and stream it shows, and what it has already been sent."""
+
+    def __init__(self, view: _View, ws) -> None:
+        self.view, self.ws = view, ws
+        self.stream, self.camera = "overlay", view.names[0]
+        self.changed = asyncio.Event()
+        self.sent_seq = self.sent_info = self.sent_stats = self.sent_status = None
+
+    async def run(self) -> None:
+        view = self.view
+        view.watch(self.camera, self.stream, self, True)
+        view.wakers.add(self.changed)
+        await self.ws.send_str(json_text({"type": "cameras", "cameras": [c for c in view.names if c]}))
+        reader = asyncio.create_task(self.read_choices())
         try:
-            while not ws.closed and not reader.done():
-                state = states[prefix_of[camera]]
-                with state.lock:
-                    info, stats, frame = state.info, state.stats, state.frames.get(stream)
-                status = state.status()
-                if info is not None and info is not sent_info:
-                    await ws.send_str(json_text({"type": "info", "info": info}))
-                    sent_info = info
-                if stats is not None and stats is not sent_stats:
-                    await ws.send_str(json_text({"type": "stats", "stats": stats}))
-                    sent_stats = stats
-                if status != sent_status:
-                    await ws.send_str(json_text({**status, "stream": stream, "camera": camera}))
-                    sent_status = status
-                if frame is not None and frame[0] != sent_seq:
-                    sent_seq = frame[0]
-                    await ws.send_bytes(frame[1])
+            while not self.ws.closed and not reader.done():
+                await self.send_news()
                 # Wait for news; a page that is still sending simply skips the frames in between.
                 try:
-                    await asyncio.wait_for(changed.wait(), timeout=1.0)
+                    await asyncio.wait_for(self.changed.wait(), timeout=1.0)
                 except asyncio.TimeoutError:
                     pass
-                changed.clear()
+                self.changed.clear()
         except (ConnectionResetError, RuntimeError):
             pass  # the page went away mid-send
         finally:
             reader.cancel()
-            wakers.discard(changed)
-            watch(camera, stream, page, False)
-        return ws
+            view.wakers.discard(self.changed)
+            view.watch(self.camera, self.stream, self, False)
 
-    async def start_upstream(app: web.Application) -> None:
-        loop = asyncio.get_running_loop()
-        up = _Upstream(endpoint, states, lambda: loop.call_soon_threadsafe(notify), curve)
-        counters.rejected = up.sub.rejected
-        upstream.append(up)
-        up.start()
+    async def send_news(self) -> None:
+        """What changed since the last send: info, stats, status, and the newest frame of the stream shown."""
+        state = self.view.states[self.view.prefix_of[self.camera]]
+        with state.lock:
+            info, stats, frame = state.info, state.stats, state.frames.get(self.stream)
+        status = state.status()
+        if info is not None and info is not self.sent_info:
+            await self.ws.send_str(json_text({"type": "info", "info": info}))
+            self.sent_info = info
+        if stats is not None and stats is not self.sent_stats:
+            await self.ws.send_str(json_text({"type": "stats", "stats": stats}))
+            self.sent_stats = stats
+        if status != self.sent_status:
+            await self.ws.send_str(json_text({**status, "stream": self.stream, "camera": self.camera}))
+            self.sent_status = status
+        if frame is not None and frame[0] != self.sent_seq:
+            self.sent_seq = frame[0]
+            await self.ws.send_bytes(frame[1])
 
-    async def stop_upstream(app: web.Application) -> None:
-        upstream[0].stop_event.set()
-        await asyncio.to_thread(upstream[0].join, 5)
+    async def read_choices(self) -> None:
+        """The page's choices of camera and stream (JSON text messages); anything else is ignored."""
+        from aiohttp import WSMsgType
 
-    app.on_response_prepare.append(security_headers)
-    app.router.add_get("/", index)
-    app.router.add_get("/ws", websocket)
-    app.on_startup.append(start_upstream)
-    app.on_cleanup.append(stop_upstream)
-    return app
+        async for m in self.ws:
+            if m.type != WSMsgType.TEXT:
+                continue
+            try:
+                choice = json.loads(m.data)
+            except ValueError:
+                continue
+            if isinstance(choice, dict):
+                self.choose(choice.get("stream", self.stream), choice.get("camera", self.camera))
+
+    def choose(self, stream: object, camera: object) -> None:
+        if not (isinstance(stream, str) and isinstance(camera, str)):
+            return  # e.g. {"camera": []}: ignored, the page stays open
+        if stream not in VIEW_STREAMS or camera not in self.view.prefix_of or (stream, camera) == (self.stream, self.camera):
+            return
+        self.view.watch(camera, stream, self, True)
+        self.view.watch(self.camera, self.stream, self, False)
+        if camera != self.camera:
+            self.sent_info = self.sent_stats = None  # the other camera's info and stats, at once
+        self.stream, self.camera = stream, camera
+        self.sent_seq, self.sent_status = None, None  # the page hears of the switch first
+        self.changed.set()
 
 
 def _parse_http(value: str) -> tuple[str, int]:
@@ -406,7 +453,7 @@ async def serve(endpoint: str, host: str, port: int, namespace: str, stop: threa
 
     counters = counters if counters is not None else ViewCounters()
     app = make_app(endpoint, namespace=namespace, curve=curve, cameras=cameras, allow_origins=allow_origins,
-                   counters=counters)
+                   counters=counters, stop=stop)
     runner = web.AppRunner(app, handle_signals=False, keepalive_timeout=request_timeout_s)
     await runner.setup()
     server = None
@@ -478,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail("perception-view", f"cannot serve on {host}:{port} ({e.strerror or e})")
     if counters.summary():
         print(f"perception-view: {counters.summary()}", file=sys.stderr)
+    if counters.upstream_end == "handshake":  # a wrong --curve-server-key, or this client's key is not allowed
+        from perception.stream.security import handshake_failed
+
+        return fail("perception-view", handshake_failed(args.endpoint), status=1)
     return 0
 
 
