@@ -3,7 +3,7 @@ its validation are derived, and one merge of defaults < YAML < flags.
 
     @dataclass
     class NodeConfig:
-        fps: float = opt(30.0, help="frames per second", check=(lambda v: v > 0, "> 0"))
+        fps: float = opt(30.0, help="frames per second", check=positive)
 
     add_arguments(parser, NodeConfig)          # --fps FPS (default: 30.0)
     cfg = merge(NodeConfig, yaml_values, flag_values)
@@ -23,11 +23,29 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["opt", "add_arguments", "merge", "validate", "flag_of", "given", "project", "parse_into"]
+__all__ = ["opt", "add_arguments", "merge", "validate", "flag_of", "given", "project", "parse_into", "positive",
+           "at_least", "in_range", "Check"]
+
+Check = tuple[Callable[[Any], bool], str]  # a predicate and the words for what it requires
+
+
+def at_least(low: float) -> Check:
+    """``check=at_least(1)``: the value must be ``>= low``."""
+    return (lambda v: v >= low, f">= {low:g}")
+
+
+def in_range(low: float, high: float, *, closed: bool = True) -> Check:
+    """``check=in_range(0, 1)``: ``low <= value <= high`` (``closed=False``: ``< high``)."""
+    if closed:
+        return (lambda v: low <= v <= high, f"in [{low:g}, {high:g}]")
+    return (lambda v: low <= v < high, f"in [{low:g}, {high:g})")
+
+
+positive: Check = (lambda v: v > 0, "> 0")  # ``check=positive``: the value must be > 0
 
 
 def opt(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, help: str | None = None,
-        choices: tuple | None = None, check: tuple[Callable[[Any], bool], str] | None = None,
+        choices: tuple | None = None, check: "Check | None" = None,
         flag: str | None = None, metavar: str | None = None, parse: Callable[[str], Any] | None = None,
         cli: bool = True, nargs: str | None = None, repeat: bool = False) -> Any:
     """A dataclass field that is also a command-line option (``cli=False``: YAML/config only). A

@@ -13,8 +13,8 @@ import cv2
 
 from perception.core.cli import fail
 from perception.core.fileio import atomic_write_bytes
-from perception.core.options import add_arguments, opt, parse_into
-from perception.inference.resolve import TTA_CHOICES
+from perception.core.options import add_arguments, at_least, opt, parse_into
+from perception.core.choices import TTA_MODES
 
 __all__ = ["EvalOptions", "build_parser", "parse_options", "main", "format_table"]
 
@@ -37,11 +37,11 @@ class EvalOptions:
                              help="only the frames of these drives, e.g. 0006R0 (a drive held out of training)")
     group_pattern: str | None = opt(None, metavar="REGEX",
                                     help="regex whose first group is an image's drive (default '^(.+?)_': CamVid's prefix)")
-    tta: str = opt("none", choices=TTA_CHOICES,
+    tta: str = opt("none", choices=TTA_MODES,
                    help="test-time augmentation: 'flip' averages the logits of the image and its mirror")
     json: str | None = opt(None, metavar="FILE", help="write the metrics here as JSON")
     save_predictions: str | None = opt(None, metavar="DIR", help="one uint8 label PNG per image (class ids), same name")
-    mc_samples: int | None = opt(None, check=(lambda v: v >= 1, ">= 1"), help="Monte-Carlo dropout samples (Bayesian models)")
+    mc_samples: int | None = opt(None, check=at_least(1), help="Monte-Carlo dropout samples (Bayesian models)")
     seed: int = opt(0, help="seed of the MC dropout masks")
     precision: str = opt("fp32", choices=("fp32", "bf16"), help="PyTorch precision for model folders")
     device: str = opt("cpu", help="cpu or cuda")

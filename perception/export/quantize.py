@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from perception.core.fileio import atomic_write_bytes
-from perception.core.options import opt
+from perception.core.options import at_least, opt
 
 __all__ = ["quantize_int8", "calibration_frames", "Int8Options", "INT8_ACTIVATIONS", "INT8_POOLS"]
 
@@ -55,7 +55,7 @@ class Int8Options:
                                      "the only kind TensorRT's parser takes")
     calibration_data: str | None = opt(None, metavar="DIR",
                                        help="folder of frames to calibrate int8 activations (e.g. train images)")
-    calibration_count: int = opt(32, check=(lambda v: v >= 1, ">= 1"), metavar="N", help="frames to calibrate on")
+    calibration_count: int = opt(32, check=at_least(1), metavar="N", help="frames to calibrate on")
     int8_pools: str = opt("quantized", choices=INT8_POOLS,
                           help="quantized: max pooling on the uint8 tensors (labels unchanged, "
                                "perception.export.quantized_pools; u8 activations only); quantized+unpools: the "

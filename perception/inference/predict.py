@@ -12,7 +12,7 @@ import cv2
 
 from perception.core.cli import fail
 from perception.core.fileio import list_images
-from perception.core.options import add_arguments, opt, parse_into
+from perception.core.options import add_arguments, in_range, opt, parse_into
 from perception.inference import BACKEND_CHOICES
 
 __all__ = ["PredictOptions", "build_parser", "main", "expand_images"]
@@ -30,7 +30,7 @@ class PredictOptions:
     backend: str = opt("auto", choices=BACKEND_CHOICES,
                        help="as perception-node chooses: an engine -> TensorRT, a folder -> its int8 or fp32 graph (or "
                             "PyTorch for MC-dropout uncertainty), an .onnx -> ONNX Runtime")
-    alpha: float = opt(0.5, check=(lambda v: 0.0 <= v <= 1.0, "in [0, 1]"), help="overlay opacity of the colour mask")
+    alpha: float = opt(0.5, check=in_range(0, 1), help="overlay opacity of the colour mask")
     legend: bool = opt(True, help="draw the legend of the classes present on the overlay")
     save_labels: bool = opt(False, help="also write the uint8 class-id PNGs")
     uncertainty: bool = opt(False, help="uncertainty heat maps (Bayesian models)")

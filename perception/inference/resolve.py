@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from perception.core.card import INT8_ONNX_FILE, load_card
+from perception.core.choices import PRECISIONS, TORCH_PRECISIONS, TTA_MODES
 from perception.core.model_folder import (
     INT8_MAX_LOSS, ModelFolder, int8_cpu_verdict, torch_available,
 )
@@ -34,8 +35,7 @@ __all__ = ["resolve", "Resolution", "resolve_backend", "default_model_dir", "int
 
 DEFAULT_MODEL = default_model_name()
 BACKENDS = BACKEND_CHOICES  # "auto", then every backend of the table
-TTA_CHOICES = ("none", "flip")
-PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")
+TTA_CHOICES = TTA_MODES
 
 
 @dataclass
@@ -177,7 +177,7 @@ def _resolve_file(path: Path, kind: str, backend: str, *, device: str, precision
 def _torch_options(precision: str, device: str, mc_samples: int, threads: int | None, tta: str,
                    notes: list[str]) -> dict[str, Any]:
     torch_precision = "fp32" if precision == "auto" else precision
-    if torch_precision not in ("fp32", "bf16", "fp16"):
+    if torch_precision not in TORCH_PRECISIONS:
         raise ValueError(f"the torch backend runs fp32, bf16 or fp16, not {precision}")
     if torch_precision == "bf16":
         from perception.models.precision import native_bf16

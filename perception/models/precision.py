@@ -9,8 +9,7 @@ import torch
 __all__ = ["autocast_context", "native_bf16", "nhwc_fp32_native", "resolve_amp", "resolve_channels_last",
            "AMP_CHOICES", "CHANNELS_LAST_CHOICES"]
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-CHANNELS_LAST_CHOICES = ("auto", "on", "off")
+from perception.core.choices import AMP_CHOICES, CHANNELS_LAST_CHOICES  # noqa: E402  (re-exported)
 
 
 def native_bf16(device: torch.device | str) -> bool:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 __all__ = ["TTA_MODES", "FlipTTA", "with_tta"]
 
-TTA_MODES = ("none", "flip")
+from perception.core.choices import TTA_MODES  # noqa: E402  (re-exported)
 
 
 class FlipTTA(nn.Module):

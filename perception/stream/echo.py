@@ -15,7 +15,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from perception.core.cli import fail
-from perception.core.options import add_arguments, opt, parse_into
+from perception.core.options import add_arguments, at_least, opt, parse_into, positive
 from perception.stream.protocol import json_text
 from perception.stream.security import ClientKeyOptions
 
@@ -28,8 +28,8 @@ class EchoOptions(ClientKeyOptions):
 
     endpoint: str = opt(flag="endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5555")
     topic: str = opt("", flag="topic", nargs="?", help="topic prefix to subscribe to (default: all)")
-    count: int | None = opt(None, check=(lambda v: v >= 1, ">= 1"), metavar="N", help="exit after N messages")
-    timeout: float | None = opt(None, check=(lambda v: v > 0, "> 0"), metavar="SECONDS",
+    count: int | None = opt(None, check=at_least(1), metavar="N", help="exit after N messages")
+    timeout: float | None = opt(None, check=positive, metavar="SECONDS",
                                 help="exit with status 1 if nothing arrives for this many seconds")
     rate_only: bool = opt(False, help="print only the per-topic rates, once a second")
     json: bool = opt(False, help="one JSON object per message")

@@ -33,7 +33,7 @@ from typing import Any
 from dataclasses import dataclass
 
 from perception.core.cli import fail
-from perception.core.options import add_arguments, opt, parse_into
+from perception.core.options import add_arguments, at_least, opt, parse_into
 from perception.stream.ondemand import OnDemandTopics
 from perception.stream.protocol import json_safe
 from perception.stream.security import ClientKeyOptions
@@ -208,12 +208,9 @@ class FoxgloveBridge:
 
 
 def _jpeg(img) -> bytes:
-    import cv2
+    from perception.stream.protocol import encode_jpeg
 
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
+    return encode_jpeg(img)
 
 
 def _bgr(data: bytes):
@@ -235,7 +232,7 @@ class FoxgloveOptions(ClientKeyOptions):
     camera: list[str] | None = opt(None, repeat=True, metavar="NAME",
                                    help="a node running several cameras: bridge this one (repeatable; channels "
                                         "/<namespace>/<camera>/...)")
-    backlog: int = opt(DEFAULT_BACKLOG, check=(lambda v: v >= 1, ">= 1"), metavar="N",
+    backlog: int = opt(DEFAULT_BACKLOG, check=at_least(1), metavar="N",
                        help="messages queued per Foxglove client; a client that reads slower loses the oldest, so "
                             "its memory stays bounded")
     image_format: str = opt("jpeg", choices=("jpeg", "raw"),

@@ -47,6 +47,7 @@ __all__ = [
     "STREAM_ENCODINGS",
     "json_safe",
     "json_text",
+    "encode_jpeg",
 ]
 
 SCHEMA_VERSION = 1
@@ -282,15 +283,20 @@ def image_header(
     return h
 
 
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """``image`` (BGR or grey uint8) as JPEG bytes: the one JPEG encoder of the node and its consumers."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
 def encode_image(image: np.ndarray, encoding: str) -> np.ndarray | bytes:
     """The payload for ``image`` in ``encoding``: a C-contiguous array (sent without copying) or JPEG bytes."""
     if encoding == "jpeg":
-        import cv2
-
-        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        if not ok:
-            raise ValueError("JPEG encoding failed")
-        return buf.tobytes()
+        return encode_jpeg(image)
     if encoding == "png":  # class-id masks only: 8-bit, one channel, lossless
         import cv2
 

@@ -26,9 +26,9 @@ from typing import Any
 from dataclasses import dataclass
 
 from perception.core.cli import fail
-from perception.core.options import add_arguments, opt, parse_into
+from perception.core.options import add_arguments, at_least, opt, parse_into, positive
 from perception.stream.ondemand import OnDemandTopics
-from perception.stream.protocol import json_text
+from perception.stream.protocol import encode_jpeg, json_text
 from perception.stream.security import ClientKeyOptions
 
 log = logging.getLogger("perception-view")
@@ -131,8 +131,6 @@ class _Upstream(threading.Thread):
 
     def _show(self, msg) -> None:
         """Hand a message to the state of its camera, raw frames JPEG-encoded for the browser."""
-        import cv2
-
         from perception.inference.postprocess import uncertainty_to_bgr
 
         try:
@@ -144,8 +142,7 @@ class _Upstream(threading.Thread):
                     img = msg.data
                     if msg.stream == "uncertainty":  # float per pixel -> heat map (brighter = less sure)
                         img = uncertainty_to_bgr(img)
-                    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
-                    jpeg = buf.tobytes() if ok else None
+                    jpeg = encode_jpeg(img, quality=85)
             state = self.states.get(msg.topic.rsplit("/", 1)[0])
             if state is not None:
                 state.on_message(msg, jpeg)
@@ -402,9 +399,9 @@ class ViewOptions(ClientKeyOptions):
                                          help="let pages of this origin (e.g. http://dashboard.local:3000) open the "
                                               "view's WebSocket (repeatable); by default only the view's own page may, "
                                               "so other sites open in the same browser cannot read the streams")
-    max_connections: int = opt(MAX_CONNECTIONS, check=(lambda v: v >= 1, ">= 1"), metavar="N",
+    max_connections: int = opt(MAX_CONNECTIONS, check=at_least(1), metavar="N",
                                help="open connections at most; more are closed at once")
-    request_timeout: float = opt(REQUEST_TIMEOUT_S, check=(lambda v: v > 0, "> 0"), metavar="SECONDS",
+    request_timeout: float = opt(REQUEST_TIMEOUT_S, check=positive, metavar="SECONDS",
                                  help="close a connection that has not sent a whole request in this time")
 
 

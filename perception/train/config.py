@@ -15,8 +15,9 @@ from typing import Any
 
 
 from perception.core import sizes
+from perception.core.choices import AMP_CHOICES, CHANNELS_LAST_CHOICES
 from perception.core.config import load_yaml_options
-from perception.core.options import merge, opt, validate
+from perception.core.options import at_least, in_range, merge, opt, positive, validate
 from perception.data.splits import DEFAULT_GROUP_PATTERN
 
 __all__ = ["TrainConfig", "RECIPES", "RECIPE_NAMES", "build_config", "parse_crop", "parse_range"]
@@ -70,20 +71,20 @@ class TrainConfig:
     recipe: str = opt("cpu", choices=RECIPE_NAMES,
                       help="default settings: 'paper' (faithful), 'cpu' (fast on CPU), 'robust' (cpu + changes of "
                            "scale, light and sensor, for roads never seen)")
-    epochs: int = opt(100, check=(lambda v: v >= 1, ">= 1"))
-    batch_size: int = opt(8, check=(lambda v: v >= 1, ">= 1"), help="per process")
+    epochs: int = opt(100, check=at_least(1))
+    batch_size: int = opt(8, check=at_least(1), help="per process")
     crop: tuple[int, int] | None = opt((240, 320), parse=parse_crop, help="random crop HxW, or 'none' for whole images")
     scale: tuple[float, float] = opt((1.0, 1.0), parse=parse_range, help="random scale range LO,HI")
     hflip: bool = opt(True, help="random horizontal flips")
     color_jitter: float = opt(0.0, help="brightness/contrast/saturation factors in [1-J, 1+J]")
     gamma: tuple[float, float] = opt((1.0, 1.0), parse=parse_range,
                                      help="random gamma range LO,HI (e.g. 0.5,2.0: dusk/dawn lighting)")
-    hue: float = opt(0.0, check=(lambda v: v >= 0, ">= 0"), help="random hue shift in degrees")
-    blur: float = opt(0.0, check=(lambda v: 0 <= v <= 1, "in [0, 1]"), help="probability of a Gaussian blur (sigma 0.3-1.5)")
-    noise: float = opt(0.0, check=(lambda v: v >= 0, ">= 0"), help="max std of Gaussian pixel noise (0-255 units)")
-    label_smoothing: float = opt(0.0, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    hue: float = opt(0.0, check=at_least(0), help="random hue shift in degrees")
+    blur: float = opt(0.0, check=in_range(0, 1), help="probability of a Gaussian blur (sigma 0.3-1.5)")
+    noise: float = opt(0.0, check=at_least(0), help="max std of Gaussian pixel noise (0-255 units)")
+    label_smoothing: float = opt(0.0, check=in_range(0, 1, closed=False))
     optimizer: str = opt("sgd", choices=("sgd", "adamw"))
-    lr: float = opt(0.1, check=(lambda v: v > 0, "> 0"))
+    lr: float = opt(0.1, check=positive)
     momentum: float = opt(0.9, cli=False)
     weight_decay: float = opt(5e-4)
     schedule: str = opt("constant", choices=("constant", "cosine", "poly"))
@@ -92,16 +93,16 @@ class TrainConfig:
     class_weight_power: float = opt(1.0, help="raise the class weights to this power (0.5 softens median frequency balancing)")
     loss_normalization: str = opt("valid_pixels", choices=("valid_pixels", "weights"),
                                   help="valid_pixels (Caffe's) or weights (PyTorch's weighted mean)")
-    amp: str = opt("off", choices=("auto", "bf16", "fp16", "off"),
+    amp: str = opt("off", choices=AMP_CHOICES,
                    help="autocast precision; auto: bf16 where the device runs it natively (CUDA, or a CPU with "
                         "AVX512_BF16/AMX), else fp32 (bf16 is emulated, several times slower, elsewhere)")
-    channels_last: str = opt("off", choices=("auto", "on", "off"),
+    channels_last: str = opt("off", choices=CHANNELS_LAST_CHOICES,
                              help="train in channels_last memory format; auto: with bf16/fp16 autocast, on CUDA and "
                                   "on AVX-512 CPUs, NCHW for fp32 on other CPUs (slower there in channels_last)")
     compile: bool = opt(False, help="torch.compile the training forward and backward (1.1x for SegNet on a "
                                    "2-core Zen 4 CPU: tools/bench_train_step.py; a minute or two of compiling first)")
-    val_every: int = opt(1, check=(lambda v: v >= 1, ">= 1"), help="validate every N epochs")
-    time_budget_s: float | None = opt(None, flag="--time-budget", metavar="SECONDS", check=(lambda v: v > 0, "> 0"),
+    val_every: int = opt(1, check=at_least(1), help="validate every N epochs")
+    time_budget_s: float | None = opt(None, flag="--time-budget", metavar="SECONDS", check=positive,
                                       help="after the warmup epochs, cut --epochs so the run ends within SECONDS "
                                            "(recorded in config.yaml)")
     bn_recalibrate: bool = opt(False, help="recompute batch-norm statistics over the training set at the end")
@@ -114,11 +115,11 @@ class TrainConfig:
                           help="the encoder's batch norms when the imported weights have none: 'identity', or 'data': "
                                "each set to its convolution's mean and std over training crops, so that the encoder "
                                "computes the imported VGG16 in training mode too")
-    encoder_bn_crops: int = opt(64, check=(lambda v: v >= 1, ">= 1"),
+    encoder_bn_crops: int = opt(64, check=at_least(1),
                                 help="training crops that --encoder-bn data takes its statistics from")
-    encoder_lr_mult: float = opt(1.0, check=(lambda v: v >= 0, ">= 0"),
+    encoder_lr_mult: float = opt(1.0, check=at_least(0),
                                  help="the encoder's learning rate as a multiple of --lr (e.g. 0.1 for a pretrained one)")
-    freeze_encoder_epochs: float = opt(0.0, check=(lambda v: v >= 0, ">= 0"),
+    freeze_encoder_epochs: float = opt(0.0, check=at_least(0),
                                        help="keep the encoder's weights fixed for the first N epochs (its batch-norm "
                                             "statistics still adapt)")
     init_weights: str | None = opt(None, metavar="MODEL_DIR",
@@ -126,7 +127,7 @@ class TrainConfig:
                                         "Bayesian variant of the same architecture); tensors whose names or shapes "
                                         "differ are skipped")
     seed: int = opt(0)
-    num_workers: int = opt(0, check=(lambda v: v >= 0, ">= 0"))
+    num_workers: int = opt(0, check=at_least(0))
     cache: bool = opt(True, cli=False)
     device: str = opt("auto", help="auto | cpu | cuda")
     max_iters_per_epoch: int | None = opt(None, help=argparse.SUPPRESS)  # for smoke tests

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
+from perception.core.choices import PRECISIONS, TTA_MODES
 from perception.core.config import load_yaml_options
-from perception.core.options import add_arguments, given, merge, opt, project, validate
+from perception.core.options import add_arguments, given, in_range, merge, opt, project, validate
 from perception.core.sizes import parse_hw
 from perception.inference import BACKEND_CHOICES
 from perception.core.cli import fail as cli_fail
@@ -46,12 +47,12 @@ class NodeConfig:
                                         ".engine (default: the shipped default model)")
     backend: str = opt("auto", choices=BACKEND_CHOICES, help="auto: by the model file (see perception.inference.resolve)")
     device: str = opt("cpu", help="cpu or cuda")
-    precision: str = opt("auto", choices=("auto", "fp32", "int8", "bf16", "fp16"),
+    precision: str = opt("auto", choices=PRECISIONS,
                          help="auto: a model folder's int8 graph on ONNX Runtime where its card shows it within "
                               "0.5 points of fp32's held-out mIoU (and the graph cannot saturate on this CPU: "
                               "7-bit weights, or VNNI), else fp32; fp32 keeps the fp32 graph; bf16 and "
                               "fp16 are the torch backend's")
-    tta: str = opt("none", choices=("none", "flip"),
+    tta: str = opt("none", choices=TTA_MODES,
                    help="flip: average each frame's logits with its mirror's (about 2x the compute; see "
                         "docs/benchmarks.md)")
     threads: int | None = opt(None, check=_at_least(1), help="inference threads")
@@ -71,7 +72,7 @@ class NodeConfig:
                                 help="YAML of output classes as groups of the model's (e.g. drivable: [Road]); "
                                      "masks, colours, legend, info and class_pixels follow it (examples in "
                                      "launch/class_maps/)")
-    overlay_alpha: float = opt(0.5, check=(lambda v: 0.0 <= v <= 1.0, "in [0, 1]"))
+    overlay_alpha: float = opt(0.5, check=in_range(0, 1))
     legend: bool = opt(True, help="draw the legend of the classes present on the overlay")
     wait_for_subscribers: int = opt(0, check=_at_least(0), help="hold the first frame until N subscribers joined")
     wait_timeout: float | None = opt(None, check=_POSITIVE, help="seconds to wait for subscribers (default: forever)")
