@@ -126,12 +126,13 @@ def test_postprocess_helpers():
 
 @pytest.mark.parametrize("weights_dtype", ["float32", "float16"])
 def test_ship_model_card_is_reproduced_by_perception_eval(weights_dtype, toy_bayesian_model, tmp_path, capsys):
-    """tools/ship_model.py measures the card's numbers; perception-eval of the shipped folder must print the
+    """perception-ship model measures the card's numbers; perception-eval of the shipped folder must print the
     same ones, also where the folder stores the weights at half precision."""
-    from perception.train import ship
+    from perception.release.cli import main as ship_main
+
     data, model_dir = toy_bayesian_model
     dest = tmp_path / "models" / "toy_shipped"
-    assert ship.main([str(model_dir), str(dest), "--data", str(data), "--mc-samples", "2", "--try-bn-recalibration",
+    assert ship_main(["model", str(model_dir), str(dest), "--data", str(data), "--mc-samples", "2", "--try-bn-recalibration",
                       "--training-command", "perception-train --model bayesian_segnet_basic",
                       "--weights-dtype", weights_dtype]) == 0
     card = json.loads((dest / "model.json").read_text())

@@ -102,10 +102,11 @@ def test_train_holds_out_a_drive_and_reports_val_only_if_unseen(tmp_path, capsys
 
     # Batch-norm recalibration at shipping runs over the frames the model trained on, never the held-out
     # drive it is then measured on.
-    from perception.train import ship
+    from perception.release import ship
+    from perception.release.cli import main as ship_main
 
     dest = tmp_path / "models" / "recal"
-    assert ship.main([str(out / "final"), str(dest), "--data", str(root), "--split", "train", "--groups", "d2",
+    assert ship_main(["model", str(out / "final"), str(dest), "--data", str(root), "--split", "train", "--groups", "d2",
                       "--try-bn-recalibration"]) == 0
     tried = json.loads((dest / "model.json").read_text())["training"]["bn_recalibration_tried"]
     assert tried["frames"] == card["training"]["train_images"] == 7
@@ -113,15 +114,15 @@ def test_train_holds_out_a_drive_and_reports_val_only_if_unseen(tmp_path, capsys
 
     from perception.core.card import load_card
 
-    frames = ship._training_frames(load_card(out / "final"), str(root))
+    frames = ship.training_frames(load_card(out / "final"), str(root))
     assert sorted(img.name for img, _ in frames.pairs) == [f"d1_{k:04d}.png" for k in range(6)] + ["d3_0000.png"]
     held = tmp_path / "held.txt"
     held.write_text("d1_0002.png\nimages/d3_0000.png  # a path works too\n")
     by_list = SimpleNamespace(training={"train_split": "train", "holdout": ["d2"], "holdout_list": str(held)})
-    assert sorted(img.name for img, _ in ship._training_frames(by_list, str(root)).pairs) == [
+    assert sorted(img.name for img, _ in ship.training_frames(by_list, str(root)).pairs) == [
         f"d1_{k:04d}.png" for k in (0, 1, 3, 4, 5)]
     # int8 calibration draws from the same frames: never a held-out drive's, nor a frame held out by name.
-    from perception.train.ship_int8 import calibration_pairs
+    from perception.release.int8 import calibration_pairs
 
     assert sorted(Path(img).name for img, _ in calibration_pairs(by_list, str(root), "train", [], 20)) == [
         f"d1_{k:04d}.png" for k in (0, 1, 3, 4, 5)]
@@ -134,7 +135,7 @@ def test_train_holds_out_a_drive_and_reports_val_only_if_unseen(tmp_path, capsys
     assert "'val' is part of the training images" in capsys.readouterr().out
 
 
-def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
+def test_final_run_without_selection_ships_the_last_epoch(tmp_path, capsys):
     from perception.models import io as model_io
     from perception.train.cli import main as train_main
 
@@ -160,12 +161,15 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
                        "d2", "--epochs", "1", "--crop", "32x48", "--batch-size", "4", "--no-progress", "--amp", "off",
                        "--out", str(heldout)]) == 0
     assert Image.open(heldout / "curves.png").size == (1170, 630)  # with a selection split: all six panels
-    ship = _ship_model_module()
+    from perception.release.cli import main as ship_main
+
     dest = tmp_path / "models" / "all_data"
     flags = ["--data", str(root), "--split", "train+val", "--groups", "d2", "--also", "val"]
-    with pytest.raises(SystemExit, match="trained on 4 frames of holdout_d2"):
-        ship.main([str(out / "final"), str(dest), *flags, "--recipe-run", str(out / "final")])
-    assert ship.main([str(out / "final"), str(dest), *flags, "--recipe-run", str(heldout / "final"),
+    capsys.readouterr()
+    assert ship_main(["model", str(out / "final"), str(dest), *flags, "--recipe-run", str(out / "final")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on 4 frames of holdout_d2" in err[0]
+    assert ship_main(["model", str(out / "final"), str(dest), *flags, "--recipe-run", str(heldout / "final"),
                       "--note", "trained over two stretches"]) == 0
     card = json.loads((dest / "model.json").read_text())
     assert card["extra"]["notes"] == ["trained over two stretches"]
@@ -194,7 +198,7 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
                        "--val-split", "none", "--epochs", "1", "--crop", "32x48", "--batch-size", "4", "--no-progress",
                        "--amp", "off", "--out", str(bayes)]) == 0
     dest_b = tmp_path / "models" / "bayes"
-    assert ship.main([str(bayes / "final"), str(dest_b), *flags[:6], "--recipe-run", str(heldout / "final")]) == 0
+    assert ship_main(["model", str(bayes / "final"), str(dest_b), *flags[:6], "--recipe-run", str(heldout / "final")]) == 0
     readme_b = (dest_b / "README.md").read_text()
     assert "the recipe's held-out run, `segnet_basic` (9 images" in readme_b
     assert "It trained `segnet_basic`, not `bayesian_segnet_basic`" in readme_b
@@ -213,20 +217,15 @@ def test_final_run_without_selection_ships_the_last_epoch(tmp_path):
     ],
 )
 def test_ship_model_claims_an_exact_resume_only_where_the_trainer_recorded_one(resumes, says, never_says):
-    ship = _ship_model_module()
+    from perception.release.readme import resume_lines
+
     training = {"resumed_with": ["perception-train --out r --resume"], "config": {"epochs": 100},
                 **({"resumes": resumes} if resumes is not None else {})}
-    text = "\n".join(ship.resume_lines(training))
+    text = "\n".join(resume_lines(training))
     assert says in text and never_says not in text and "perception-train --out r --resume" in text
     if resumes and resumes[-1]["selection_restarted"]:
         assert "the best of epochs 45-100" in text and "restarted its moments after epoch 4, 44" in text
-    assert ship.resume_lines({"config": {"epochs": 5}}) == []  # never resumed: nothing to say
-
-
-def _ship_model_module():
-    from perception.train import ship
-
-    return ship
+    assert resume_lines({"config": {"epochs": 5}}) == []  # never resumed: nothing to say
 
 
 def test_time_budget_chooses_epochs_once_and_resume_keeps_them(tmp_path, capsys):

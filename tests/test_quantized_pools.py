@@ -106,7 +106,7 @@ def test_quantized_pools_give_the_float_pool_graphs_labels_on_every_val_frame(sh
 
 
 def test_ship_int8_calibrates_off_the_measured_drive_and_feeds_the_auto_rule(shipped_model, camvid_root, tmp_path):
-    """tools/ship_int8.py on a copy of SegNet-Basic's held-out twin: calibration frames never come from
+    """perception-ship int8 on a copy of SegNet-Basic's held-out twin: calibration frames never come from
     the measured drive (nor a drive the model was held out of), the card gains ``holdout_0006R0_int8``
     from an evaluation of the written graph, and --precision auto picks that graph by it."""
     import json
@@ -118,7 +118,8 @@ def test_ship_int8_calibrates_off_the_measured_drive_and_feeds_the_auto_rule(shi
     from perception.data.loading import open_dataset
     from perception.inference import load_backend
     from perception.inference.resolve import int8_verdict, resolve_backend
-    from perception.train.ship_int8 import README_HEADING, _update_readme, calibration_pairs, main as ship_main
+    from perception.release.cli import main as ship_main
+    from perception.release.int8 import README_HEADING, _update_readme, calibration_pairs
 
     folder = tmp_path / "twin"
     shutil.copytree(shipped_model / "heldout_0006R0", folder)
@@ -126,7 +127,7 @@ def test_ship_int8_calibrates_off_the_measured_drive_and_feeds_the_auto_rule(shi
     card = load_card(folder)
     pairs = calibration_pairs(card, str(camvid_root), "train+val", ["0016E5"], 6)
     assert len(pairs) == 6 and {group_of(p[0].name) for p in pairs} == {"0001TP"}  # not 0016E5, not 0006R0
-    assert ship_main([str(folder), "--data", str(camvid_root), "--groups", "0006R0", "--count", "4"]) == 0
+    assert ship_main(["int8", str(folder), "--data", str(camvid_root), "--groups", "0006R0", "--count", "4"]) == 0
     card = load_card(folder)
     int8 = card.metrics["holdout_0006R0_int8"]
     # The recorded number is the written graph's, re-measured here through the node's backend.

@@ -83,15 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         from perception.core.cli import print_notes
         from perception.inference.resolve import resolve
 
+        from perception.core.zoo import find_model
+
+        folder_only = args.mc_samples or args.tta != "none" or args.precision != "fp32"
+        if folder_only and not find_model(args.model).is_dir():
+            raise ValueError("--mc-samples, --tta and --precision apply to model folders; an exported model "
+                             "runs as it was exported (export with --tta flip for flip TTA)")
         resolution = resolve(args.model, device=args.device, tta=args.tta, reference=True,
                              precision="auto" if args.precision == "fp32" else args.precision)
         args.model = str(resolution.path)
         print_notes(resolution.notes)
         backend = None
         if resolution.backend != "torch":
-            if args.mc_samples or args.tta != "none" or args.precision != "fp32":
-                raise ValueError("--mc-samples, --tta and --precision apply to model folders; an exported model "
-                                 "runs as it was exported (export with --tta flip for flip TTA)")
             backend = resolution.load()
             model = backend  # .card, for the checks and the report below
         else:

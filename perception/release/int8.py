@@ -1,9 +1,9 @@
 """Ship a model folder's int8 graph: ``model_int8.onnx`` beside its weights, calibrated on frames of the
 drives it trained on (never the drive it is measured on), its mIoU on that drive recorded in the card
 next to fp32's (``<split>_int8``), which is what ``--precision auto`` decides on
-(:func:`perception.inference.resolve.int8_verdict`).
+(:meth:`perception.core.model_folder.ModelFolder.int8_verdict`).
 
-    python tools/ship_int8.py models/segnet_basic_camvid --data ../shared/camvid --split train+val --groups 0006R0 \\
+    perception-ship int8 models/segnet_basic_camvid --data ../shared/camvid --split train+val --groups 0006R0 \\
         --twin models/segnet_basic_camvid/heldout_0006R0
 
 ``--twin``: for a model that trained on every drive, its held-out twin (same recipe, the drive left
@@ -13,20 +13,31 @@ model's own.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
-from perception.core.card import CARD_FILE, ModelCard, load_card
-from perception.core.cli import fail
+from perception.core.card import CARD_FILE, INT8_ONNX_FILE, ModelCard, int8_metrics_key, load_card, metrics_key
 from perception.core.fileio import atomic_write_bytes
-from perception.core.card import INT8_ONNX_FILE, int8_metrics_key
+from perception.core.options import at_least, opt
 
-__all__ = ["build_parser", "main", "ship_int8", "calibration_pairs"]
+__all__ = ["ShipInt8Options", "ship_int8", "ship_int8_folders", "calibration_pairs", "README_HEADING"]
+
+
+@dataclass
+class ShipInt8Options:
+    """perception-ship int8's options (core.options)."""
+
+    folder: str = opt(flag="folder", help="a model folder (models/<name>)")
+    data: str = opt(help="dataset folder")
+    groups: str = opt(metavar="GROUP[,GROUP]", help="the drive(s) measured, never calibrated on (e.g. 0006R0)")
+    split: str = opt("train+val", help="the split measured")
+    count: int = opt(32, check=at_least(1), help="calibration frames")
+    calibration_split: str | None = opt(None, help="default: the split the model trained on")
+    twin: str | None = opt(None, help="the held-out twin folder, for a model that trained on the measured drive")
 
 README_HEADING = "## int8 (`model_int8.onnx`)"
 
@@ -36,7 +47,7 @@ def calibration_pairs(card: ModelCard, data: str, split: str, exclude: list[str]
     and the frames the model was held out of (``card.training``'s ``holdout`` drives and ``holdout_list``)."""
     from perception.data.loading import open_dataset
     from perception.data.splits import split_pairs_by_group
-    from perception.train.ship import held_out_names
+    from perception.release.ship import held_out_names
 
     drives = sorted(set(exclude) | set(card.training.get("holdout") or []))
     pairs = open_dataset(data, split).pairs
@@ -60,7 +71,7 @@ def ship_int8(
 
     from perception.data.loading import open_dataset
     from perception.data.splits import group_of
-    from perception.eval.card_metrics import card_metrics, metrics_key
+    from perception.eval.card_metrics import card_metrics
     from perception.eval.scoring import evaluate_backend
     from perception.export.onnx import ExportOptions, export_onnx
     from perception.export.quantize import quantize_int8
@@ -93,7 +104,7 @@ def ship_int8(
     card.metrics[int8_metrics_key(key)] = int8_metrics
     record = {
         "file": INT8_ONNX_FILE,
-        "command": f"python tools/ship_int8.py {folder} --data {data} --split {split} --groups {','.join(groups)} "
+        "command": f"perception-ship int8 {folder} --data {data} --split {split} --groups {','.join(groups)} "
                    f"--count {count}",
         "calibration": f"{len(frames)} frames of {calibration_split} from drives {', '.join(drives)} (MinMax, u8 "
                        "activations, 7-bit per-channel weights, pools on the uint8 tensors)",
@@ -155,44 +166,22 @@ def _update_readme(folder: Path, section: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ship_int8.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", help="a model folder (models/<name>)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="train+val", help="the split measured (default train+val)")
-    p.add_argument("--groups", required=True, metavar="GROUP[,GROUP]",
-                   help="the drive(s) measured, never calibrated on (e.g. 0006R0)")
-    p.add_argument("--count", type=int, default=32, help="calibration frames (default 32)")
-    p.add_argument("--calibration-split", help="default: the split the model trained on")
-    p.add_argument("--twin", help="the held-out twin folder, for a model that trained on the measured drive")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    groups = [g for g in args.groups.split(",") if g]
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        folder = Path(args.folder)
+def ship_int8_folders(opts: ShipInt8Options, log: Callable[[str], None] = print) -> None:
+    """:func:`ship_int8` on ``opts.folder`` (and its held-out twin first, where given), their READMEs updated."""
+    groups = [g for g in opts.groups.split(",") if g]
+    folder = Path(opts.folder)
+    card = load_card(folder)
+    twin = None
+    if opts.twin:
+        twin = ship_int8(opts.twin, opts.data, split=opts.split, groups=groups, count=opts.count,
+                         calibration_split=opts.calibration_split, log=log)
+        _update_readme(Path(opts.twin), _readme_section(twin, None, False))
+    trained_on_measured = not set(groups) <= set(card.training.get("holdout") or [])
+    result = ship_int8(folder, opts.data, split=opts.split, groups=groups, count=opts.count,
+                       calibration_split=opts.calibration_split, log=log)
+    if twin is not None:
         card = load_card(folder)
-        twin = None
-        if args.twin:
-            twin = ship_int8(args.twin, args.data, split=args.split, groups=groups, count=args.count,
-                             calibration_split=args.calibration_split, log=log)
-            _update_readme(Path(args.twin), _readme_section(twin, None, False))
-        trained_on_measured = not set(groups) <= set(card.training.get("holdout") or [])
-        result = ship_int8(folder, args.data, split=args.split, groups=groups, count=args.count,
-                           calibration_split=args.calibration_split, log=log)
-        if twin is not None:
-            card = load_card(folder)
-            card.extra["int8"]["heldout_twin"] = {"folder": str(args.twin), "key": twin["key"],
-                                                  "fp32_miou": twin["fp32"]["miou"], "int8_miou": twin["int8"]["miou"]}
-            atomic_write_bytes(folder / CARD_FILE, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
-        _update_readme(folder, _readme_section(result, twin, trained_on_measured))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        return fail("ship_int8", str(e))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        card.extra["int8"]["heldout_twin"] = {"folder": str(opts.twin), "key": twin["key"],
+                                              "fp32_miou": twin["fp32"]["miou"], "int8_miou": twin["int8"]["miou"]}
+        atomic_write_bytes(folder / CARD_FILE, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    _update_readme(folder, _readme_section(result, twin, trained_on_measured))
