@@ -74,97 +74,99 @@ def format_table(result: dict[str, Any], classes: list[str]) -> str:
     return head + "\n" + row
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_options(argv)
-    try:
-        from perception.data.loading import open_dataset
+def _open_model(args: EvalOptions):
+    """(backend or None, model-like with ``.card``): an exported model through the node's backend, a folder
+    in PyTorch (the model itself, as measured on its card)."""
+    from perception.core.cli import print_notes
+    from perception.core.zoo import find_model
+    from perception.inference.resolve import resolve
+
+    folder_only = args.mc_samples or args.tta != "none" or args.precision != "fp32"
+    if folder_only and not find_model(args.model).is_dir():
+        raise ValueError("--mc-samples, --tta and --precision apply to model folders; an exported model "
+                         "runs as it was exported (export with --tta flip for flip TTA)")
+    resolution = resolve(args.model, device=args.device, tta=args.tta, reference=True,
+                         precision="auto" if args.precision == "fp32" else args.precision)
+    args.model = str(resolution.path)
+    print_notes(resolution.notes)
+    if resolution.backend != "torch":
+        backend = resolution.load()
+        return backend, backend
+    from perception.models.bayesian import has_dropout
+    from perception.models.io import load
+
+    model = load(resolution.path, map_location=args.device)
+    if args.mc_samples and not has_dropout(model):
+        raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
+    return None, model
+
+
+def _prediction_saver(save_dir: Path | None, dataset):
+    """A callback writing each prediction as a uint8 label PNG named after its image, or None."""
+    if save_dir is None:
+        return None
+    save_dir.mkdir(parents=True, exist_ok=True)
+    names = [p[0].name for p in dataset.pairs]
+
+    def save_prediction(i: int, labels) -> None:
+        path = save_dir / (Path(names[i]).stem + ".png")
+        ok, buf = cv2.imencode(".png", labels)
+        if not ok:
+            raise OSError(f"could not encode {path}")
+        atomic_write_bytes(path, buf.tobytes())
+
+    return save_prediction
+
+
+def _evaluate(args: EvalOptions, backend, model, dataset) -> dict[str, Any]:
+    on_prediction = _prediction_saver(Path(args.save_predictions) if args.save_predictions else None, dataset)
+    if backend is not None:
         from perception.eval.scoring import evaluate_backend
 
-        from perception.core.cli import print_notes
-        from perception.inference.resolve import resolve
+        return evaluate_backend(backend, dataset, progress=args.progress, on_prediction=on_prediction)
+    import torch
 
-        from perception.core.zoo import find_model
+    from perception.eval.evaluate import evaluate
 
-        folder_only = args.mc_samples or args.tta != "none" or args.precision != "fp32"
-        if folder_only and not find_model(args.model).is_dir():
-            raise ValueError("--mc-samples, --tta and --precision apply to model folders; an exported model "
-                             "runs as it was exported (export with --tta flip for flip TTA)")
-        resolution = resolve(args.model, device=args.device, tta=args.tta, reference=True,
-                             precision="auto" if args.precision == "fp32" else args.precision)
-        args.model = str(resolution.path)
-        print_notes(resolution.notes)
-        backend = None
-        if resolution.backend != "torch":
-            backend = resolution.load()
-            model = backend  # .card, for the checks and the report below
-        else:
-            from perception.models.bayesian import has_dropout
-            from perception.models.io import load
+    return evaluate(model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
+                    mc_samples=args.mc_samples, seed=args.seed, progress=args.progress, tta=args.tta,
+                    on_prediction=on_prediction, channels_last=torch.device(args.device).type == "cpu")
 
-            model = load(resolution.path, map_location=args.device)
-            if args.mc_samples and not has_dropout(model):
-                raise ValueError(f"--mc-samples needs a model with dropout; {model.card.architecture['name']} has none")
-        groups = [g for g in args.groups.split(",") if g] if args.groups else None
+
+def _json_doc(args: EvalOptions, model, backend, groups, dataset, result: dict[str, Any]) -> dict[str, Any]:
+    classes = list(dataset.classes)
+    return {
+        "model": model.card.id, "model_path": str(args.model), "backend": backend.name if backend is not None else "torch",
+        "data": str(args.data), "split": args.split, **({"groups": groups} if groups else {}), "images": len(dataset),
+        "tta": args.tta, "mc_samples": args.mc_samples, **({"seed": args.seed} if args.mc_samples else {}),
+        "precision": args.precision, **{k: result[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")},
+        "per_class": {c: {"accuracy": result["per_class_accuracy"][i], "iou": result["per_class_iou"][i],
+                          "bf": result["per_class_bf"][i]} for i, c in enumerate(classes)},
+        "confusion": result["confusion"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_options(argv)
+    groups = [g for g in args.groups.split(",") if g] if args.groups else None
+    try:
+        from perception.data.loading import open_dataset
+
+        backend, model = _open_model(args)
         dataset = open_dataset(args.data, args.split, transform=_to_tensors() if backend is None else None, groups=groups,
                                group_pattern=args.group_pattern)
         if list(dataset.classes) != list(model.card.classes):
             raise ValueError(f"dataset classes {list(dataset.classes)} differ from the model's {model.card.classes}")
-        save_dir = Path(args.save_predictions) if args.save_predictions else None
-        names = [p[0].name for p in dataset.pairs]
-        if save_dir is not None:
-            save_dir.mkdir(parents=True, exist_ok=True)
-
-        def save_prediction(i: int, labels) -> None:
-            path = save_dir / (Path(names[i]).stem + ".png")
-            ok, buf = cv2.imencode(".png", labels)
-            if not ok:
-                raise OSError(f"could not encode {path}")
-            atomic_write_bytes(path, buf.tobytes())
-
-        if backend is not None:
-            result = evaluate_backend(backend, dataset, progress=args.progress,
-                                      on_prediction=save_prediction if save_dir is not None else None)
-        else:
-            import torch
-
-            from perception.eval.evaluate import evaluate
-
-            result = evaluate(
-                model, dataset, model.card.input, amp="bf16" if args.precision == "bf16" else "off",
-                mc_samples=args.mc_samples, seed=args.seed, progress=args.progress, tta=args.tta,
-                on_prediction=save_prediction if save_dir is not None else None,
-                channels_last=torch.device(args.device).type == "cpu",
-            )
+        result = _evaluate(args, backend, model, dataset)
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         return fail("perception-eval", str(e))
-    classes = list(dataset.classes)
     print(f"{model.card.id} on {args.data} [{args.split}{' ' + args.groups if args.groups else ''}], {len(dataset)} images"
           + (f", {args.mc_samples} MC samples" if args.mc_samples else "") + (", flip TTA" if args.tta == "flip" else ""))
-    print(format_table(result, classes))
+    print(format_table(result, list(dataset.classes)))
     if args.json:
-        doc = {
-            "model": model.card.id,
-            "model_path": str(args.model),
-            "backend": backend.name if backend is not None else "torch",
-            "data": str(args.data),
-            "split": args.split,
-            **({"groups": groups} if groups else {}),
-            "images": len(dataset),
-            "tta": args.tta,
-            "mc_samples": args.mc_samples,
-            **({"seed": args.seed} if args.mc_samples else {}),
-            "precision": args.precision,
-            **{k: result[k] for k in ("global_accuracy", "class_accuracy", "miou", "bf")},
-            "per_class": {
-                c: {"accuracy": result["per_class_accuracy"][i], "iou": result["per_class_iou"][i],
-                    "bf": result["per_class_bf"][i]}
-                for i, c in enumerate(classes)
-            },
-            "confusion": result["confusion"],
-        }
+        doc = _json_doc(args, model, backend, groups, dataset, result)
         atomic_write_bytes(args.json, (json.dumps(doc, indent=2) + "\n").encode())
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
