@@ -123,6 +123,14 @@ class StreamStyle:
     overlay_alpha: float = 0.5
     legend: bool = True
 
+    @classmethod
+    def of(cls, classes_from: Any, settings: NodeSettings) -> "StreamStyle":
+        """The style for the classes and palette of ``classes_from`` (a backend, or a class map)."""
+        palette = [tuple(c) for c in classes_from.palette]
+        return cls(classes=list(classes_from.classes), palette=palette, lut=palette_lut(palette),
+                   mask_encoding=settings.mask_encoding, image_encoding=settings.image_encoding,
+                   overlay_alpha=settings.overlay_alpha, legend=settings.legend)
+
 
 @dataclass(frozen=True)
 class Rendered:
@@ -160,6 +168,151 @@ def render_streams(image_bgr: np.ndarray, labels: np.ndarray, uncertainty: np.nd
             for stream, (img, enc) in images.items()}
 
 
+class _Capture:
+    """The capture thread: reads the source into a queue (a live source's newest frame replaces the one
+    still waiting; a file's frames wait their turn), then puts the end marker; a source that fails keeps
+    its error in :attr:`error`."""
+
+    def __init__(self, source: Source, counters: _Counters, stop_event: threading.Event, queue_size: int) -> None:
+        self.source, self.counters, self.stop_event = source, counters, stop_event
+        self.queue: queue.Queue = queue.Queue(maxsize=1 if source.live else max(1, queue_size))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="capture", daemon=True)
+
+    def _put(self, frame: Frame) -> None:
+        if self.source.live:  # newest frame wins: replace whatever is still waiting
+            try:
+                self.queue.get_nowait()
+                self.counters.dropped += 1
+            except queue.Empty:
+                pass
+            self.queue.put_nowait(frame)
+            return
+        while not self.stop_event.is_set():
+            try:
+                self.queue.put(frame, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        try:
+            for frame in self.source:
+                if self.stop_event.is_set():
+                    break
+                self.counters.captured += 1
+                self._put(frame)
+        except SourceError as e:
+            self.error = e
+        except Exception as e:  # a crashing decoder must not hang the node
+            self.error = SourceError(f"{self.source.uri}: {type(e).__name__}: {e}")
+        finally:
+            while True:
+                try:
+                    self.queue.put(_END, timeout=0.1)
+                    break
+                except queue.Full:
+                    if self.stop_event.is_set():
+                        break
+
+
+class NodeReport:
+    """What a node says about itself: the latched ``info`` (model, classes, palette, streams, source) and
+    the ``stats`` (rates, counters, latency, source state), and the status line of its log."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self._oversize_warned: set[str] = set()
+
+    def info(self) -> dict[str, Any]:
+        n = self.node
+        card, cmap = n.backend.card, n.class_map
+        return {
+            "model_id": n.model_id,
+            "architecture": card.architecture.get("name"),
+            "classes": list(n.classes),
+            "palette": [list(c) for c in n.palette],
+            **({"model_classes": list(card.classes)} if cmap is not None else {}),
+            # Pixels no output class takes carry this id (vision_msgs' UNLABELED for mono8).
+            **({"unlabeled": cmap.unlabeled} if cmap is not None and cmap.unlabeled is not None else {}),
+            "input_size": [card.input.height, card.input.width],
+            "backend": n.backend.name,
+            "bayesian": n.bayesian,
+            "streams": [s for s in FRAME_STREAMS if s != "uncertainty" or n.bayesian] + ["stats", "info"],
+            "source": n.source.uri,
+            "frame_id": n.s.frame_id,
+            "schema": SCHEMA_VERSION,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        n, c = self.node, self.node.counters
+        now = time.monotonic()
+        # Frames completed over the last FPS_WINDOW_S, measured up to now: a stalled source's fps
+        # falls to 0 instead of keeping its last value.
+        recent = [t for t in c.recent if now - t <= FPS_WINDOW_S]
+        fps = (len(recent) - 1) / (now - recent[0]) if len(recent) > 1 and now > recent[0] else 0.0
+        state = n.source.state
+        # "stalled" refines "streaming" only: reconnecting, failed and ended say more.
+        if state == "streaming" and getattr(n.source, "stalled", None) and n.source.stalled():
+            state = "stalled"
+        return {
+            "fps": round(fps, 3),
+            "frames_captured": c.captured,
+            "frames_processed": c.processed,
+            "frames_skipped_no_subscribers": c.skipped,
+            "frames_dropped": c.dropped,
+            "latency_ms": n.latency.summary(),
+            "source_state": state,
+            "source_reconnects": n.source.reconnects,
+            "frames_unreadable": getattr(n.source, "unreadable", 0),
+            "subscribers": n.pub.peers,
+            "messages_oversize": sum(getattr(n.pub, "oversize", {}).values()),
+            "uptime_s": round(time.monotonic() - c.started, 3),
+        }
+
+    def warn_oversize(self, stream: str, nbytes: int) -> None:
+        """Say once per stream that its messages exceed what consumers accept (so they are withheld)."""
+        if stream in self._oversize_warned:
+            return
+        self._oversize_warned.add(stream)
+        limit = self.node.pub.limits.max_message_bytes
+        self.node.log(f"warning: {stream} messages of {nbytes / 2**20:.1f} MiB exceed the {limit / 2**20:.0f} MiB "
+                      "every consumer accepts; they are not sent (counted in stats as messages_oversize); "
+                      "use --resize or --image-encoding jpeg")
+
+    def status_line(self) -> str:
+        st = self.stats()
+        infer = st["latency_ms"].get("infer", {}).get("p50")
+        return (f"{st['frames_processed']} frames, {st['fps']:.2f} fps"
+                + (f", inference p50 {infer:.0f} ms" if infer is not None else "")
+                + f", {st['frames_dropped']} dropped, {st['subscribers']} subscriber(s), source {st['source_state']}")
+
+
+class _Periodic:
+    """The node's work between frames: the latched ``info`` on request and every ``info_period``, ``stats``
+    every ``stats_period`` (when someone listens), and the status line every ``log_period``."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node, s = node, node.s
+        now = time.monotonic()
+        self.due = {"stats": now + s.stats_period, "info": now + s.info_period, "log": now + (s.log_period or float("inf"))}
+
+    def __call__(self) -> None:
+        node, due = self.node, self.due
+        node.pub.poll(0)
+        if node.pub.take_info_request() or time.monotonic() >= due["info"]:
+            node._publish_info()
+            due["info"] = time.monotonic() + node.s.info_period
+        now = time.monotonic()
+        if now >= due["stats"]:
+            if node.pub.wants("stats"):
+                node.pub.publish_map("stats", node._map_header(), node.stats())
+            due["stats"] = now + node.s.stats_period
+        if now >= due["log"]:
+            node.log(node.report.status_line())
+            due["log"] = now + (node.s.log_period or float("inf"))
+
+
 class Node:
     """One camera's streaming loop: frames from a source, through a backend, out as messages.
 
@@ -183,91 +336,30 @@ class Node:
         self.s = settings or NodeSettings()
         self.model_id = model_id or backend.card.id
         self.log = log
-        # The classes the node publishes: the model's, or a class map's groups of them.
-        self.class_map = class_map
-        self.classes = list(class_map.classes) if class_map is not None else list(backend.classes)
-        self.palette = [tuple(c) for c in (class_map.palette if class_map is not None else backend.palette)]
-        self.lut = palette_lut(self.palette)
-        self.style = StreamStyle(classes=self.classes, palette=self.palette, lut=self.lut,
-                                 mask_encoding=self.s.mask_encoding, image_encoding=self.s.image_encoding,
-                                 overlay_alpha=self.s.overlay_alpha, legend=self.s.legend)
+        self.class_map = class_map  # the classes the node publishes: the model's, or a class map's groups of them
+        self.style = StreamStyle.of(class_map or backend, self.s)
+        self.classes, self.palette, self.lut = self.style.classes, self.style.palette, self.style.lut
         self.bayesian = backend.capabilities.uncertainty
         self.stop_event = threading.Event()
         self.counters = _Counters()
         self.latency = LatencyWindow()
-        self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=1 if source.live else max(1, self.s.queue_size))
-        self._capture_done = threading.Event()
-        self._oversize_warned: set[str] = set()
+        self._capture = _Capture(source, self.counters, self.stop_event, self.s.queue_size)
+        self.report = NodeReport(self)
         if getattr(publisher, "on_oversize", False) is None:  # a publisher that reports withheld messages
-            publisher.on_oversize = self._warn_oversize
+            publisher.on_oversize = self.report.warn_oversize
 
-    def _warn_oversize(self, stream: str, nbytes: int) -> None:
-        if stream not in self._oversize_warned:
-            self._oversize_warned.add(stream)
-            limit = self.pub.limits.max_message_bytes
-            self.log(f"warning: {stream} messages of {nbytes / 2**20:.1f} MiB exceed the {limit / 2**20:.0f} MiB "
-                     "every consumer accepts; they are not sent (counted in stats as messages_oversize); "
-                     "use --resize or --image-encoding jpeg")
-
-    # -- capture thread ---------------------------------------------------------------------------
-
-    def _capture(self) -> None:
-        try:
-            for frame in self.source:
-                if self.stop_event.is_set():
-                    break
-                self.counters.captured += 1
-                if self.source.live:
-                    # Newest frame wins: replace whatever is still waiting.
-                    try:
-                        self._queue.get_nowait()
-                        self.counters.dropped += 1
-                    except queue.Empty:
-                        pass
-                    self._queue.put_nowait(frame)
-                else:
-                    while not self.stop_event.is_set():
-                        try:
-                            self._queue.put(frame, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-        except SourceError as e:
-            self.error = e
-        except Exception as e:  # a crashing decoder must not hang the node
-            self.error = SourceError(f"{self.source.uri}: {type(e).__name__}: {e}")
-        finally:
-            self._capture_done.set()
-            while True:
-                try:
-                    self._queue.put(_END, timeout=0.1)
-                    break
-                except queue.Full:
-                    if self.stop_event.is_set():
-                        break
-
-    # -- info and stats ---------------------------------------------------------------------------
+    @property
+    def error(self) -> BaseException | None:
+        """Why the source failed, once it has."""
+        return self._capture.error
 
     def info(self) -> dict[str, Any]:
-        card = self.backend.card
-        return {
-            "model_id": self.model_id,
-            "architecture": card.architecture.get("name"),
-            "classes": list(self.classes),
-            "palette": [list(c) for c in self.palette],
-            **({"model_classes": list(card.classes)} if self.class_map is not None else {}),
-            # Pixels no output class takes carry this id (vision_msgs' UNLABELED for mono8).
-            **({"unlabeled": self.class_map.unlabeled}
-               if self.class_map is not None and self.class_map.unlabeled is not None else {}),
-            "input_size": [card.input.height, card.input.width],
-            "backend": self.backend.name,
-            "bayesian": self.bayesian,
-            "streams": [s for s in FRAME_STREAMS if s != "uncertainty" or self.bayesian] + ["stats", "info"],
-            "source": self.source.uri,
-            "frame_id": self.s.frame_id,
-            "schema": SCHEMA_VERSION,
-        }
+        """The latched ``info`` message (:class:`NodeReport`)."""
+        return self.report.info()
+
+    def stats(self) -> dict[str, Any]:
+        """The ``stats`` message now (:class:`NodeReport`)."""
+        return self.report.stats()
 
     def _publish_info(self) -> None:
         self.pub.publish_map("info", self._map_header(), self.info())
@@ -275,32 +367,6 @@ class Node:
     def _map_header(self) -> dict[str, Any]:
         return {"v": SCHEMA_VERSION, "seq": self.counters.processed, "stamp_ns": time.time_ns(),
                 "frame_id": self.s.frame_id}
-
-    def stats(self) -> dict[str, Any]:
-        c = self.counters
-        now = time.monotonic()
-        # Frames completed over the last FPS_WINDOW_S, measured up to now: a stalled source's fps
-        # falls to 0 instead of keeping its last value.
-        recent = [t for t in c.recent if now - t <= FPS_WINDOW_S]
-        fps = (len(recent) - 1) / (now - recent[0]) if len(recent) > 1 and now > recent[0] else 0.0
-        state = self.source.state
-        # "stalled" refines "streaming" only: reconnecting, failed and ended say more.
-        if state == "streaming" and getattr(self.source, "stalled", None) and self.source.stalled():
-            state = "stalled"
-        return {
-            "fps": round(fps, 3),
-            "frames_captured": c.captured,
-            "frames_processed": c.processed,
-            "frames_skipped_no_subscribers": c.skipped,
-            "frames_dropped": c.dropped,
-            "latency_ms": self.latency.summary(),
-            "source_state": state,
-            "source_reconnects": self.source.reconnects,
-            "frames_unreadable": getattr(self.source, "unreadable", 0),
-            "subscribers": self.pub.peers,
-            "messages_oversize": sum(getattr(self.pub, "oversize", {}).values()),
-            "uptime_s": round(time.monotonic() - c.started, 3),
-        }
 
     # -- per frame --------------------------------------------------------------------------------
 
@@ -338,7 +404,7 @@ class Node:
         """Run until the source ends or :meth:`stop` is called; returns an exit code."""
         if not self._start():
             return 0  # stopped while waiting for subscribers
-        capture = threading.Thread(target=self._capture, name="capture", daemon=True)
+        capture = self._capture.thread
         capture.start()
         try:
             for frame in self._frames():  # from the capture thread, until the source ends or stop()
@@ -372,38 +438,16 @@ class Node:
     def _frames(self) -> Iterator[Frame]:
         """The frames the capture thread queues, with the periodic work (``info``, ``stats``, the status
         line) done between them, so it runs while the source is stalled too."""
-        now = time.monotonic()
-        self._next = {"stats": now + self.s.stats_period, "info": now + self.s.info_period,
-                      "log": now + (self.s.log_period or float("inf"))}
+        periodic = _Periodic(self)
         while not self.stop_event.is_set():
-            self._periodic()
+            periodic()
             try:
-                item = self._queue.get(timeout=0.05)
+                item = self._capture.queue.get(timeout=0.05)
             except queue.Empty:
                 continue
             if item is _END:
                 return
             yield item
-
-    def _periodic(self) -> None:
-        self.pub.poll(0)
-        due = self._next
-        if self.pub.take_info_request() or time.monotonic() >= due["info"]:
-            self._publish_info()
-            due["info"] = time.monotonic() + self.s.info_period
-        now = time.monotonic()
-        if now >= due["stats"]:
-            if self.pub.wants("stats"):
-                self.pub.publish_map("stats", self._map_header(), self.stats())
-            due["stats"] = now + self.s.stats_period
-        if now >= due["log"]:
-            st = self.stats()
-            infer = st["latency_ms"].get("infer", {}).get("p50")
-            self.log(f"{st['frames_processed']} frames, {st['fps']:.2f} fps"
-                     + (f", inference p50 {infer:.0f} ms" if infer is not None else "")
-                     + f", {st['frames_dropped']} dropped, {st['subscribers']} subscriber(s), "
-                     f"source {st['source_state']}")
-            due["log"] = now + (self.s.log_period or float("inf"))
 
     def _finish(self, capture: threading.Thread) -> None:
         """Stop capturing and publish the final stats (``final: true``)."""
@@ -415,5 +459,6 @@ class Node:
             self.pub.publish_map("stats", self._map_header(), {**self.stats(), "final": True})
 
     def stop(self) -> None:
+        """End the run (from another thread or a signal handler): final stats are still published."""
         self.stop_event.set()
         self.source.interrupt()
