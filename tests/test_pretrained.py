@@ -379,6 +379,7 @@ def test_train_cli_encoder_bn_data(toy_data, tmp_path, capsys):
     rc = train_main([*common, "--out", str(tmp_path / "no_source"), "--encoder-bn", "data"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--encoder-weights" in err[0]
+    assert not (tmp_path / "no_source").exists()  # nothing half-written
     out = tmp_path / "run"
     assert train_main([*common, "--out", str(out), "--encoder-weights", str(path), "--encoder-bn", "data",
                        "--encoder-bn-crops", "6", "--lr", "1e-9"]) == 0

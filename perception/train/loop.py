@@ -417,6 +417,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
 
 def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
     """Output folder and effective config, data splits, model, loss, optimiser, schedule, loader."""
+    if cfg.encoder_bn == "data" and not cfg.encoder_weights:  # before anything is written
+        raise ValueError("--encoder-bn data initialises an imported encoder: give --encoder-weights too")
     device = resolve_device(cfg.device, info)
     out = Path(cfg.out)
     ckpt_path = out / LAST_CHECKPOINT
@@ -441,24 +443,7 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
     first_img, _ = train_set.load(0)
     spec = model_io.InputSpec(height=first_img.shape[0], width=first_img.shape[1])
 
-    if cfg.encoder_bn == "data" and not cfg.encoder_weights:
-        raise ValueError("--encoder-bn data initialises an imported encoder: give --encoder-weights too")
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.encoder_weights:
-        kwargs["encoder_weights"] = cfg.encoder_weights
-    model = get_model(cfg.model, num_classes=train_set.num_classes, **kwargs).to(device)
-    if cfg.init_weights and not resume:
-        loaded, skipped = init_from_model_folder(model, cfg.init_weights)
-        if info.is_main:
-            print(f"initialised {loaded} tensors from {cfg.init_weights}"
-                  + (f"; skipped {len(skipped)} that differ: {skipped[:4]}" if skipped else ""), flush=True)
-    if cfg.encoder_bn == "data" and not resume and not cfg.init_weights:
-        if getattr(model, "encoder_provenance", {}).get("batch_norm") == "from source":
-            raise ValueError(f"--encoder-bn data: {cfg.encoder_weights} brings batch-norm statistics of its own")
-        record = init_encoder_bn_from_data(model, _encoder_bn_batches(cfg, train_set, spec))
-        if info.is_main:
-            print(f"encoder batch norms from data: {record['batch_norm'].split(': ', 1)[1]}", flush=True)
+    model = _make_model(cfg, info, train_set, spec, device, resume=resume)
     channels_last, _ = resolve_channels_last(cfg.channels_last, device, cfg.amp)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -492,6 +477,28 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
                 val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
                 optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
                 steps_per_epoch=steps_per_epoch, state=_State(command=command), channels_last=channels_last)
+
+
+def _make_model(cfg: TrainConfig, info, train_set, spec, device, *, resume: bool) -> nn.Module:
+    """The model to train: built from the seed, an imported encoder (its batch norms from data with
+    ``--encoder-bn data``), or a model folder's weights (``--init-weights``)."""
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.encoder_weights:
+        kwargs["encoder_weights"] = cfg.encoder_weights
+    model = get_model(cfg.model, num_classes=train_set.num_classes, **kwargs).to(device)
+    if cfg.init_weights and not resume:
+        loaded, skipped = init_from_model_folder(model, cfg.init_weights)
+        if info.is_main:
+            print(f"initialised {loaded} tensors from {cfg.init_weights}"
+                  + (f"; skipped {len(skipped)} that differ: {skipped[:4]}" if skipped else ""), flush=True)
+    if cfg.encoder_bn == "data" and not resume and not cfg.init_weights:
+        if getattr(model, "encoder_provenance", {}).get("batch_norm") == "from source":
+            raise ValueError(f"--encoder-bn data: {cfg.encoder_weights} brings batch-norm statistics of its own")
+        record = init_encoder_bn_from_data(model, _encoder_bn_batches(cfg, train_set, spec))
+        if info.is_main:
+            print(f"encoder batch norms from data: {record['batch_norm'].split(': ', 1)[1]}", flush=True)
+    return model
 
 
 def _encoder_bn_batches(cfg: TrainConfig, train_set, spec, *, batch: int = 8):

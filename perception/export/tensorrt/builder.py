@@ -13,13 +13,16 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from perception.core.cli import fail
 from perception.core.fileio import atomic_write_bytes, sha256_file
+from perception.core.model_folder import engine_sidecar
+from perception.core.options import add_arguments, at_least, opt, parse_into
 
-__all__ = ["build_parser", "main", "MissingDependency", "sidecar_path", "SIDECAR_SCHEMA"]
+__all__ = ["BuildEngineOptions", "build_parser", "main", "MissingDependency", "sidecar_path", "SIDECAR_SCHEMA"]
 
 SIDECAR_SCHEMA = 1
 EXIT_MISSING = 3  # TensorRT or a GPU is missing (everything possible before that was done)
@@ -29,33 +32,37 @@ class MissingDependency(RuntimeError):
     """TensorRT, pycuda or Triton is not installed here (the message says which and how to install it)."""
 
 
-def sidecar_path(engine: str | Path) -> Path:
-    return Path(str(engine) + ".json")
+sidecar_path = engine_sidecar  # <engine>.json, beside the engine (core.model_folder owns the name)
 
 
-def _parse_hw(text: str) -> tuple[int, int]:
+def _parse_size(text: str) -> tuple[int, int]:
     from perception.core.sizes import parse_hw
 
-    try:
-        return parse_hw(text, option="--size", minimum=32)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_hw(text, option="--size", minimum=32)
+
+
+@dataclass
+class BuildEngineOptions:
+    """tools/build_engine.py's options (core.options)."""
+
+    model: str | None = opt(None, help="a model by name, a model folder (exported to ONNX first) or an .onnx from "
+                                       "perception-export")
+    out: str | None = opt(None, help="engine file to write (a JSON sidecar is written beside it)")
+    precision: str = opt("fp16", choices=("fp32", "fp16"),
+                         help="fp16 exports an fp16 graph (TensorRT 11 is strongly typed: precision lives in the ONNX types)")
+    unpool: str = opt("plugin", choices=("plugin", "native"),
+                      help="plugin: our Triton plugins; native: standard ops only, no plugin")
+    batch: int = opt(1, check=at_least(1))
+    size: tuple[int, int] | None = opt(None, parse=_parse_size, metavar="HxW", help="default: the model's input size")
+    workspace: int = opt(1024, check=at_least(1), help="workspace limit in MB")
+    timing_cache: str | None = opt(None, help="TensorRT timing cache file (read if present, then updated)")
+    emit_ptx: str | None = opt(None, metavar="DIR", help="write the plugins' Triton kernels as PTX here")
+    arch: str = opt("sm_90", help="target for --emit-ptx, e.g. sm_80, sm_86, sm_89, sm_90")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="build_engine.py", description=__doc__)
-    p.add_argument("--model", help="a model by name, a model folder (exported to ONNX first) or an .onnx from perception-export")
-    p.add_argument("--out", help="engine file to write (a JSON sidecar is written beside it)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp16",
-                   help="fp16 exports an fp16 graph (TensorRT 11 is strongly typed: precision lives in the ONNX types)")
-    p.add_argument("--unpool", choices=("plugin", "native"), default="plugin",
-                   help="plugin: our Triton plugins; native: standard ops only, no plugin")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--size", type=_parse_hw, help="HxW (default: the model's input size)")
-    p.add_argument("--workspace", type=int, default=1024, help="workspace limit in MB")
-    p.add_argument("--timing-cache", help="TensorRT timing cache file (read if present, then updated)")
-    p.add_argument("--emit-ptx", metavar="DIR", help="write the plugins' Triton kernels as PTX here")
-    p.add_argument("--arch", default="sm_90", help="target for --emit-ptx, e.g. sm_80, sm_86, sm_89, sm_90")
+    add_arguments(p, BuildEngineOptions)
     return p
 
 
@@ -147,10 +154,7 @@ def check_plugin_layers(trt, network, expected: int) -> None:
 def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) -> Path:
     """Parse ``onnx_path`` into a strongly typed network, build, and write engine + sidecar atomically."""
     trt = _require_tensorrt_and_gpu()
-    import torch
-
-    from perception.export.onnx import read_onnx_metadata
-    from perception.export.tensorrt.plugins import current_sm_arch, register_plugins
+    from perception.export.tensorrt.plugins import register_plugins
 
     register_plugins()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -188,8 +192,22 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
     atomic_write_bytes(out, bytes(serialized))
     if cache is not None:
         Path(args.timing_cache).write_bytes(bytes(cache.serialize()))
+    sc = atomic_write_bytes(sidecar_path(out), (json.dumps(_sidecar(trt, network, out, onnx_path, args, card), indent=2)
+                                                + "\n").encode())
+    log(f"wrote {out} and {sc}")
+    return out
+
+
+def _sidecar(trt, network, out: Path, onnx_path: Path, args, card: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime needs to know of an engine (input shape, unpooling form, card) and how it was built."""
+    import torch
+
+    from perception.export.onnx import read_onnx_metadata
+    from perception.export.tensorrt.plugins import current_sm_arch
+
+    inp = network.get_input(0)
     major, minor = torch.cuda.get_device_capability()
-    sidecar = {
+    return {
         "schema": SIDECAR_SCHEMA,
         "engine_sha256": sha256_file(out),
         "tensorrt": trt.__version__,
@@ -208,13 +226,14 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
         "source_model_sha256": read_onnx_metadata(onnx_path).get("segnet.source_sha256"),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    sc = atomic_write_bytes(sidecar_path(out), (json.dumps(sidecar, indent=2) + "\n").encode())
-    log(f"wrote {out} and {sc}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parse_into(parser, BuildEngineOptions, argv)
+    except ValueError as e:
+        return fail("build_engine", str(e))
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
