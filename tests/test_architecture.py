@@ -14,8 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "perception"
 
 # Lower number = lower layer. A module may import its own layer or lower ones, never higher.
-LAYERS = {"core": 0, "models": 1, "data": 1, "export": 2, "inference": 3, "eval": 4, "train": 5, "stream": 5}
-RUNTIME = ("core", "inference", "stream")
+# ``api`` is the Python API (perception.Segmenter, over inference); ``release`` ships trained runs (above
+# training and evaluation).
+LAYERS = {"core": 0, "models": 1, "data": 1, "export": 2, "inference": 3, "api": 3, "eval": 4, "train": 5,
+          "stream": 5, "release": 6}
+RUNTIME = ("core", "inference", "stream", "api")
 
 
 def _modules() -> dict[str, Path]:

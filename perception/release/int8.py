@@ -20,7 +20,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
-from perception.core.card import CARD_FILE, INT8_ONNX_FILE, ModelCard, int8_metrics_key, load_card, metrics_key
+from perception.core.card import (
+    CARD_FILE, INT8_ONNX_FILE, ONNX_FILE, ModelCard, int8_metrics_key, load_card, metrics_key,
+)
 from perception.core.fileio import atomic_write_bytes
 from perception.core.options import at_least, opt
 
@@ -86,7 +88,7 @@ def ship_int8(
     log(f"{card.id}: calibrating on {len(frames)} frames of {calibration_split} (drives {', '.join(drives)})")
     out = folder / INT8_ONNX_FILE
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(folder, Path(tmp) / "model.onnx", ExportOptions(unpool="onnx"))
+        fp32 = export_onnx(folder, Path(tmp) / ONNX_FILE, ExportOptions(unpool="onnx"))
         quantize_int8(fp32, out, frames, weight_bits=7)
     key = metrics_key(split, groups)
     ds = open_dataset(data, split, groups=groups)
