@@ -48,14 +48,17 @@ class Backend(ABC):
 
     @property
     def capabilities(self) -> Capabilities:
+        """What this backend can compute besides labels (callers ask this, never probe attributes)."""
         return Capabilities()
 
     @property
     def classes(self) -> list[str]:
+        """Class names, index = class id (the model card's)."""
         return list(self.card.classes)
 
     @property
     def palette(self) -> list[list[int]]:
+        """RGB colour per class id (the model card's)."""
         return [list(c) for c in self.card.palette]
 
     def network_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
@@ -64,6 +67,8 @@ class Backend(ABC):
         return (self.card.input.height, self.card.input.width)
 
     def infer(self, frames: np.ndarray, *, probs: bool = False, uncertainty: bool = False) -> InferenceResult:
+        """Segment uint8 BGR frames (N x H x W x 3, or one H x W x 3): resized to :meth:`network_size`, run,
+        and the results resized back to the frames' own size."""
         frames = np.asarray(frames)
         if frames.ndim == 3:
             frames = frames[None]
@@ -87,7 +92,7 @@ class Backend(ABC):
     def _infer(self, frames: np.ndarray, *, probs: bool, uncertainty: bool) -> InferenceResult: ...
 
     def close(self) -> None:  # noqa: B027  (optional hook)
-        pass
+        """Release what the backend holds (sessions, device memory); ``with`` calls it."""
 
     def __enter__(self) -> "Backend":
         return self

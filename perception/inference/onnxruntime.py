@@ -69,14 +69,17 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def static_batch(self) -> int | None:
+        """The batch size fixed in the graph, or None where it is dynamic."""
         n = self.input_shape[0]
         return n if isinstance(n, int) else None
 
     @property
     def capabilities(self) -> Capabilities:
+        """Probabilities where the graph was exported with them; the graph's fixed batch, if any."""
         return Capabilities(probs="probs" in self.output_names or "logits" in self.output_names, batch=self.static_batch)
 
     def network_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        """The graph's fixed input size; a dynamic graph runs at the frame's own size."""
         h, w = self.input_shape[1], self.input_shape[2]
         if isinstance(h, int) and isinstance(w, int):
             return (h, w)

@@ -100,9 +100,11 @@ class TensorRTBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
+        """Probabilities where the engine has them as an output; the engine's fixed batch."""
         return Capabilities(probs=any(n in self._names() for n in ("probs", "logits")), batch=self.input_shape[0])
 
     def network_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        """The input size the engine was built for."""
         return (self.input_shape[1], self.input_shape[2])
 
     def _enqueue(self) -> None:

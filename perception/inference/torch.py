@@ -54,6 +54,7 @@ class TorchBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
+        """Probabilities always; uncertainty for models that sample dropout (Bayesian SegNet)."""
         return Capabilities(uncertainty=self.bayesian)
 
     @torch.inference_mode()
