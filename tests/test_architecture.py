@@ -123,9 +123,10 @@ def test_runtime_modules_do_not_import_torch_at_module_level():
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("module", ["perception.stream.node.cli", "perception.stream.echo", "perception.stream.record",
-                                    "perception.stream.client", "perception.inference.resolve",
-                                    "perception.inference.onnxruntime", "perception.inference.tensorrt"])
+@pytest.mark.parametrize("module", ["perception.stream.node.cli", "perception.stream.consumers.echo",
+                                    "perception.stream.consumers.record", "perception.stream.client",
+                                    "perception.inference.resolve", "perception.inference.onnxruntime",
+                                    "perception.inference.tensorrt", "perception.api"])
 def test_runtime_imports_without_torch(module):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['safetensors'] = None; "
             f"import {module}; print('ok')")

@@ -109,7 +109,7 @@ def test_two_video_cameras_in_one_node_and_a_dead_one(toy_model, tmp_path):
 def test_record_keeps_each_camera_apart(toy_model, tmp_path):
     """perception-record --camera: files per camera, and one bag holding every camera's topics."""
     from perception.stream.node.cli import main as node_main
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     _, model_dir = toy_model
     for fmt in ("files", "mcap"):

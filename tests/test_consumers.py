@@ -55,7 +55,7 @@ def _image(msg) -> np.ndarray:
 
 @pytest.mark.parametrize("image_encoding", ["bgr8", "jpeg"])
 def test_mcap_bag_holds_every_published_mask(toy_model, tmp_path, image_encoding):
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     _, model_dir = toy_model
     video = make_video(tmp_path / "v.avi", n=10)
@@ -121,13 +121,13 @@ def test_a_killed_mcap_recording_opens_and_recovers(toy_model, tmp_path):
     file in progress; every mask read back equals the one the node published."""
     import yaml
 
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     _, model_dir = toy_model
     node, pub, t, result = start_node("synthetic://?width=64&height=48&fps=30&frames=100000", model_dir, n_subs=2)
     bag = tmp_path / "bag"
     recorder = subprocess.Popen(
-        [sys.executable, "-m", "perception.stream.record", pub.endpoint, "--out", str(bag), "--format", "mcap",
+        [sys.executable, "-m", "perception.stream.consumers.record", pub.endpoint, "--out", str(bag), "--format", "mcap",
          "--max-bag-duration", "0.5", "--chunk-size", "4096"], stderr=subprocess.PIPE)
     published: dict[int, np.ndarray] = {}
 
@@ -230,7 +230,7 @@ def test_foxglove_bridge_forwards_only_what_a_client_watches(toy_model):
 
     websockets = pytest.importorskip("websockets")
     pytest.importorskip("foxglove")
-    from perception.stream.foxglove_bridge import FoxgloveBridge
+    from perception.stream.consumers.foxglove_bridge import FoxgloveBridge
 
     _, model_dir = toy_model
     node, pub, t, result = start_node("synthetic://?width=64&height=48&fps=30&frames=100000", model_dir, n_subs=0)
@@ -401,7 +401,7 @@ def _serve_view(endpoint: str):
     """perception-view's server on a free loopback port, in a thread: (url, stop event, thread)."""
     import asyncio
 
-    from perception.stream.view import serve
+    from perception.stream.consumers.view import serve
 
     stop = threading.Event()
     ready: dict = {}
@@ -507,9 +507,9 @@ def test_consumer_commands_fail_in_one_line(tmp_path, capsys):
     import socket
     import warnings
 
-    from perception.stream.foxglove_bridge import main as foxglove_main
-    from perception.stream.record import main as record_main
-    from perception.stream.view import main as view_main
+    from perception.stream.consumers.foxglove_bridge import main as foxglove_main
+    from perception.stream.consumers.record import main as record_main
+    from perception.stream.consumers.view import main as view_main
 
     pytest.importorskip("foxglove")
     pytest.importorskip("aiohttp")
@@ -554,7 +554,7 @@ def test_a_recording_that_times_out_with_nothing_received_leaves_no_folder(fmt, 
     there before is left alone."""
     import zmq
 
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     if fmt == "mcap":
         pytest.importorskip("mcap")
@@ -584,7 +584,7 @@ def test_a_killed_file_recording_keeps_its_video_but_the_last_second(toy_model, 
     node, pub, t, result = start_node(f"synthetic://?width=64&height=48&fps={fps}&frames=100000", model_dir,
                                       n_subs=2)
     out = tmp_path / "rec"
-    recorder = subprocess.Popen([sys.executable, "-m", "perception.stream.record", pub.endpoint, "--out", str(out),
+    recorder = subprocess.Popen([sys.executable, "-m", "perception.stream.consumers.record", pub.endpoint, "--out", str(out),
                                  "--fps", str(fps)], stderr=subprocess.PIPE)
     overlays: list[np.ndarray] = []
     try:
@@ -678,7 +678,7 @@ def test_foxglove_bridge_gives_each_camera_its_channels(toy_model):
 
     websockets = pytest.importorskip("websockets")
     pytest.importorskip("foxglove")
-    from perception.stream.foxglove_bridge import FoxgloveBridge
+    from perception.stream.consumers.foxglove_bridge import FoxgloveBridge
 
     _, model_dir = toy_model
     endpoint, node = _two_camera_node(model_dir)
@@ -718,7 +718,7 @@ def test_view_offers_each_camera_of_a_node(toy_model):
     import asyncio
 
     aiohttp = pytest.importorskip("aiohttp")
-    from perception.stream.view import serve
+    from perception.stream.consumers.view import serve
 
     _, model_dir = toy_model
     endpoint, node = _two_camera_node(model_dir)
@@ -757,7 +757,7 @@ def test_view_offers_each_camera_of_a_node(toy_model):
 
 def test_mcap_bag_records_uncertainty_as_32fc1(toy_bayesian_model, tmp_path):
     """A Bayesian node's uncertainty in a bag: sensor_msgs/Image 32FC1, equal to what was published."""
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     _, model_dir = toy_bayesian_model
     node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=3", model_dir, n_subs=2)

@@ -55,10 +55,10 @@ def headers(draw) -> dict:
 
 def _consume(msg: Message) -> None:
     """What perception-echo and perception-record --format mcap do with a decoded message."""
-    from perception.stream.echo import summarize
-    from perception.stream.rosbag import ros_message
+    from perception.stream.consumers.echo import summarize
+    from perception.stream.consumers.rosbag import ros_message
 
-    from perception.stream.rosbag import UnrecordableMessage
+    from perception.stream.consumers.rosbag import UnrecordableMessage
 
     summarize(msg, areas=True, classes=["a", "b"])
     json.dumps({"topic": msg.topic, "header": msg.header, "data": msg.data if isinstance(msg.data, dict) else None})
@@ -75,7 +75,7 @@ _STORE = None
 def setup_module() -> None:
     global _STORE
     pytest.importorskip("rosbags")
-    from perception.stream.rosbag import _typestore
+    from perception.stream.consumers.rosbag import _typestore
 
     _STORE = _typestore()
 

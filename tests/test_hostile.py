@@ -157,7 +157,7 @@ def test_subscriber_skips_and_counts_each_rejection_by_reason():
 
 
 def test_echo_reports_rejections_and_exits_0_on_the_final_stats(capsys):
-    from perception.stream.echo import main as echo_main
+    from perception.stream.consumers.echo import main as echo_main
 
     node = _RawNode()
     try:
@@ -174,7 +174,7 @@ def test_echo_reports_rejections_and_exits_0_on_the_final_stats(capsys):
 
 @pytest.mark.parametrize("fmt", ["files", "mcap"])
 def test_a_recording_survives_hostile_messages_and_counts_them(fmt, tmp_path, capsys):
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     if fmt == "mcap":
         pytest.importorskip("mcap")
@@ -215,7 +215,7 @@ def test_a_recording_survives_hostile_messages_and_counts_them(fmt, tmp_path, ca
 
 def test_foxglove_bridge_keeps_forwarding_after_hostile_messages():
     pytest.importorskip("foxglove")
-    from perception.stream.foxglove_bridge import FoxgloveBridge
+    from perception.stream.consumers.foxglove_bridge import FoxgloveBridge
 
     node = _RawNode()
     bridge = FoxgloveBridge(node.endpoint, port=0)
@@ -242,7 +242,7 @@ def test_foxglove_bridge_keeps_forwarding_after_hostile_messages():
 
 
 def _view(endpoint: str, **kwargs):
-    from perception.stream.view import ViewCounters, serve
+    from perception.stream.consumers.view import ViewCounters, serve
 
     stop, got_url, ready = threading.Event(), threading.Event(), {}
     counters = ViewCounters()
@@ -406,7 +406,7 @@ def test_foxglove_bridge_memory_stays_bounded_with_clients_that_never_read(tmp_p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         ws_port = s.getsockname()[1]
-    bridge = subprocess.Popen([sys.executable, "-m", "perception.stream.foxglove_bridge", node.endpoint,
+    bridge = subprocess.Popen([sys.executable, "-m", "perception.stream.consumers.foxglove_bridge", node.endpoint,
                                "--port", str(ws_port), "--image-format", "raw"],
                               stderr=subprocess.PIPE, text=True)
 
@@ -468,7 +468,7 @@ def test_foxglove_bridge_memory_stays_bounded_with_clients_that_never_read(tmp_p
 
 def test_recover_refuses_a_file_that_is_not_mcap_and_changes_nothing(tmp_path, capsys):
     pytest.importorskip("mcap")
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     bag = tmp_path / "bag"
     bag.mkdir()
@@ -483,8 +483,8 @@ def test_recover_refuses_a_file_that_is_not_mcap_and_changes_nothing(tmp_path, c
 def test_recover_keeps_the_original_of_a_truncated_bag(tmp_path, capsys):
     pytest.importorskip("mcap")
     from perception.stream.protocol import Message
-    from perception.stream.record import main as record_main
-    from perception.stream.rosbag import BagWriter
+    from perception.stream.consumers.record import main as record_main
+    from perception.stream.consumers.rosbag import BagWriter
 
     bag = tmp_path / "bag"
     with BagWriter(bag, chunk_size=1024) as w:
@@ -511,7 +511,7 @@ def test_recover_keeps_the_original_of_a_truncated_bag(tmp_path, capsys):
     (["--out", "{dir}/rec", "--timeout", "0"], "--timeout must be > 0"),
 ], ids=["out_is_a_file", "out_under_a_file", "negative_count", "negative_duration", "zero_timeout"])
 def test_record_refuses_nonsense_in_one_line(argv, text, tmp_path, capsys):
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     f = tmp_path / "afile"
     f.write_text("mine")
@@ -526,7 +526,7 @@ def test_record_refuses_nonsense_in_one_line(argv, text, tmp_path, capsys):
                                        (["--count", "0"], "--count must be >= 1"),
                                        (["--timeout", "-3"], "--timeout must be > 0")])
 def test_echo_refuses_nonsense_in_one_line(argv, text, capsys):
-    from perception.stream.echo import main as echo_main
+    from perception.stream.consumers.echo import main as echo_main
 
     assert echo_main(["tcp://127.0.0.1:5555", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

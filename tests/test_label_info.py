@@ -13,7 +13,7 @@ from test_hostile import GOOD_MASK, _RawNode, _h, _img
 
 
 def _record(tmp_path, node, classes_sequence) -> "Path":  # noqa: F821
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.record import main as record_main
 
     def feed() -> None:
         node.wait_for("segnet/stats")
@@ -63,7 +63,7 @@ def test_bags_carry_label_info_that_two_independent_readers_decode(tmp_path):
 
 def test_the_foxglove_bridge_publishes_the_class_table():
     pytest.importorskip("foxglove")
-    from perception.stream.foxglove_bridge import FoxgloveBridge
+    from perception.stream.consumers.foxglove_bridge import FoxgloveBridge
 
     node = _RawNode()
     bridge = FoxgloveBridge(node.endpoint, port=0)

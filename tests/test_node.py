@@ -197,8 +197,8 @@ def test_bad_inputs_fail_clearly(toy_model, tmp_path, capsys):
 
 
 def test_echo_and_record_cli(toy_model, tmp_path, capsys):
-    from perception.stream.echo import main as echo_main
-    from perception.stream.record import main as record_main
+    from perception.stream.consumers.echo import main as echo_main
+    from perception.stream.consumers.record import main as record_main
 
     _, model_dir = toy_model
     video = make_video(tmp_path / "v.avi", n=5)
@@ -338,7 +338,7 @@ def test_live_source_newest_frame_wins_and_drops_are_counted(toy_model):
 def _echo_while_node_runs(model_dir, source_uri, echo_args):
     """Run perception-echo (with ``echo_args`` after the endpoint) against a node on ``source_uri``;
     returns (echo's return code, the node's), once both have finished."""
-    from perception.stream.echo import main as echo_main
+    from perception.stream.consumers.echo import main as echo_main
 
     node, pub, t, result = start_node(source_uri, model_dir)
     ec = {}
@@ -353,7 +353,7 @@ def _echo_while_node_runs(model_dir, source_uri, echo_args):
 
 
 def test_echo_exits_on_the_nodes_final_stats_and_refuses_bad_endpoints(toy_model, capsys):
-    from perception.stream.echo import main as echo_main
+    from perception.stream.consumers.echo import main as echo_main
 
     _, model_dir = toy_model
     # No --count and a long --timeout: only the node's final stats can end it in time.
@@ -492,7 +492,7 @@ def test_node_never_sends_what_consumers_refuse(toy_model):
 
 
 def test_mask_headers_carry_class_pixels_and_echo_prints_areas(toy_model, capsys):
-    from perception.stream.echo import class_areas
+    from perception.stream.consumers.echo import class_areas
 
     _, model_dir = toy_model
     node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=3", model_dir)

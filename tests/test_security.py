@@ -76,18 +76,18 @@ def test_only_allowed_clients_receive_anything(keys, toy_model):
 @pytest.mark.parametrize("client", ["echo", "record", "foxglove", "view"])
 def test_a_wrong_server_key_is_a_clear_error_for_clients(client, keys, toy_model, capsys, tmp_path):
     if client == "echo":
-        from perception.stream.echo import main as client_main
+        from perception.stream.consumers.echo import main as client_main
         extra = []
     elif client == "record":
-        from perception.stream.record import main as client_main
+        from perception.stream.consumers.record import main as client_main
         extra = ["--out", str(tmp_path / "rec")]
     elif client == "foxglove":
         pytest.importorskip("foxglove")
-        from perception.stream.foxglove_bridge import main as client_main
+        from perception.stream.consumers.foxglove_bridge import main as client_main
         extra = ["--port", "0"]  # no --timeout: the bridge waits for a node; the handshake's refusal ends it
     else:
         pytest.importorskip("aiohttp")
-        from perception.stream.view import main as client_main
+        from perception.stream.consumers.view import main as client_main
         extra = ["--http", "127.0.0.1:0"]  # likewise
 
     _, model_dir = toy_model

@@ -165,7 +165,7 @@ class _PerCamera:
 
 
 def _recover(folder: str) -> int:
-    from perception.stream.rosbag import BagError, recover_bag
+    from perception.stream.consumers.rosbag import BagError, recover_bag
 
     try:
         rewritten = recover_bag(folder)
@@ -201,7 +201,7 @@ def _parse_streams(parser: argparse.ArgumentParser, args: RecordOptions) -> list
 
 def _open_sink(args: RecordOptions, out: Path, streams: list[str]):
     if args.format == "mcap":
-        from perception.stream.rosbag import BagWriter
+        from perception.stream.consumers.rosbag import BagWriter
 
         return BagWriter(out, max_bag_duration=args.max_bag_duration, chunk_size=args.chunk_size)
     if args.camera:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     import zmq
 
     from perception.stream.client import Subscriber
-    from perception.stream.rosbag import BagError
+    from perception.stream.consumers.rosbag import BagError
     from perception.stream.security import CurveError, client_keys_from_args
 
     try:
@@ -268,8 +268,8 @@ def _record(sub, sink, args: RecordOptions, streams: list[str], cameras: int) ->
     --duration, --timeout of silence or a signal; closes the sink. The exit status and the counts."""
     from perception.core.cli import stop_on_signals
     from perception.stream.client import follow
-    from perception.stream.echo import end_status
-    from perception.stream.rosbag import UnrecordableMessage
+    from perception.stream.consumers.echo import end_status
+    from perception.stream.consumers.rosbag import UnrecordableMessage
 
     frame_stream = "mask" if "mask" in streams else "overlay"
     tally = {"frames": 0, "skipped": 0, "written": 0}

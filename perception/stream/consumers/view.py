@@ -152,7 +152,7 @@ class _Upstream(threading.Thread):
 
 
 def _page() -> str:
-    return resources.files("perception.stream").joinpath("view_page.html").read_text(encoding="utf-8")
+    return resources.files("perception.stream.consumers").joinpath("view_page.html").read_text(encoding="utf-8")
 
 
 def _inline_hash(page: str, tag: str) -> str:
