@@ -78,3 +78,9 @@ def test_stopped_and_duration():
     assert list(following) == [] and following.end == "duration"
     assert following.end in END_REASONS
 
+
+
+def test_a_repeated_final_is_yielded_once():
+    final = msg("stats", final=True)
+    following = follow(ScriptedSubscriber([final, msg("mask"), final, final]), until_final=False, timeout=0.0)
+    assert [m.stream for m in following] == ["stats", "mask"] and following.end == "silence"

@@ -685,3 +685,41 @@ def test_the_per_frame_step_is_a_pure_function_of_frame_labels_and_wanted_stream
     assert np.array_equal(decode_message([b"segnet/mask", encode_header(header), png["mask"].payload]).data, labels)
     unc = render_streams(image, labels, np.full((4, 6), 0.25, np.float64), ["uncertainty"], style)
     assert unc["uncertainty"].encoding == "32FC1" and unc["uncertainty"].payload.dtype == np.float32
+
+
+def test_the_final_stats_reach_a_slow_subscriber(toy_model):
+    """A plain pyzmq subscriber that reads slowly (a busy recorder) falls behind the publisher's high-water
+    mark: frames may be dropped for it (a live stream's policy), but the node's final stats message, which
+    tells every consumer that the node has finished, must still arrive (issue 45, item 2)."""
+    _, model_dir = toy_model
+    node, pub, t, result = start_node("synthetic://?width=480&height=360&frames=24", model_dir, n_subs=1)
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 1)
+    sub.setsockopt(zmq.RCVBUF, 64 << 10)  # small kernel buffers: a slow reader's queue fills after a few frames
+    for topic in (b"segnet/overlay", b"segnet/stats"):
+        sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.connect(pub.endpoint)
+    t.start()
+    final, overlays = False, 0
+    deadline = time.monotonic() + 90
+    try:
+        while not final and time.monotonic() < deadline and (t.is_alive() or sub.poll(3000)):
+            if not sub.poll(200):
+                continue
+            topic, header, payload = sub.recv_multipart()
+            if topic == b"segnet/overlay":
+                overlays += 1
+                time.sleep(0.3)  # the slow consumer, not a synchronisation: it reads one frame per 0.3 s
+            else:
+                import msgpack
+
+                final = msgpack.unpackb(payload).get("final") is True
+    finally:
+        t.join(timeout=30)
+        sub.close(linger=0)
+        pub.close()
+    assert result.get("rc") == 0
+    assert overlays < 24, "the subscriber was not slow enough to fall behind: the test proves nothing"
+    assert final, f"the final stats never arrived ({overlays} of 24 overlays read)"
+    assert node.stats()["slow_subscriber_events"] >= 1  # the node says a subscriber fell behind

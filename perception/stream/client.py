@@ -239,6 +239,7 @@ class Follow:
         self.received = 0  # messages that count towards ``count``
         self._running: set[str] = set()  # stats topics (one per camera) seen and not yet final
         self._finished: set[str] = set()
+        self._finals_seen: set[tuple[str, object]] = set()  # (topic, seq): the node repeats its final stats
 
     def _stop_before_recv(self, started: float) -> str | None:
         if self.stopped is not None and self.stopped.is_set():
@@ -248,6 +249,15 @@ class Follow:
         if self.duration is not None and time.monotonic() - started > self.duration:
             return "duration"
         return None
+
+    def _repeated_final(self, msg: Message) -> bool:
+        """Whether ``msg`` repeats a final stats message already seen (a node re-sends it for slow consumers)."""
+        if msg.stream != "stats" or not isinstance(msg.data, dict) or msg.data.get("final") is not True:
+            return False
+        key = (msg.topic, msg.header.get("seq"))
+        seen = key in self._finals_seen
+        self._finals_seen.add(key)
+        return seen
 
     def _is_final(self, msg: Message) -> bool:
         """Whether ``msg`` completes the node's run: every camera's stats said ``final``."""
@@ -275,6 +285,8 @@ class Follow:
                     yield None  # lets the caller do periodic work (rates, status) while nothing arrives
                 continue
             last = time.monotonic()
+            if self._repeated_final(msg):
+                continue
             if self.counted is None or self.counted(msg):
                 self.received += 1
             yield msg

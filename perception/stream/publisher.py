@@ -120,6 +120,7 @@ class Publisher:
         self._info_joined: set[str] = set()  # view namespaces whose info topic got a new subscriber
         self.views: list[PublisherView] = []
         self.sent: dict[str, int] = {}
+        self.lagged = 0  # times a subscriber's queue was full: it missed that message and the next until it caught up
         self._lock = threading.RLock()
 
     # -- subscriptions --------------------------------------------------------------------------
@@ -207,8 +208,18 @@ class Publisher:
         """
         _publish_counted(self, self, self.namespace, stream, header, payload)
 
-    def _send(self, topic_str: str, header: dict[str, Any], payload: np.ndarray | bytes) -> int | None:
-        """Send one message; returns its size instead when it is over the limit (then nothing is sent)."""
+    def _send(self, topic_str: str, header: dict[str, Any], payload: np.ndarray | bytes, *,
+              deliver_within_s: float | None = None) -> int | None:
+        """Send one message; returns its size instead when it is over the limit (then nothing is sent).
+
+        A live stream drops a message for a subscriber whose queue is full (the high-water mark), and
+        libzmq then leaves that subscriber out until it has read half its queue: every message sent in
+        between is lost to it, silently. Each send is first tried with XPUB_NODROP, which refuses (sending
+        nothing) where a queue is full, so such falls behind are counted (:attr:`lagged`) before the message
+        goes to everyone else. With ``deliver_within_s`` (the node's final stats, which tell consumers that it
+        has finished) a publisher that has seen a subscriber lag sends the message again every
+        quarter second until no subscriber is left or that many seconds have passed, so the lagging
+        subscriber gets it once it has caught up (consumers ignore the repeats: same topic and seq)."""
         topic = topic_str.encode()
         body = memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload
         if self.checksum:
@@ -217,15 +228,42 @@ class Publisher:
         size = len(topic) + len(head) + body.nbytes if isinstance(body, memoryview) else len(topic) + len(head) + len(body)
         if size > self.limits.max_message_bytes:
             return size
-        with self._lock:
-            try:
-                self.sock.send_multipart([topic, head, body], copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # XPUB drops at the high-water mark rather than raising; this is belt and braces
+        self._send_counted([topic, head, body])
+        if deliver_within_s is not None and self.lagged:
+            self._repeat([topic, head, body], deliver_within_s)
         return None
 
-    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None:
-        self.publish(stream, {**header, "encoding": "msgpack"}, encode_map(data))
+    def _send_counted(self, parts: list) -> None:
+        with self._lock:
+            try:
+                self.sock.setsockopt(zmq.XPUB_NODROP, 1)
+                try:
+                    self.sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                    return
+                except zmq.Again:  # some subscriber's queue is full: it will miss this message
+                    self.lagged += 1
+                finally:
+                    self.sock.setsockopt(zmq.XPUB_NODROP, 0)
+                self.sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)  # to everyone with room
+            except zmq.Again:
+                pass  # lossy XPUB drops rather than raising; this is belt and braces
+
+    def _repeat(self, parts: list, within_s: float) -> None:
+        """Send ``parts`` again every quarter second while subscribers are connected, up to ``within_s``."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            time.sleep(0.25)  # a lagging subscriber's queue drains at its own pace: give it time to catch up
+            with self._lock:
+                self._poll_locked()  # subscribers that got it and left
+                if self.peers == 0:
+                    return
+            self._send_counted(parts)
+
+    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any], *,
+                    deliver_within_s: float | None = None) -> None:
+        """Send a msgpack map (info, stats); ``deliver_within_s`` holds it for slow subscribers (:meth:`_send`)."""
+        _publish_counted(self, self, self.namespace, stream, {**header, "encoding": "msgpack"}, encode_map(data),
+                         deliver_within_s=deliver_within_s)
 
     def view(self, namespace: str) -> "PublisherView":
         """A publisher for one camera: the same socket, its own namespace and counters."""
@@ -267,6 +305,11 @@ class PublisherView:
     def peers(self) -> int:
         return self.publisher.peers
 
+    @property
+    def lagged(self) -> int:
+        """Times a subscriber fell behind (the shared socket's count)."""
+        return self.publisher.lagged
+
     def poll(self, timeout_ms: int = 0) -> None:
         self.publisher.poll(timeout_ms)
 
@@ -285,18 +328,20 @@ class PublisherView:
     def publish(self, stream: str, header: dict[str, Any], payload: np.ndarray | bytes) -> None:
         _publish_counted(self, self.publisher, self.namespace, stream, header, payload)
 
-    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None:
-        self.publish(stream, {**header, "encoding": "msgpack"}, encode_map(data))
+    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any], *,
+                    deliver_within_s: float | None = None) -> None:
+        _publish_counted(self, self.publisher, self.namespace, stream, {**header, "encoding": "msgpack"},
+                         encode_map(data), deliver_within_s=deliver_within_s)
 
     def close(self, linger_ms: int | None = None) -> None:
         pass  # the shared publisher is closed by its owner
 
 
 def _publish_counted(owner, publisher: Publisher, namespace: str, stream: str, header: dict[str, Any],
-                     payload: np.ndarray | bytes) -> None:
+                     payload: np.ndarray | bytes, deliver_within_s: float | None = None) -> None:
     """Send through ``publisher`` and count on ``owner`` (a Publisher or a view): sent, or withheld
     as oversize (``owner.on_oversize(stream, nbytes)`` hears of it)."""
-    size = publisher._send(topic_for(namespace, stream), header, payload)
+    size = publisher._send(topic_for(namespace, stream), header, payload, deliver_within_s=deliver_within_s)
     if size is not None:
         owner.oversize[stream] = owner.oversize.get(stream, 0) + 1
         if owner.on_oversize is not None:

@@ -46,6 +46,9 @@ class NodeSettings:
     wait_for_subscribers: int = 0
     wait_timeout: float | None = None
     log_period: float | None = 10.0  # a one-line status on the log every so often (0 or None: never)
+    # The final stats tell every consumer that the node has finished: held this long for a slow subscriber's
+    # queue to make room, where a frame would be dropped (the publisher's linger then bounds the rest).
+    final_timeout: float = 5.0
 
 
 class LatencyWindow:
@@ -92,7 +95,8 @@ class NodePublisher(Protocol):
     def take_info_request(self) -> bool: ...
     def wait_for_subscribers(self, n: int, **kwargs: Any) -> bool: ...
     def publish(self, stream: str, header: dict[str, Any], payload: np.ndarray | bytes) -> None: ...
-    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any]) -> None: ...
+    def publish_map(self, stream: str, header: dict[str, Any], data: dict[str, Any], *,
+                    deliver_within_s: float | None = None) -> None: ...
 
 
 class NodeBackend(Protocol):
@@ -267,6 +271,10 @@ class NodeReport:
             "frames_unreadable": getattr(n.source, "unreadable", 0),
             "subscribers": n.pub.peers,
             "messages_oversize": sum(getattr(n.pub, "oversize", {}).values()),
+            # Times a subscriber fell behind (its queue was full): it misses messages until it has caught up
+            # (the publisher drops for it alone, as a live stream should); consumers count the frames they
+            # missed from the gaps in ``seq``.
+            "slow_subscriber_events": getattr(n.pub, "lagged", 0),
             "uptime_s": round(time.monotonic() - c.started, 3),
         }
 
@@ -455,8 +463,9 @@ class Node:
         self.source.interrupt()  # a source waiting to reconnect stops waiting
         # A capture thread blocked inside OpenCV (opening a dead stream) is a daemon: do not wait it out.
         capture.join(timeout=1.0)
-        if self.pub.wants("stats"):
-            self.pub.publish_map("stats", self._map_header(), {**self.stats(), "final": True})
+        if self.pub.wants("stats"):  # held for slow consumers (up to final_timeout): it tells them the node is done
+            self.pub.publish_map("stats", self._map_header(), {**self.stats(), "final": True},
+                                 deliver_within_s=self.s.final_timeout)
 
     def stop(self) -> None:
         """End the run (from another thread or a signal handler): final stats are still published."""
