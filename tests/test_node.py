@@ -723,3 +723,32 @@ def test_the_final_stats_reach_a_slow_subscriber(toy_model):
     assert overlays < 24, "the subscriber was not slow enough to fall behind: the test proves nothing"
     assert final, f"the final stats never arrived ({overlays} of 24 overlays read)"
     assert node.stats()["slow_subscriber_events"] >= 1  # the node says a subscriber fell behind
+
+
+def test_a_slow_consumer_counts_every_frame_it_missed(toy_model):
+    """perception-record paused for seconds used to say "recorded 263 frames" with 137 missing between them:
+    the Subscriber now counts what never arrived from the seq gaps, and received + missed = sent."""
+    _, model_dir = toy_model
+    node, pub, t, result = start_node("synthetic://?width=480&height=360&frames=40", model_dir, n_subs=1)
+    sub = Subscriber(pub.endpoint, topics=["segnet/overlay", "segnet/stats"], rcvhwm=1)
+    t.start()
+    got, final = [], False
+    deadline = time.monotonic() + 120
+    try:
+        while not final and time.monotonic() < deadline:
+            msg = sub.recv(timeout=5)
+            if msg is None:
+                break
+            if msg.stream == "overlay":
+                got.append(msg.header["seq"])
+                time.sleep(0.3)  # the slow consumer (a recorder on a loaded disk), not a synchronisation
+            final = msg.stream == "stats" and msg.data.get("final") is True
+    finally:
+        t.join(timeout=30)
+        sub.close()
+        pub.close()
+    missed = sub.missed["segnet/overlay"]
+    assert final and result.get("rc") == 0
+    assert missed > 0, "the consumer was not slow enough to miss anything: the test proves nothing"
+    assert got[0] == 0 and len(got) + missed == got[-1] + 1, (got, missed)
+    assert sub.losses().startswith(f"{missed} frames missed (seq gaps: segnet/overlay {missed})")

@@ -442,3 +442,40 @@ def test_png_masks_are_checked_before_they_are_inflated():
         decode_message([b"s/mask", encode_header(header), colour.tobytes()])
     with pytest.raises(ProtocolError, match="no readable IHDR"):
         decode_message([b"s/mask", encode_header(header), b"not a png"])
+
+
+def test_the_subscriber_counts_frames_it_never_received_from_seq_gaps():
+    """seq 0 1 2 5 6 | 0 1 3 (a new node run, then one lost) on mask, and stats whose seq jumps (not frames):
+    3 frames missed on segnet/mask; a consumer's summary says so (issue 45, item 1)."""
+    import time
+
+    import zmq
+
+    from perception.stream.client import Subscriber
+
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    img = np.zeros((2, 2), np.uint8)
+
+    def mask(seq):
+        return _msg("segnet/mask", image_header(seq=seq, stamp_ns=1, frame_id="f", image=img, encoding="mono8"),
+                    encode_image(img, "mono8"))
+
+    def stats(seq):
+        return _msg("segnet/stats", {"v": SCHEMA_VERSION, "seq": seq, "stamp_ns": 1, "frame_id": "f",
+                                     "encoding": "msgpack"}, encode_map({"fps": 1.0}))
+
+    with Subscriber(f"tcp://127.0.0.1:{port}", topics=["segnet/"]) as sub:
+        try:
+            deadline = time.monotonic() + 20
+            while sub.recv(timeout=0.2) is None and time.monotonic() < deadline:  # until subscribed
+                pub.send_multipart(stats(0))
+            for frames in [mask(0), mask(1), mask(2), stats(40), mask(5), mask(6), mask(0), mask(1), stats(90), mask(3)]:
+                pub.send_multipart(frames)
+            got = [sub.recv(timeout=10) for _ in range(10)]
+            assert [m.header["seq"] for m in got] == [0, 1, 2, 40, 5, 6, 0, 1, 90, 3]
+        finally:
+            pub.close(linger=0)
+        assert dict(sub.missed) == {"segnet/mask": 3}
+        assert sub.losses() == "3 frames missed (seq gaps: segnet/mask 3)"

@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterable, Iterator
 import zmq
 
 from perception.stream.monitor import monitor_owned, own_context_term
-from perception.stream.protocol import DEFAULT_LIMITS, Limits, Message, ProtocolError, decode_message
+from perception.stream.protocol import DEFAULT_LIMITS, FRAME_STREAMS, Limits, Message, ProtocolError, decode_message
 
-__all__ = ["Subscriber", "Message", "ProtocolError", "rejections_text", "follow", "Follow", "END_REASONS"]
+__all__ = ["Subscriber", "Message", "ProtocolError", "rejections_text", "missed_text", "follow", "Follow",
+           "END_REASONS"]
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -52,11 +53,23 @@ def rejections_text(counts: Counter[str]) -> str:
     return f"{total} message{'s' if total != 1 else ''} rejected ({reasons})"
 
 
+def missed_text(missed: Counter[str]) -> str:
+    """``"N frames missed (seq gaps: topic N, ...)"`` for the frames a consumer never received, or ""."""
+    total = sum(missed.values())
+    if not total:
+        return ""
+    topics = ", ".join(f"{t} {n}" for t, n in missed.most_common())
+    return f"{total} frame{'s' if total != 1 else ''} missed (seq gaps: {topics})"
+
+
 class Subscriber:
     """Receives, bounds and decodes a node's messages (:func:`~perception.stream.protocol.decode_message`).
 
     Malformed messages are skipped (``on_error="skip"``) and counted by reason in :attr:`rejected`, or
-    raised (``"raise"``). A connection libzmq drops (a message over the size limit) is re-made; with
+    raised (``"raise"``). Frames that never arrived (the node dropped them for this subscriber when it fell
+    behind, or its own capture dropped them) are counted per topic in :attr:`missed`, from the gaps in each
+    frame stream's ``seq`` (a smaller ``seq`` is a new node run, not a gap; ``latest_only`` skips frames by
+    design and counts no gaps). A connection libzmq drops (a message over the size limit) is re-made; with
     ``latest_only`` only the newest message per topic is returned. The subscriber owns its ZeroMQ
     context unless given one; :meth:`close` (or ``with``) closes the socket and terminates it.
     """
@@ -104,6 +117,8 @@ class Subscriber:
         self.errors = 0  # messages rejected as malformed; by reason in `rejected`
         self.rejected: Counter[str] = Counter()
         self.dropped = 0  # messages superseded in latest_only mode
+        self.missed: Counter[str] = Counter()  # frames never received, by topic (seq gaps)
+        self._last_seq: dict[str, int] = {}
         self._pending: dict[bytes, list] = {}
         self.endpoint = endpoint
 
@@ -152,13 +167,24 @@ class Subscriber:
 
     def _decode(self, frames) -> Message | None:
         try:
-            return decode_message(frames, self.limits, decode_jpeg=self.decode_jpeg)
+            msg = decode_message(frames, self.limits, decode_jpeg=self.decode_jpeg)
         except ProtocolError as e:
             self.errors += 1
             self.rejected[e.reason] += 1
             if self.on_error == "raise":
                 raise
             return None
+        if msg.stream in FRAME_STREAMS and not self.latest_only:
+            self._count_gap(msg.topic, msg.header.get("seq"))
+        return msg
+
+    def _count_gap(self, topic: str, seq: object) -> None:
+        if not isinstance(seq, int):
+            return
+        last = self._last_seq.get(topic)
+        if last is not None and seq > last + 1:
+            self.missed[topic] += seq - last - 1
+        self._last_seq[topic] = seq  # a smaller seq is a new run of the node: counting starts again
 
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next message; with ``latest_only``, the newest queued one of a topic (older ones of
@@ -210,6 +236,11 @@ class Subscriber:
         """``"N messages rejected (reason: count, ...)"``, or "" when none were: what consumers report."""
         return rejections_text(self.rejected)
 
+    def losses(self) -> str:
+        """What this subscriber lost, for a consumer's summary: frames missed (seq gaps) and messages
+        rejected, "; "-joined, or "" when nothing was."""
+        return "; ".join(t for t in (missed_text(self.missed), self.rejections()) if t)
+
     def close(self) -> None:
         self._finalizer()  # close_monitored, once
 
@@ -230,9 +261,10 @@ class Follow:
     def __init__(self, sub: Subscriber, *, count: int | None = None, duration: float | None = None,
                  timeout: float | None = None, until_final: bool = True, stopped: threading.Event | None = None,
                  counted: Callable[[Message], bool] | None = None, idle: bool = False, finals_needed: int = 1,
-                 poll_s: float = 0.2) -> None:
+                 poll_s: float = 0.2, warn: Callable[[str], None] | None = None) -> None:
         self.sub, self.count, self.duration, self.timeout = sub, count, duration, timeout
         self.finals_needed = finals_needed
+        self.warn = warn  # told once, at the first frame that never arrived
         self.until_final, self.stopped, self.counted = until_final, stopped, counted
         self.idle, self.poll_s = idle, poll_s
         self.end: str | None = None
@@ -285,6 +317,10 @@ class Follow:
                     yield None  # lets the caller do periodic work (rates, status) while nothing arrives
                 continue
             last = time.monotonic()
+            if self.warn is not None and sum(self.sub.missed.values()):
+                self.warn(f"frames are being missed (seq jumped on {next(iter(self.sub.missed))}): this consumer "
+                          "is falling behind the node, or the node is dropping frames")
+                self.warn = None
             if self._repeated_final(msg):
                 continue
             if self.counted is None or self.counted(msg):
@@ -298,10 +334,12 @@ class Follow:
 
 def follow(sub: Subscriber, *, count: int | None = None, duration: float | None = None, timeout: float | None = None,
            until_final: bool = True, stopped: threading.Event | None = None,
-           counted: Callable[[Message], bool] | None = None, idle: bool = False, finals_needed: int = 1) -> Follow:
+           counted: Callable[[Message], bool] | None = None, idle: bool = False, finals_needed: int = 1,
+           warn: Callable[[str], None] | None = None) -> Follow:
     """Follow a node through ``sub`` until ``count`` messages (those ``counted`` says count), ``duration``
     seconds, ``timeout`` seconds of silence, a refused CURVE handshake, ``stopped`` being set, or (with
     ``until_final``) the final stats of every camera that sent stats (at least ``finals_needed`` cameras).
-    With ``idle`` the iteration also yields None at each quiet poll."""
+    With ``idle`` the iteration also yields None at each quiet poll; ``warn`` hears once of the first frame
+    that never arrived (the subscriber's ``missed`` counts them all)."""
     return Follow(sub, count=count, duration=duration, timeout=timeout, until_final=until_final, stopped=stopped,
-                  counted=counted, idle=idle, finals_needed=finals_needed)
+                  counted=counted, idle=idle, finals_needed=finals_needed, warn=warn)

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("perception-echo", f"cannot connect to {args.endpoint!r} ({e}); expected e.g. tcp://127.0.0.1:5555")
     with sub_ctx as sub:
         rc = _echo(sub, args, stopped)
-        if sub.rejections():
-            print(f"perception-echo: {sub.rejections()}", file=sys.stderr, flush=True)
+        if sub.losses():
+            print(f"perception-echo: {sub.losses()}", file=sys.stderr, flush=True)
     return rc
 
 
@@ -100,7 +100,7 @@ def _echo(sub, args: argparse.Namespace, stopped) -> int:
     rates = _Rates()
     classes: list[str] | None = None  # names for --areas, from the node's info message
     following = follow(sub, count=args.count, timeout=args.timeout, until_final=not args.stay, stopped=stopped,
-                       idle=True)
+                       idle=True, warn=lambda m: print(f"perception-echo: warning: {m}", file=sys.stderr, flush=True))
     for msg in following:
         now = time.monotonic()
         if msg is not None:

@@ -187,7 +187,8 @@ class FoxgloveBridge:
         ended (:func:`~perception.stream.client.follow`'s reason)."""
         from perception.stream.client import Follow
 
-        following = Follow(self.sub, until_final=False, stopped=stop, idle=True, poll_s=0.05)
+        following = Follow(self.sub, until_final=False, stopped=stop, idle=True, poll_s=0.05,
+                           warn=lambda m: print(f"perception-foxglove: warning: {m}", file=sys.stderr, flush=True))
         for msg in following:
             self._apply_changes()
             if msg is None:
@@ -284,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         end = bridge.run(stop)
     finally:
         bridge.close()
-    if bridge.sub.rejections():
-        print(f"perception-foxglove: {bridge.sub.rejections()}", file=sys.stderr)
+    if bridge.sub.losses():
+        print(f"perception-foxglove: {bridge.sub.losses()}", file=sys.stderr)
     if end == "handshake":  # a wrong --curve-server-key, or this client's key is not allowed
         from perception.stream.security import handshake_failed
 

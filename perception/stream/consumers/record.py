@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
     if rc == 0 or tally["frames"]:  # after an error with nothing recorded, the error is the one line
         notes = [f"{tally['skipped']} messages skipped (no ROS 2 form)"] if tally["skipped"] else []
-        notes += [sub.rejections()] if sub.rejections() else []
+        notes += [sub.losses()] if sub.losses() else []
         print(f"recorded {tally['frames']} frames to {out}" + (f" ({'; '.join(notes)})" if notes else ""),
               file=sys.stderr)
     return rc
@@ -274,7 +274,8 @@ def _record(sub, sink, args: RecordOptions, streams: list[str], cameras: int) ->
     frame_stream = "mask" if "mask" in streams else "overlay"
     tally = {"frames": 0, "skipped": 0, "written": 0}
     following = follow(sub, count=args.count, duration=args.duration, timeout=args.timeout,
-                       stopped=stop_on_signals(), counted=lambda m: m.stream == frame_stream, finals_needed=cameras)
+                       stopped=stop_on_signals(), counted=lambda m: m.stream == frame_stream, finals_needed=cameras,
+                       warn=lambda m: print(f"perception-record: warning: {m}", file=sys.stderr, flush=True))
     rc = 0
     try:
         for msg in following:
