@@ -752,3 +752,27 @@ def test_a_slow_consumer_counts_every_frame_it_missed(toy_model):
     assert missed > 0, "the consumer was not slow enough to miss anything: the test proves nothing"
     assert got[0] == 0 and len(got) + missed == got[-1] + 1, (got, missed)
     assert sub.losses().startswith(f"{missed} frames missed (seq gaps: segnet/overlay {missed})")
+
+
+def test_record_of_masks_only_still_ends_with_the_node(toy_model, tmp_path):
+    """perception-record --streams mask used to wait for ever after the node had finished: it did not
+    subscribe to stats, whose final message says so (issue 45, item 9). It listens for it now, records no
+    stats it was not asked for, and exits 0 when the node does."""
+    from perception.stream.consumers.record import main as record_main
+
+    _, model_dir = toy_model
+    node, pub, t, result = start_node("synthetic://?width=64&height=48&frames=4", model_dir)
+    out = tmp_path / "rec"
+    rec = {}
+    rt = threading.Thread(target=lambda: rec.setdefault("rc", record_main([pub.endpoint, "--out", str(out),
+                                                                            "--streams", "mask"])),
+                          daemon=True)  # a recorder that never ends must not hold the test process
+    rt.start()
+    t.start()
+    t.join(timeout=60)
+    rt.join(timeout=60)
+    alive = rt.is_alive()
+    pub.close()
+    assert not alive, "perception-record --streams mask did not end when the node finished"
+    assert rec.get("rc") == 0 and len(list((out / "mask").glob("*.png"))) == 4
+    assert not (out / "stats.jsonl").exists()

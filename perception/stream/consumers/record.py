@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     prefixes = [f"{args.namespace}/{c}" for c in args.camera] if args.camera else [args.namespace]
     try:
         # JPEG payloads go into a bag as they came (CompressedImage); the file sink needs pixels.
-        sub = Subscriber(args.endpoint, topics=[f"{p}/{s}" for p in prefixes for s in streams],
+        # Always the stats too (recorded only when asked for): their final message says the node is done.
+        sub = Subscriber(args.endpoint, topics=[f"{p}/{s}" for p in prefixes for s in {*streams, "stats"}],
                          decode_jpeg=args.format == "files", curve=curve)
     except zmq.ZMQError as e:
         sink.close()
@@ -279,6 +280,8 @@ def _record(sub, sink, args: RecordOptions, streams: list[str], cameras: int) ->
     rc = 0
     try:
         for msg in following:
+            if msg.stream not in streams:
+                continue  # stats heard for the node's end, not asked for in --streams
             try:
                 sink.write(msg)
             except UnrecordableMessage as e:
