@@ -544,3 +544,44 @@ def test_on_demand_topics_hold_an_upstream_topic_while_any_viewer_watches_a_key_
     assert topics.unwatch("s/info", "b") == (set(), set())  # a still watches label_info
     assert topics.unwatch("s/label_info", "a") == (set(), {"s/info"})
     assert topics.unwatch("s/label_info", "a") == (set(), set()) and topics.wanted() == set()
+
+
+def test_view_refuses_a_rebound_host_name():
+    """DNS rebinding (issue 45, item 5): after an attacker's name resolves to this machine, its page sends
+    Host and Origin of that name, which an Origin-against-Host check let through to the frames. Only Hosts
+    naming the view's own address, localhost or an --allow-origin host are served now, on / and on /ws."""
+    pytest.importorskip("aiohttp")
+    import http.client
+    from urllib.parse import urlsplit
+
+    node = _RawNode()
+    url, stop, vt, counters = _view(node.endpoint, allow_origins=["http://dashboard.test:3000"])
+    port = urlsplit(url).port
+
+    def status(path: str, host: str, *, websocket: bool = False) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("GET", path, skip_host=True)
+        conn.putheader("Host", host)
+        if websocket:
+            for k, v in (("Origin", f"http://{host}"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")):
+                conn.putheader(k, v)
+        conn.endheaders()
+        try:
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        for host in (f"rebind.example:{port}", f"127.0.0.2:{port}", "127.0.0.1:1"):
+            assert status("/", host) == 403, host
+            assert status("/ws", host, websocket=True) == 403, host
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+            assert status("/", host) == 200, host
+            assert status("/ws", host, websocket=True) == 101, host
+        assert status("/", "dashboard.test:3000") == 200  # --allow-origin names it
+        assert counters.refused["host"] == 6
+    finally:
+        stop.set()
+        vt.join(10)
+        node.close()

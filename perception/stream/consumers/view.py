@@ -200,7 +200,11 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
 
     view = _View(endpoint, namespace=namespace, curve=curve, cameras=cameras, allow_origins=allow_origins,
                  counters=counters if counters is not None else ViewCounters(), stop=stop)
-    app = web.Application()
+    @web.middleware
+    async def check_host(request, handler):
+        return await view.check_host(request, handler)
+
+    app = web.Application(middlewares=[check_host])
     app.on_response_prepare.append(_security_headers)
     app.router.add_get("/", view.index)
     app.router.add_get("/ws", view.websocket)
@@ -224,6 +228,8 @@ class _View:
                  allow_origins: list[str] | None, counters: ViewCounters, stop: threading.Event | None) -> None:
         self.endpoint, self.curve, self.counters, self.stop = endpoint, curve, counters, stop
         self.allowed_origins = set(allow_origins or ())
+        # Hosts named by --allow-origin (``http://host:port`` -> ``host:port``) may be asked for too.
+        self.allowed_hosts = {o.split("://", 1)[-1].rstrip("/").lower() for o in self.allowed_origins}
         ns = namespace.strip("/")
         self.names = list(cameras) if cameras else [""]
         self.prefix_of = {c: (f"{ns}/{c}" if c else ns).strip("/") for c in self.names}
@@ -248,6 +254,34 @@ class _View:
         return web.Response(text=self.page, content_type="text/html",
                             headers={"Cache-Control": "no-store", "Content-Security-Policy": self.csp})
 
+    def host_allowed(self, request) -> bool:
+        """DNS rebinding: a page of an attacker's name that now resolves to this machine sends ``Host`` and
+        ``Origin`` of that name, so an Origin check against Host passes. Only a Host naming the address
+        the request came in on, ``localhost`` or a loopback address (with the port), or a host of
+        ``--allow-origin`` is served."""
+        sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        if not sockname:
+            return False
+        addr, port = sockname[0], sockname[1]
+        names = {"localhost", "127.0.0.1", "[::1]", f"[{addr}]" if ":" in addr else addr}
+        host = (request.headers.get("Host") or "").lower()
+        return host in {f"{n}:{port}" for n in names} or host in self.allowed_hosts
+
+    @staticmethod
+    def _refuse(counters: "ViewCounters", kind: str, what: str):
+        from aiohttp import web
+
+        counters.refused[kind] += 1
+        log.warning("refused a request %s", what)
+        return web.Response(status=403, text=f"{kind} refused\n")
+
+    async def check_host(self, request, handler):
+        """aiohttp middleware: :meth:`host_allowed` for every request (the page and the WebSocket)."""
+        if not self.host_allowed(request):
+            return self._refuse(self.counters, "host", f"for host {request.headers.get('Host')!r} (not this "
+                                "view's address; see --allow-origin)")
+        return await handler(request)
+
     def origin_allowed(self, request) -> bool:
         """Browsers send Origin with every WebSocket handshake: only pages this view served (same
         origin), or origins named with --allow-origin, may read the streams. Clients that are not
@@ -270,10 +304,8 @@ class _View:
         from aiohttp import web
 
         if not self.origin_allowed(request):
-            self.counters.refused["origin"] += 1
-            log.warning("refused a WebSocket from origin %s (not this view's; see --allow-origin)",
-                        request.headers.get("Origin"))
-            return web.Response(status=403, text="cross-origin WebSocket refused\n")
+            return self._refuse(self.counters, "origin", f"WebSocket from origin {request.headers.get('Origin')} "
+                                "(not this view's; see --allow-origin)")
         ws = web.WebSocketResponse(heartbeat=10, max_msg_size=4096)
         await ws.prepare(request)
         await _PageSession(self, ws).run()
