@@ -213,3 +213,46 @@ def test_a_truncated_video_says_it_ended_early(tmp_path, capsys):
     assert 0 < len(frames) < 60 and source.truncated
     err = capsys.readouterr().err
     assert f"ended after {len(frames)} of the 60 frames" in err and "truncated" in err
+
+
+def test_a_fifo_in_an_image_folder_is_left_out_and_names_are_printed_safely(tmp_path, capsys):
+    """Issue 45, item 10: a FIFO named *.png hung the node (still 'streaming'); a newline in a file name
+    forged a log line. Only regular files are read now, and skipped names are printed with repr."""
+    import os
+
+    import cv2
+
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    os.mkfifo(tmp_path / "a_fifo.png")
+    (tmp_path / "forged\nwarning: all good.png").write_bytes(b"not a png")
+    source = open_source(str(tmp_path))
+    frames = list(source)  # returns: the FIFO is never opened
+    assert [int(f.image[0, 0, 0]) for f in frames] == [0, 40] and source.state == "ended"
+    err = capsys.readouterr().err
+    assert "a_fifo.png" not in err and "'" + str(tmp_path / "forged") + "\\nwarning: all good.png'" in err
+    assert not any(line.startswith("warning: all good") for line in err.splitlines())
+
+
+def test_an_image_bomb_is_refused_from_its_header(tmp_path, capsys):
+    """Issue 45, item 12: a 12000x12000 PNG of 157 KB took the node to 2 GB before any limit applied. The
+    header's size is checked against the pixels a frame may have before anything is decoded."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    side = 12000
+    raw = zlib.compress((b"\x00" + b"\x00" * side) * side, 9)  # grey rows, filter 0: ~100 KB compressed
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+           + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    (tmp_path / "bomb.png").write_bytes(png)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "ok.png"), np.zeros((8, 8, 3), np.uint8))
+    source = open_source(str(tmp_path))
+    frames = list(source)
+    assert len(frames) == 1 and source.unreadable == 1
+    assert "12000x12000 pixels, over the" in capsys.readouterr().err
+    with pytest.raises(SourceError, match="12000x12000 pixels"):
+        open_source(str(tmp_path / "bomb.png"))

@@ -46,11 +46,12 @@ def is_image_path(path: str | Path) -> bool:
 
 def list_images(folder_or_glob: str | Path) -> list[Path]:
     """The image files of a folder, or matching a glob pattern (``*``, ``?``, ``[``), sorted by name;
-    [] where there are none (the caller says what that means)."""
+    [] where there are none (the caller says what that means). Regular files only: a FIFO or a device
+    named ``*.png`` would block the reader for ever."""
     import glob
 
     text = str(folder_or_glob)
     if any(ch in text for ch in "*?["):
-        return sorted(Path(p) for p in glob.glob(text) if is_image_path(p))
+        return sorted(Path(p) for p in glob.glob(text) if is_image_path(p) and Path(p).is_file())
     folder = Path(text)
-    return sorted(p for p in folder.iterdir() if is_image_path(p)) if folder.is_dir() else []
+    return sorted(p for p in folder.iterdir() if is_image_path(p) and p.is_file()) if folder.is_dir() else []

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from perception.core.fileio import IMAGE_SUFFIXES, list_images  # IMAGE_SUFFIXES re-exported
+from perception.stream.protocol import DEFAULT_LIMITS
 
 __all__ = [
     "Frame",
@@ -286,12 +287,14 @@ class ImageListSource(Source):
                 return None
             path = self.paths[self._i]
             self._i += 1
-            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            problem = image_file_problem(path)
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if problem is None else None
             if img is not None:
                 break
-            # One corrupt file does not end a folder run: skip it, say so, count it.
+            # One corrupt file does not end a folder run: skip it, say so, count it. repr: a file name
+            # can hold a newline, which would forge a log line.
             self.unreadable += 1
-            print(f"warning: skipping {path}: not a readable image", file=sys.stderr, flush=True)
+            print(f"warning: skipping {str(path)!r}: {problem or 'not a readable image'}", file=sys.stderr, flush=True)
         if img.dtype != np.uint8:
             img = cv2.convertScaleAbs(img, alpha=255.0 / max(1, int(img.max())))
         return img
@@ -329,6 +332,25 @@ class SyntheticSource(Source):
     def _rewind(self) -> bool:
         self._i = 0
         return True
+
+
+def image_file_problem(path: Path, max_pixels: int = DEFAULT_LIMITS.max_image_pixels) -> str | None:
+    """Why an image file must not be decoded, or None: not a regular file (a FIFO would block for ever),
+    or a PNG/JPEG whose header declares more than ``max_pixels`` (a decompression bomb: a 157 KB PNG of
+    12000x12000 took the node to 2 GB), read from the header before anything is decoded."""
+    from perception.stream.protocol import jpeg_size, png_size
+
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    size = png_size(head) or jpeg_size(head)
+    if size and size[0] * size[1] > max_pixels:
+        return f"{size[1]}x{size[0]} pixels, over the {max_pixels} a frame may have"
+    return None
 
 
 def _parse_synthetic(uri: str) -> dict:
@@ -384,6 +406,8 @@ def open_source(uri: str, options: SourceOptions | None = None) -> Source:
         return ImageListSource(paths, options)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
+        if problem := image_file_problem(path):
+            raise SourceError(f"{uri}: {problem}")
         if cv2.imread(str(path), cv2.IMREAD_UNCHANGED) is None:
             raise SourceError(f"{uri} is not a readable image")
         return ImageListSource([path], options)
