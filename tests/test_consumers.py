@@ -524,6 +524,9 @@ def test_consumer_commands_fail_in_one_line(tmp_path, capsys):
             (foxglove_main, ["not-an-endpoint", "--port", "0"], "cannot connect to"),
             (view_main, ["not-an-endpoint", "--http", "127.0.0.1:0"], "cannot connect to"),
             (record_main, ["--recover", str(tmp_path / "nothing")], "holds no .mcap files"),
+            # /proc passes os.access for root, yet nothing can be made in it (issue 45, item 12: a traceback)
+            *([(record_main, ["tcp://127.0.0.1:5555", "--out", "/proc/nope"], "cannot be created")]
+              if Path("/proc").is_dir() else []),
         ]
         for main, argv, text in cases:
             with warnings.catch_warnings(record=True) as caught:
@@ -780,3 +783,14 @@ def test_mcap_bag_records_uncertainty_as_32fc1(toy_bayesian_model, tmp_path):
     for _, m in got["/segnet/uncertainty"]:
         assert m.encoding == "32FC1" and m.is_bigendian == 0
         assert np.array_equal(_image(m), published[_stamp(m.header)])
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True),
+                                          ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("192.168.1.5", False),
+                                          ("dashboard.test", False)])
+def test_the_view_warns_only_off_this_machine(host, loopback):
+    """Issue 45, item 12: the off-machine warning fired for 127.0.0.2 (loopback) and did not say the page has
+    no authentication."""
+    from perception.stream.consumers.view import _is_loopback
+
+    assert _is_loopback(host) is loopback

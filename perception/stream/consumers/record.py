@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         sink = _open_sink(args, out, streams)
     except BagError as e:
         return fail("perception-record", str(e))
+    except OSError as e:  # e.g. /proc, which even root cannot write into
+        if made_out:
+            shutil.rmtree(out, ignore_errors=True)
+        return fail("perception-record", f"--out {out} cannot be created ({e.strerror or e})")
     prefixes = [f"{args.namespace}/{c}" for c in args.camera] if args.camera else [args.namespace]
     try:
         # JPEG payloads go into a bag as they came (CompressedImage); the file sink needs pixels.

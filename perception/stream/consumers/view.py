@@ -406,6 +406,18 @@ class _PageSession:
         self.changed.set()
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_http(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -535,8 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     except CurveError as e:
         return fail("perception-view", str(e))
     host, port = args.http
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"perception-view: warning: serving on {host}, reachable beyond this machine", file=sys.stderr)
+    if not _is_loopback(host):
+        print(f"perception-view: warning: serving on {host}, reachable beyond this machine: the page has no "
+              "authentication, and a CURVE stream is re-served in clear to whoever opens it", file=sys.stderr)
     from perception.core.logs import configure_service_logging
 
     configure_service_logging()  # clients cannot flood stderr: repeated records are summarised
