@@ -182,6 +182,9 @@ class _CaptureSource(Source):
             self.cap = None
 
 
+MAX_FAILED_READS = 8  # failed reads in a row a video file may have before it counts as ended
+
+
 class VideoFileSource(_CaptureSource):
     """A video file read with OpenCV's FFmpeg backend (pacing with ``realtime``, looping with ``loop``)."""
 
@@ -197,6 +200,7 @@ class VideoFileSource(_CaptureSource):
         self._pending: np.ndarray | None = first
         self._decoded = 1  # frames decoded in this pass
         self.truncated = False
+        self.unreadable = 0  # failed reads skipped because frames followed (a damaged packet)
 
     def _open(self) -> bool:
         ok = super()._open()
@@ -211,14 +215,31 @@ class VideoFileSource(_CaptureSource):
         if self._pending is not None:
             img, self._pending = self._pending, None
             return img
-        img = super()._read()
-        if img is not None:
-            self._decoded += 1
-        elif self.expected_frames > 0 and self._decoded < self.expected_frames - 1 and not self.truncated:
+        failed = 0
+        while True:
+            img = super()._read()
+            if img is not None:
+                self._decoded += 1
+                self._skipped(failed)
+                return img
+            failed += 1
+            # A damaged packet fails one read and the next ones decode again: go on while the container's
+            # index says more frames follow, up to MAX_FAILED_READS in a row.
+            if failed >= MAX_FAILED_READS or not (self.expected_frames > 0 and self._decoded < self.expected_frames - 1):
+                break
+        if self.expected_frames > 0 and self._decoded < self.expected_frames - 1 and not self.truncated:
             self.truncated = True
-            print(f"warning: {self.path} ended after {self._decoded} of the {self.expected_frames} frames its "
-                  "index lists: the file is truncated or damaged", file=sys.stderr, flush=True)
-        return img
+            print(f"warning: {str(self.path)!r} ended after {self._decoded} of the {self.expected_frames} frames "
+                  "its index lists: the file is truncated or damaged", file=sys.stderr, flush=True)
+        return None
+
+    def _skipped(self, failed: int) -> None:
+        if not failed:
+            return
+        if not self.unreadable:
+            print(f"warning: skipping damaged frames of {str(self.path)!r} (counted in stats as frames_unreadable)",
+                  file=sys.stderr, flush=True)
+        self.unreadable += failed
 
     def _rewind(self) -> bool:
         self._decoded = 0
