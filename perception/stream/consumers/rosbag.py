@@ -306,25 +306,44 @@ class BagWriter:
 
 
 def _read_records(path: Path) -> tuple[list, bool]:
-    """The complete records of an MCAP file, and whether the file ended cleanly (a footer)."""
+    """The complete records of an MCAP file, and whether the file ended cleanly (a footer and the closing
+    magic: a file missing only its last bytes has a footer, yet no reader opens it)."""
+    import struct
+
     from mcap.exceptions import McapError
     from mcap.records import Footer
     from mcap.stream_reader import StreamReader
 
     records = []
-    complete = False
+    footer = False
     with open(path, "rb") as f:
         try:
             for rec in StreamReader(f, skip_magic=False).records:
                 records.append(rec)
-                if isinstance(rec, Footer):
-                    complete = True
-        except (McapError, EOFError, ValueError, OSError):
-            pass  # truncated inside a record or chunk: keep what came before
-    return records, complete
+                footer = footer or isinstance(rec, Footer)
+        # Cut inside a record or chunk: keep what came before. The reader raises struct.error on a record
+        # cut inside its fixed fields, and others on cuts elsewhere; any of them ends the reading here.
+        except (McapError, EOFError, ValueError, OSError, struct.error, IndexError, KeyError, UnicodeDecodeError):
+            pass
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - len(MCAP_MAGIC)))
+        ends_with_magic = size >= 2 * len(MCAP_MAGIC) and f.read() == MCAP_MAGIC
+    return records, footer and ends_with_magic
 
 
 MCAP_MAGIC = b"\x89MCAP0\r\n"
+
+
+def _keep_original(path: Path) -> None:
+    """Keep ``path`` as ``<name>.orig`` (a name readers do not pick up) before it is replaced."""
+    original = path.with_name(path.name + ".orig")
+    if original.exists():
+        raise BagError(f"{original} exists (an earlier recovery's original): move it away first")
+    try:
+        os.link(path, original)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, original)
 
 
 def recover_bag(folder: str | Path) -> dict[str, int]:
@@ -344,13 +363,18 @@ def recover_bag(folder: str | Path) -> dict[str, int]:
         raise BagError(f"{folder} is a file; a bag is a folder of .mcap files and metadata.yaml")
     if not paths:
         raise BagError(f"{folder} holds no .mcap files")
+    empty = [p for p in paths if p.stat().st_size < len(MCAP_MAGIC)]  # killed right after a split
     for path in paths:
         with open(path, "rb") as f:
-            if f.read(len(MCAP_MAGIC)) != MCAP_MAGIC:
+            if path not in empty and f.read(len(MCAP_MAGIC)) != MCAP_MAGIC:
                 raise BagError(f"{path} is not an MCAP file (no MCAP magic at its start); nothing was changed")
     state = _BagState()
     rewritten: dict[str, int] = {}
-    for path in paths:
+    for path in empty:  # nothing to recover: set aside (kept, as every original is) so readers skip it
+        _keep_original(path)
+        path.unlink()
+        rewritten[path.name] = 0
+    for path in (p for p in paths if p not in empty):
         records, complete = _read_records(path)
         schemas = {r.id: r for r in records if isinstance(r, Schema)}
         channels = {r.id: r for r in records if isinstance(r, Channel)}
@@ -367,13 +391,7 @@ def recover_bag(folder: str | Path) -> dict[str, int]:
                 for m in messages:
                     w.add_message(channel_ids[m.channel_id], m.log_time, m.data, m.publish_time, m.sequence)
                 w.finish()
-            original = path.with_name(path.name + ".orig")
-            if original.exists():
-                raise BagError(f"{original} exists (an earlier recovery's original): move it away first")
-            try:  # the original stays, under a name readers do not pick up
-                os.link(path, original)
-            except OSError:  # a file system without hard links
-                shutil.copy2(path, original)
+            _keep_original(path)
             tmp.replace(path)
             rewritten[path.name] = len(messages)
         stats = _FileStats(path.name)
