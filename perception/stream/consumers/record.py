@@ -130,7 +130,14 @@ class _FileSink:
 
         seq = msg.header["seq"]
         if msg.stream == "mask":
-            cv2.imwrite(str(self.out / "mask" / f"{seq:08d}.png"), msg.data)
+            # imencode + an atomic write: a full disk raises (cv2.imwrite only returns False, and left 185 of
+            # 200 masks empty with "recorded 200 frames"), and never leaves a half-written PNG.
+            ok, png = cv2.imencode(".png", msg.data)
+            if not ok:
+                from perception.stream.consumers.rosbag import UnrecordableMessage
+
+                raise UnrecordableMessage(f"mask {seq} could not be encoded as PNG")
+            atomic_write_bytes(self.out / "mask" / f"{seq:08d}.png", png.tobytes())
         elif msg.stream == "overlay":
             if self.video is None:
                 self.video = FragmentedVideo(self.out / "overlay.mp4", self.fps)
@@ -299,9 +306,25 @@ def _record(sub, sink, args: RecordOptions, streams: list[str], cameras: int) ->
         rc = end_status("perception-record", following, args.endpoint)
     except ValueError as e:  # BagError: a stream changed type mid-recording
         rc = fail("perception-record", str(e), status=1)
+    except OSError as e:  # a full disk, a removed folder: stop with what was written
+        rc = fail("perception-record", f"stopped after {tally['frames']} frames: cannot write to {args.out} "
+                  f"({e.strerror or e})", status=1)
     finally:
-        sink.close()
+        rc = _close_sink(sink, args, rc)
     return rc, tally
+
+
+def _close_sink(sink, args: RecordOptions, rc: int) -> int:
+    """Close the sink; a failure to (a full disk flushing the video or the bag's summary) is one line."""
+    try:
+        sink.close()
+    except OSError as e:
+        if rc == 0:
+            rc = fail("perception-record", f"cannot finish writing {args.out} ({e.strerror or e})", status=1)
+        if args.format == "mcap":
+            print(f"perception-record: free some space, then run: perception-record --recover {args.out}",
+                  file=sys.stderr, flush=True)
+    return rc
 
 
 if __name__ == "__main__":
