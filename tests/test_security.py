@@ -197,3 +197,46 @@ def test_an_authenticator_that_cannot_bind_its_pipe_is_retried_not_hung(monkeypa
     started[0].stop()
     taken.close(linger=0)
     ctx.term()
+
+
+def test_a_revoked_key_is_refused_without_a_restart_and_refusals_are_in_stats(keys, toy_model, tmp_path):
+    """Issue 45, item 8: revoking a client key needed a node restart, and refused handshakes were counted
+    nowhere a user sees. The allow folder is read at every handshake now; the node's stats count refusals."""
+    import shutil
+
+    from perception.inference import load_backend
+    from perception.stream.node.pipeline import Node, NodeSettings
+    from perception.stream.node.sources import open_source
+    from perception.stream.publisher import Publisher
+
+    _, model_dir = toy_model
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    shutil.copy(keys / "client.key", allow / "client.key")
+    pub = Publisher("tcp://127.0.0.1:*", "segnet", curve=CurveServer(keys / "server.key_secret", allow))
+    node = Node(open_source("synthetic://?width=64&height=48&fps=20&frames=100000", None),
+                load_backend(model_dir, backend="torch"), pub, NodeSettings(), log=lambda m: None)
+    t = threading.Thread(target=node.run, daemon=True)
+    client = (keys / "server.key", keys / "client.key_secret")
+    first = Subscriber(pub.endpoint, topics=["segnet/mask"], curve=client)
+    t.start()
+    try:
+        got, deadline = None, time.monotonic() + 30
+        while got is None and time.monotonic() < deadline:
+            got = first.recv(timeout=0.2)
+        assert got is not None, "the allowed client receives"
+        (allow / "client.key").unlink()  # revoked, node still running
+        second = Subscriber(pub.endpoint, topics=["segnet/mask"], curve=client)
+        try:
+            deadline = time.monotonic() + 30
+            while second.handshake_failures == 0 and time.monotonic() < deadline:
+                assert second.recv(timeout=0.2) is None, "a revoked key must receive nothing"
+            assert second.handshake_failures >= 1
+        finally:
+            second.close()
+        assert node.stats()["curve_handshakes_refused"] >= 1
+    finally:
+        node.stop()
+        t.join(timeout=30)
+        first.close()
+        pub.close()

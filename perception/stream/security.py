@@ -83,24 +83,38 @@ def load_key_pair(path: str | Path) -> tuple[bytes, bytes]:
 
 class CurveServer:
     """Makes a bound socket a CURVE server and runs the ZAP authenticator that admits only the
-    allowed client keys. ``allow``: one ``.key`` file or a folder of them."""
+    allowed client keys. ``allow``: one ``.key`` file or a folder of them, read again at every handshake:
+    removing a client's key refuses its next connection without restarting the node (a client already
+    connected stays connected until it reconnects). Refused handshakes are counted in :attr:`rejected`."""
 
     def __init__(self, secret_key_file: str | Path, allow: str | Path) -> None:
         _require_curve()
         self.public, self.secret = load_key_pair(secret_key_file)
-        allow = Path(allow)
-        files = sorted(allow.glob("*.key")) if allow.is_dir() else [allow]
-        if not files or not all(f.is_file() for f in files):
-            raise CurveError(f"--curve-allow {allow}: no client .key file there")
-        self.allowed = {load_public_key(f) for f in files}
+        self.allow_path = Path(allow)
+        self.allowed = self._read_allowed(strict=True)
         self.rejected = 0
         self._auth = None
         self.zap_wait_s = ZAP_WAIT_S
+
+    def _read_allowed(self, *, strict: bool = False) -> set[bytes]:
+        """The allowed public keys now. At start (``strict``) a missing or bad allow list is an error; later
+        one that has gone or cannot be read allows no one."""
+        allow = self.allow_path
+        files = sorted(allow.glob("*.key")) if allow.is_dir() else [allow]
+        try:
+            if not files or not all(f.is_file() for f in files):
+                raise CurveError(f"--curve-allow {allow}: no client .key file there")
+            return {load_public_key(f) for f in files}
+        except (CurveError, OSError):
+            if strict:
+                raise
+            return set()
 
     # zmq.auth's credentials-provider interface
     def callback(self, domain: str, key: bytes) -> bool:
         from zmq.utils import z85
 
+        self.allowed = self._read_allowed()  # per handshake: a revoked key is refused from now on
         ok = z85.encode(key) in self.allowed if len(key) == 32 else key in self.allowed
         if not ok:
             self.rejected += 1

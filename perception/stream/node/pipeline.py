@@ -172,6 +172,11 @@ def render_streams(image_bgr: np.ndarray, labels: np.ndarray, uncertainty: np.nd
             for stream, (img, enc) in images.items()}
 
 
+def _curve_of(pub: Any):
+    """The CURVE server of a publisher (or of the publisher behind a camera's view), if it has one."""
+    return getattr(getattr(pub, "publisher", pub), "curve", None)
+
+
 class _Capture:
     """The capture thread: reads the source into a queue (a live source's newest frame replaces the one
     still waiting; a file's frames wait their turn), then puts the end marker; a source that fails keeps
@@ -275,6 +280,8 @@ class NodeReport:
             # (the publisher drops for it alone, as a live stream should); consumers count the frames they
             # missed from the gaps in ``seq``.
             "slow_subscriber_events": getattr(n.pub, "lagged", 0),
+            # CURVE: handshakes the node refused (a client key not, or no longer, in --curve-allow).
+            **({"curve_handshakes_refused": curve.rejected} if (curve := _curve_of(n.pub)) is not None else {}),
             "uptime_s": round(time.monotonic() - c.started, 3),
         }
 
