@@ -396,6 +396,22 @@ def test_repeated_log_records_are_summarised():
     assert f.filter(r) and "3997 more like this" in r.getMessage()
 
 
+def test_a_flood_from_many_clients_is_summarised_as_one_kind():
+    """Issue 45, item 11: the Foxglove SDK's "handshake failed" record names each client's address, and the
+    summariser keyed on the whole text: 20,000 half-open handshakes logged 19,979 lines."""
+    import logging
+
+    from perception.core.logs import RepeatSummary
+
+    f = RepeatSummary(burst=3, period_s=60, clock=lambda: 0.0)
+    records = [logging.LogRecord("foxglove::websocket", logging.WARNING, __file__, 1,
+                                 f"handshake failed for 127.0.0.{k % 250}:{40000 + k}: connection reset", None, None)
+               for k in range(20000)]
+    records += [logging.LogRecord("foxglove::websocket", logging.WARNING, __file__, 1,
+                                  f"handshake failed for [::1]:{40000 + k}: timed out", None, None) for k in range(50)]
+    assert sum(f.filter(r) for r in records) == 6  # two kinds (reset, timed out), three of each
+
+
 @pytest.mark.slow
 def test_foxglove_bridge_memory_stays_bounded_with_clients_that_never_read(tmp_path):
     """Clients that subscribe to masks and never read: the bridge queues a bounded backlog for each
