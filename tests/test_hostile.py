@@ -737,3 +737,32 @@ def test_a_full_disk_ends_a_recording_in_one_line_with_what_was_written(fmt, tin
         shutil.copytree(out, copy)
         assert record_main(["--recover", str(copy)]) == 0
         assert 0 < _bag_message_count(copy) <= written
+
+
+def test_stopping_the_view_closes_open_pages_with_a_close_frame():
+    """Issue 45, item 12: the view took ~12 s to stop while a page was open and dropped it without a
+    WebSocket close frame (the page saw an abnormal closure, 1006). Pages now get 1001 (going away)."""
+    pytest.importorskip("aiohttp")
+    websockets = pytest.importorskip("websockets")
+    node = _RawNode()
+    url, stop, vt, counters = _view(node.endpoint)
+    ws_url = url.replace("http://", "ws://") + "ws"
+
+    async def page() -> int:
+        async with websockets.connect(ws_url, origin=url.rstrip("/")) as ws:
+            await asyncio.wait_for(ws.recv(), 10)  # the cameras message: the page is open
+            stop.set()  # the view is told to stop while this page is open
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 30)
+            except websockets.exceptions.ConnectionClosed as e:
+                return e.rcvd.code if e.rcvd is not None else 1006
+
+    try:
+        code = asyncio.run(page())
+        vt.join(30)
+        assert code == 1001, code
+        assert not vt.is_alive()
+    finally:
+        stop.set()
+        node.close()

@@ -209,6 +209,7 @@ def make_app(endpoint: str, *, namespace: str = "segnet", curve: tuple[str, str]
     app.router.add_get("/", view.index)
     app.router.add_get("/ws", view.websocket)
     app.on_startup.append(view.start_upstream)
+    app.on_shutdown.append(view.close_pages)
     app.on_cleanup.append(view.stop_upstream)
     return app
 
@@ -239,6 +240,7 @@ class _View:
         self.upstream: _Upstream | None = None
         self.on_demand = OnDemandTopics()  # node topic -> the pages showing it
         self.wakers: set[asyncio.Event] = set()  # one per page: every page wakes on every change
+        self.pages: set = set()  # open WebSockets, closed with a close frame when the view stops
         self.page = _page()
         self.csp = ("default-src 'none'; img-src 'self' blob:; style-src 'unsafe-inline'; "
                     f"script-src '{_inline_hash(self.page, 'script')}'; connect-src 'self'; frame-ancestors 'none'; "
@@ -308,8 +310,20 @@ class _View:
                                 "(not this view's; see --allow-origin)")
         ws = web.WebSocketResponse(heartbeat=10, max_msg_size=4096)
         await ws.prepare(request)
-        await _PageSession(self, ws).run()
+        self.pages.add(ws)
+        try:
+            await _PageSession(self, ws).run()
+        finally:
+            self.pages.discard(ws)
         return ws
+
+    async def close_pages(self, app) -> None:
+        """On shutdown: tell every open page that the view is going away (WebSocket close 1001) rather than
+        dropping its connection, so pages say so and the view stops at once."""
+        from aiohttp import WSCloseCode
+
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"perception-view stopped")
+                               for ws in list(self.pages)), return_exceptions=True)
 
     async def start_upstream(self, app) -> None:
         loop = asyncio.get_running_loop()
