@@ -479,3 +479,10 @@ def test_the_subscriber_counts_frames_it_never_received_from_seq_gaps():
             pub.close(linger=0)
         assert dict(sub.missed) == {"segnet/mask": 3}
         assert sub.losses() == "3 frames missed (seq gaps: segnet/mask 3)"
+        # The node's final stats: it read 6 frames in this run (seq 0-5), so 4 and 5 never came; a repeat
+        # of the final counts nothing more.
+        final = _msg("segnet/stats", {"v": SCHEMA_VERSION, "seq": 91, "stamp_ns": 1, "frame_id": "f",
+                                      "encoding": "msgpack"}, encode_map({"final": True, "frames_captured": 6}))
+        for _ in range(2):
+            sub._decode([memoryview(part) for part in final])
+        assert dict(sub.missed) == {"segnet/mask": 5}

@@ -68,8 +68,9 @@ class Subscriber:
     Malformed messages are skipped (``on_error="skip"``) and counted by reason in :attr:`rejected`, or
     raised (``"raise"``). Frames that never arrived (the node dropped them for this subscriber when it fell
     behind, or its own capture dropped them) are counted per topic in :attr:`missed`, from the gaps in each
-    frame stream's ``seq`` (a smaller ``seq`` is a new node run, not a gap; ``latest_only`` skips frames by
-    design and counts no gaps). A connection libzmq drops (a message over the size limit) is re-made; with
+    frame stream's ``seq`` (a smaller ``seq`` is a new node run, not a gap), and those after the last one
+    received from the node's final stats (``frames_captured``); ``latest_only`` skips frames by design and
+    counts none. A connection libzmq drops (a message over the size limit) is re-made; with
     ``latest_only`` only the newest message per topic is returned. The subscriber owns its ZeroMQ
     context unless given one; :meth:`close` (or ``with``) closes the socket and terminates it.
     """
@@ -176,6 +177,8 @@ class Subscriber:
             return None
         if msg.stream in FRAME_STREAMS and not self.latest_only:
             self._count_gap(msg.topic, msg.header.get("seq"))
+        elif msg.stream == "stats" and not self.latest_only and isinstance(msg.data, dict) and msg.data.get("final"):
+            self._count_tail(msg.topic.rsplit("/", 1)[0], msg.data.get("frames_captured"))
         return msg
 
     def _count_gap(self, topic: str, seq: object) -> None:
@@ -185,6 +188,16 @@ class Subscriber:
         if last is not None and seq > last + 1:
             self.missed[topic] += seq - last - 1
         self._last_seq[topic] = seq  # a smaller seq is a new run of the node: counting starts again
+
+    def _count_tail(self, prefix: str, captured: object) -> None:
+        """The frames after the last one received, which no later frame's seq reveals: the node's final
+        stats say how many frames it read (seq ran from 0 to ``frames_captured`` - 1)."""
+        if not isinstance(captured, int):
+            return
+        for topic, last in self._last_seq.items():
+            if topic.rsplit("/", 1)[0] == prefix and captured - 1 > last:
+                self.missed[topic] += captured - 1 - last
+                self._last_seq[topic] = captured - 1  # a repeated final counts nothing more
 
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next message; with ``latest_only``, the newest queued one of a topic (older ones of
