@@ -603,6 +603,17 @@ def test_view_refuses_a_rebound_host_name():
         node.close()
 
 
+def _write_mask_bag(folder, n: int):
+    """A bag of ``n`` small masks in 2 KiB chunks (several chunks); returns its .mcap file."""
+    from perception.stream.consumers.rosbag import BagWriter
+    from perception.stream.protocol import Message
+
+    with BagWriter(folder, chunk_size=2048) as w:
+        for seq in range(n):
+            w.write(Message("segnet/mask", "mask", _img("mono8", 48, 64, seq), GOOD_MASK))
+    return next(folder.glob("*.mcap"))
+
+
 def _bag_message_count(folder) -> int:
     """Messages of a bag, read by an independent reader (rosbags)."""
     from rosbags.rosbag2 import Reader
@@ -623,14 +634,8 @@ def test_recover_brings_back_every_complete_chunk_before_any_cut(tmp_path, capsy
     from mcap.reader import make_reader
 
     from perception.stream.consumers.record import main as record_main
-    from perception.stream.consumers.rosbag import BagWriter
-    from perception.stream.protocol import Message
 
-    src = tmp_path / "src"
-    with BagWriter(src, chunk_size=2048) as w:
-        for seq in range(30):
-            w.write(Message("segnet/mask", "mask", _img("mono8", 48, 64, seq), GOOD_MASK))
-    path = next(src.glob("*.mcap"))
+    path = _write_mask_bag(tmp_path / "src", 30)
     whole = path.read_bytes()
     with open(path, "rb") as f:
         reader = make_reader(f)
@@ -661,14 +666,9 @@ def test_an_empty_file_of_a_split_bag_does_not_block_the_others(tmp_path, capsys
     pytest.importorskip("mcap")
     pytest.importorskip("rosbags")
     from perception.stream.consumers.record import main as record_main
-    from perception.stream.consumers.rosbag import BagWriter
-    from perception.stream.protocol import Message
 
     bag = tmp_path / "bag"
-    with BagWriter(bag, chunk_size=2048) as w:
-        for seq in range(5):
-            w.write(Message("segnet/mask", "mask", _img("mono8", 48, 64, seq), GOOD_MASK))
-    first = next(bag.glob("*.mcap"))
+    first = _write_mask_bag(bag, 5)
     data = first.read_bytes()
     first.write_bytes(data[: len(data) - 100])  # the first file cut short, as by a kill
     (bag / "bag_1.mcap").write_bytes(b"")  # the next file, made and never written

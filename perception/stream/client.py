@@ -44,22 +44,23 @@ _RECONNECTING = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
 _RECONNECT_GRACE_S = 1.0
 
 
-def rejections_text(counts: Counter[str]) -> str:
-    """``"N messages rejected (reason: count, ...)"`` for a count by reason, or "" when there are none."""
+def _tally_text(counts: Counter[str], noun: str, what: str, sep: str) -> str:
     total = sum(counts.values())
     if not total:
         return ""
-    reasons = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
-    return f"{total} message{'s' if total != 1 else ''} rejected ({reasons})"
+    parts = ", ".join(f"{key}{sep}{n}" for key, n in counts.most_common())
+    return f"{total} {noun}{'s' if total != 1 else ''} {what} ({parts})"
+
+
+def rejections_text(counts: Counter[str]) -> str:
+    """``"N messages rejected (reason: count, ...)"`` for a count by reason, or "" when there are none."""
+    return _tally_text(counts, "message", "rejected", ": ")
 
 
 def missed_text(missed: Counter[str]) -> str:
     """``"N frames missed (seq gaps: topic N, ...)"`` for the frames a consumer never received, or ""."""
-    total = sum(missed.values())
-    if not total:
-        return ""
-    topics = ", ".join(f"{t} {n}" for t, n in missed.most_common())
-    return f"{total} frame{'s' if total != 1 else ''} missed (seq gaps: {topics})"
+    text = _tally_text(missed, "frame", "missed", " ")
+    return text.replace("missed (", "missed (seq gaps: ", 1)
 
 
 class Subscriber:
