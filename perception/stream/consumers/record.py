@@ -24,7 +24,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from perception.core.cli import fail
-from perception.core.options import add_arguments, opt, parse_into
+from perception.core.options import add_arguments, opt, parse_into, positive
 from perception.stream.protocol import json_text
 from perception.stream.security import ClientKeyOptions
 
@@ -32,8 +32,6 @@ __all__ = ["RecordOptions", "build_parser", "main"]
 
 DEFAULT_STREAMS = "mask,overlay,stats,info"
 
-
-_POSITIVE = (lambda v: v > 0, "> 0")
 
 
 @dataclass(kw_only=True)
@@ -50,19 +48,19 @@ class RecordOptions(ClientKeyOptions):
                                         "<namespace>/<camera>/<stream>; files go to OUT/<camera>/, a bag holds them all)")
     streams: str | None = opt(None, help="comma list of streams to record (default: mask,overlay,stats,info; "
                                          "mcap also takes color_mask and uncertainty)")
-    fps: float = opt(30.0, check=_POSITIVE, help="frame rate written into the overlay video (files)")
-    max_bag_duration: float | None = opt(None, check=_POSITIVE, metavar="SECONDS",
+    fps: float = opt(30.0, check=positive, help="frame rate written into the overlay video (files)")
+    max_bag_duration: float | None = opt(None, check=positive, metavar="SECONDS",
                                          help="mcap: start a new .mcap file every this many seconds, so a killed "
                                               "recorder loses at most the file in progress (as ros2 bag record "
                                               "--max-bag-duration)")
-    chunk_size: int = opt(1 << 20, check=_POSITIVE, metavar="BYTES",
+    chunk_size: int = opt(1 << 20, check=positive, metavar="BYTES",
                           help="mcap: bytes of messages per compressed chunk (default 1 MiB); a killed recorder loses "
                                "the chunk it was filling, so smaller chunks lose less")
     recover: str | None = opt(None, metavar="BAG",
                               help="make a bag readable after its recorder was killed (SIGKILL, power loss), then exit")
-    count: int | None = opt(None, check=_POSITIVE, metavar="N", help="stop after N frames (mask or overlay messages)")
-    duration: float | None = opt(None, check=_POSITIVE, metavar="SECONDS", help="stop after this many seconds")
-    timeout: float | None = opt(None, check=_POSITIVE, metavar="SECONDS",
+    count: int | None = opt(None, check=positive, metavar="N", help="stop after N frames (mask or overlay messages)")
+    duration: float | None = opt(None, check=positive, metavar="SECONDS", help="stop after this many seconds")
+    timeout: float | None = opt(None, check=positive, metavar="SECONDS",
                                 help="stop (status 1) if nothing arrives for this many seconds")
 
 
