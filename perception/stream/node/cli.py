@@ -21,20 +21,13 @@ import yaml
 
 from perception.core.choices import PRECISIONS, TTA_MODES
 from perception.core.config import load_yaml_options
-from perception.core.options import add_arguments, given, in_range, merge, opt, project, validate
+from perception.core.options import add_arguments, at_least, given, in_range, merge, opt, positive, project, validate
 from perception.core.sizes import parse_hw
 from perception.inference import BACKEND_CHOICES
 from perception.core.cli import fail as cli_fail
 
 __all__ = ["NodeConfig", "build_parser", "main", "node_backend", "validate_config"]
 
-
-
-def _at_least(n):
-    return (lambda v: v >= n, f">= {n}")
-
-
-_POSITIVE = (lambda v: v > 0, "> 0")
 
 
 @dataclass
@@ -55,15 +48,15 @@ class NodeConfig:
     tta: str = opt("none", choices=TTA_MODES,
                    help="flip: average each frame's logits with its mirror's (about 2x the compute; see "
                         "docs/benchmarks.md)")
-    threads: int | None = opt(None, check=_at_least(1), help="inference threads")
+    threads: int | None = opt(None, check=at_least(1), help="inference threads")
     publish: str = opt("tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
     namespace: str = opt("segnet", help="topic prefix")
     frame_id: str = opt("camera", help="frame_id in headers (several cameras: each camera's name)")
     loop: bool = opt(False, help="restart files at the end")
     realtime: bool = opt(False, help="pace files at their native frame rate (default: as fast as possible)")
     resize: str | None = opt(None, help="resize frames to HxW (height x width, e.g. 360x480) before anything else")
-    skip: int = opt(0, check=_at_least(0), help="drop N frames after each one kept")
-    max_frames: int | None = opt(None, check=_at_least(1))
+    skip: int = opt(0, check=at_least(0), help="drop N frames after each one kept")
+    max_frames: int | None = opt(None, check=at_least(1))
     image_encoding: str = opt("bgr8", choices=("bgr8", "jpeg"), help="for color_mask and overlay")
     mask_encoding: str = opt("mono8", choices=("mono8", "png"),
                              help="mask as raw class ids (mono8) or a lossless PNG, 35-98x smaller "
@@ -74,19 +67,19 @@ class NodeConfig:
                                      "launch/class_maps/)")
     overlay_alpha: float = opt(0.5, check=in_range(0, 1))
     legend: bool = opt(True, help="draw the legend of the classes present on the overlay")
-    wait_for_subscribers: int = opt(0, check=_at_least(0), help="hold the first frame until N subscribers joined")
-    wait_timeout: float | None = opt(None, check=_POSITIVE, help="seconds to wait for subscribers (default: forever)")
-    stats_period: float = opt(1.0, check=_POSITIVE)
-    info_period: float = opt(5.0, check=_POSITIVE)
-    mc_samples: int = opt(8, check=_at_least(1), help="MC dropout samples for uncertainty (Bayesian models)")
-    sndhwm: int = opt(8, check=_at_least(1), help="messages queued per subscriber before the node drops for it")
+    wait_for_subscribers: int = opt(0, check=at_least(0), help="hold the first frame until N subscribers joined")
+    wait_timeout: float | None = opt(None, check=positive, help="seconds to wait for subscribers (default: forever)")
+    stats_period: float = opt(1.0, check=positive)
+    info_period: float = opt(5.0, check=positive)
+    mc_samples: int = opt(8, check=at_least(1), help="MC dropout samples for uncertainty (Bayesian models)")
+    sndhwm: int = opt(8, check=at_least(1), help="messages queued per subscriber before the node drops for it")
     checksum: bool = opt(False, help="carry each payload's CRC-32 in its header (crc32); subscribers reject a "
                                      "message whose bytes do not match")
-    log_period: float = opt(10.0, check=_at_least(0), help="seconds between status lines on stderr (0: none)")
-    reconnect_attempts: int = opt(5, check=_at_least(0),
+    log_period: float = opt(10.0, check=at_least(0), help="seconds between status lines on stderr (0: none)")
+    reconnect_attempts: int = opt(5, check=at_least(0),
                                   help="live sources: reconnect attempts (exponential backoff) before giving up, at "
                                        "start too (0: fail at once)")
-    stall_timeout: float = opt(5.0, check=_POSITIVE,
+    stall_timeout: float = opt(5.0, check=positive,
                                help="live sources: seconds without a frame before stats say stalled")
     curve_secret_key: str | None = opt(None, metavar="FILE",
                                        help="CURVE: the node's key pair (server.key_secret from perception-keys); "
