@@ -232,12 +232,36 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
 # PTX ISA 8.0 (CUDA 12.0): what TensorRT 10/11's CUDA 12+ drivers JIT-compile, and what a CUDA 12 or
 # 13 ptxas assembles (Triton would otherwise emit the newest ISA its bundled ptxas knows).
 DEFAULT_PTX_VERSION = 80
+# The oldest PTX ISA that can target an architecture, where 8.0 cannot (LLVM's NVPTX backend, as Triton
+# 3.9 reports it: "PTX version 8.0 does not support target 'sm_100a'. Minimum required PTX version is 8.6"
+# -- and it aborts the whole process, so the check must come first). Blackwell datacentre (sm_100/101/103)
+# needs 8.6 (CUDA 12.8), consumer Blackwell (sm_120/121) 8.7 (CUDA 12.9).
+MIN_PTX_VERSION = {100: 86, 101: 86, 103: 86, 120: 87, 121: 87}
+NEWEST_KNOWN_SM = 121
+
+
+def ptx_version_for(arch: str, requested: int | None = None) -> int:
+    """The PTX ISA to emit for ``arch`` (``sm_XY``): 8.0 where it suffices, else the oldest ISA that can
+    target it. ValueError, one line, for an architecture newer than those known here or a ``requested``
+    ISA too old for it (LLVM would abort the process instead)."""
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m:
+        raise ValueError(f"arch must look like sm_90, got {arch!r}")
+    sm = int(m.group(1))
+    if sm > NEWEST_KNOWN_SM:
+        raise ValueError(f"{arch} is newer than the architectures this build knows the PTX ISA for (up to "
+                         f"sm_{NEWEST_KNOWN_SM}); pass ptx_version explicitly")
+    minimum = max(DEFAULT_PTX_VERSION, MIN_PTX_VERSION.get(sm, DEFAULT_PTX_VERSION))
+    if requested is not None and requested < minimum:
+        raise ValueError(f"PTX ISA {requested / 10:.1f} cannot target {arch}: it needs {minimum / 10:.1f} or newer")
+    return requested if requested is not None else minimum
 
 
 def compile_ptx(
-    kernel: str, *, dtype: str = "fp32", arch: str = "sm_90", block: int = BLOCK, ptx_version: int = DEFAULT_PTX_VERSION,
+    kernel: str, *, dtype: str = "fp32", arch: str = "sm_90", block: int = BLOCK, ptx_version: int | None = None,
 ) -> CompiledKernel:
-    """Compile ``kernel`` to PTX for ``arch`` (e.g. sm_80, sm_86, sm_89, sm_90) without a GPU."""
+    """Compile ``kernel`` to PTX for ``arch`` (e.g. sm_80, sm_86, sm_89, sm_90, sm_100, sm_120) without a GPU,
+    in the PTX ISA :func:`ptx_version_for` chooses."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
     from triton.runtime.jit import JITFunction
@@ -246,6 +270,7 @@ def compile_ptx(
         raise ValueError(f"unknown kernel {kernel!r}; kernels: {list(KERNEL_SIGNATURES)}")
     if dtype not in _TRITON_TYPES:
         raise ValueError(f"dtype must be one of {list(_TRITON_TYPES)}")
+    ptx_version = ptx_version_for(arch, ptx_version)  # before Triton: an unsupported pair aborts inside LLVM
     m = re.fullmatch(r"sm_(\d+)", arch)
     if not m:
         raise ValueError(f"arch must look like sm_90, got {arch!r}")
