@@ -126,6 +126,7 @@ def test_build_engine_checks_the_plugin_count_after_parsing(monkeypatch, tmp_pat
             pass
 
         def create_network(self, flags):
+            events.append(f"flags {flags}")
             return _Network(["CONVOLUTION"] * 10)
 
         def create_builder_config(self):
@@ -134,14 +135,18 @@ def test_build_engine_checks_the_plugin_count_after_parsing(monkeypatch, tmp_pat
 
     trt = types.SimpleNamespace(
         Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}), Builder=Builder,
-        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0), OnnxParser=Parser,
+        # TensorRT 10's values (kSTRONGLY_TYPED 1, kPREFER_JIT_PYTHON_PLUGINS 2, kPREFER_AOT_PYTHON_PLUGINS 3,
+        # as bindings that mirror NvInfer.h give them; the check below does not depend on them).
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1, PREFER_JIT_PYTHON_PLUGINS=2,
+                                                            PREFER_AOT_PYTHON_PLUGINS=3), OnnxParser=Parser,
         LayerType=_LayerType)
     monkeypatch.setattr(builder, "_require_tensorrt_and_gpu", lambda: trt)
     monkeypatch.setattr("perception.export.tensorrt.plugins.register_plugins", lambda: None)
     args = types.SimpleNamespace(unpool="plugin")
     with pytest.raises(RuntimeError, match="inlined their ONNX functions"):
         builder.build_engine(exported["plugin"], tmp_path / "x.engine", args, {}, lambda m: None)
-    assert events == ["parse"] and not (tmp_path / "x.engine").exists()
+    # Strongly typed, and the plugins' AOT implementation preferred (issue 44, item 7).
+    assert events == [f"flags {(1 << 1) | (1 << 3)}", "parse"] and not (tmp_path / "x.engine").exists()
 
 
 def test_tensorrt_pin_admits_only_what_the_code_is_written_for():
@@ -188,3 +193,71 @@ def test_tensorrt_backend_releases_its_objects_before_the_cuda_context():
     assert events == ["push", "free", "free", "del context", "del engine", "del runtime", "del stream", "pop", "detach"]
     be.close()  # twice: nothing more
     assert events[-1] == "detach" and events.count("detach") == 1
+
+
+def test_plugin_nodes_must_ask_for_the_ahead_of_time_implementation(exported):
+    """tensorrt.plugin creates a plugin with both AOT and JIT implementations only for a node that says
+    which (INT aot=1) or under a network flag: the check requires aot=1 (issue 44, item 7)."""
+    import onnx
+
+    from perception.export.check import plugin_nodes, tensorrt_problems
+
+    model = onnx.load(str(exported["plugin"]))
+    assert tensorrt_problems(model) == []
+    node = plugin_nodes(model)[0]
+    kept = [a for a in node.attribute if a.name != "aot"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    problems = tensorrt_problems(model)
+    assert len(problems) == 1 and "attribute aot must be the INT 1" in problems[0]
+    node.attribute.append(onnx.helper.make_attribute("aot", 0))
+    assert "attribute aot must be the INT 1" in tensorrt_problems(model)[0]
+
+
+def test_a_plugin_engine_loads_without_pytorch(tmp_path):
+    """The runtime install has no PyTorch, and an AOT engine needs no Python definitions at run time: the
+    TensorRT backend of a plugin-form engine must not import the plugin definitions (which import torch).
+    Driven with torch blocked and stand-ins for tensorrt and pycuda, up to deserialising the engine
+    (issue 44, item 1: before, register_plugins() imported torch first)."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not really an engine")
+    card = json.loads((ROOT / "models" / "segnet_basic_camvid" / "model.json").read_text())
+    sidecar = {"schema": 1, "engine_sha256": hashlib.sha256(engine.read_bytes()).hexdigest(), "tensorrt": "10.14.1",
+               "gpu": "stand-in", "compute_capability": "9.0", "unpool": "plugin", "plugin_impl": "aot",
+               "input_shape": [1, 360, 480, 3], "model_card": card}
+    (tmp_path / "m.engine.json").write_text(json.dumps(sidecar))
+    code = f"""
+import sys, types
+sys.modules["torch"] = None
+trt = types.ModuleType("tensorrt"); trt.__version__ = "10.14.1"
+class Logger:
+    WARNING = 2
+    def __init__(self, level): pass
+class Runtime:
+    def __init__(self, logger): pass
+    def deserialize_cuda_engine(self, data): return None
+trt.Logger, trt.Runtime = Logger, Runtime
+class Ctx:
+    def push(self): pass
+    def pop(self): pass
+class Device:
+    def __init__(self, i): pass
+    def compute_capability(self): return (9, 0)
+    def retain_primary_context(self): return Ctx()
+pycuda = types.ModuleType("pycuda"); driver = types.ModuleType("pycuda.driver")
+driver.init, driver.Device = (lambda: None), Device
+pycuda.driver = driver
+sys.modules.update({{"tensorrt": trt, "pycuda": pycuda, "pycuda.driver": driver}})
+from perception.inference.tensorrt import TensorRTBackend
+try:
+    TensorRTBackend({str(engine)!r})
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "ValueError TensorRT could not deserialize" in r.stdout, r.stdout + r.stderr[-2000:]

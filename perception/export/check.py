@@ -83,6 +83,12 @@ def tensorrt_problems(model_or_path) -> list[str]:
                 a = attrs.get(key)
                 if a is None or a.type != AttributeProto.STRING or a.s.decode() != want:
                     problems.append(f"{n.name}: attribute {key} must be the string {want!r}")
+            # Our plugins have both an AOT and a JIT implementation: tensorrt.plugin creates such a plugin
+            # only for a node that says which (INT aot=1: the PTX goes into the engine, which then runs
+            # without Python), or under a network flag preferring one.
+            aot = attrs.get("aot")
+            if aot is None or aot.type != AttributeProto.INT or aot.i != 1:
+                problems.append(f"{n.name}: attribute aot must be the INT 1 (the ahead-of-time implementation)")
             for a in n.attribute:
                 if a.type not in (AttributeProto.STRING, AttributeProto.INT, AttributeProto.FLOAT,
                                   AttributeProto.INTS, AttributeProto.FLOATS):

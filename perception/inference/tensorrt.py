@@ -65,10 +65,12 @@ class TensorRTBackend(Backend):
         try:
             major, minor = dev.compute_capability()
             check_sidecar(path, sidecar, trt_version=trt.__version__, compute_capability=f"{major}.{minor}")
-            if sidecar.get("unpool") == "plugin":
+            if sidecar.get("unpool") == "plugin" and sidecar.get("plugin_impl") == "jit":
+                # Only a JIT engine calls back into Python (and PyTorch) at run time. The builder makes AOT
+                # engines: their PTX is inside the engine, which runs without any Python definitions.
                 from perception.export.tensorrt.plugins import register_plugins
 
-                register_plugins()  # the Python impl needs them; AOT engines run without, harmlessly
+                register_plugins()
             self._cuda, self._trt = cuda, trt
             self.logger = trt.Logger(trt.Logger.WARNING)
             self.runtime = trt.Runtime(self.logger)

@@ -160,6 +160,8 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if args.unpool == "plugin":  # the nodes say aot=1 too: the engine carries the PTX and runs without Python
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -216,6 +218,7 @@ def _sidecar(trt, network, out: Path, onnx_path: Path, args, card: dict[str, Any
         "sm_arch": current_sm_arch(),
         "precision": args.precision,
         "unpool": args.unpool,
+        **({"plugin_impl": "aot"} if args.unpool == "plugin" else {}),
         "input_shape": [int(d) for d in network.get_input(0).shape] if all(d >= 0 for d in inp.shape)
         else [args.batch, *(args.size or (card["input"]["height"], card["input"]["width"])), 3],
         "outputs": [network.get_output(i).name for i in range(network.num_outputs)],
