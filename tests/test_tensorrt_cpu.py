@@ -73,8 +73,16 @@ def test_int8_graphs_and_the_uint8_rule(form, exported, tmp_path):
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (360, 480, 3), dtype=np.uint8) for _ in range(2)]
     s8 = quantize_int8(exported[form], tmp_path / "s8.onnx", frames, activations="s8")
-    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(s8)).graph.node)
+    graph = onnx.load(str(s8)).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
     assert tensorrt_problems(s8) == []
+    # Read off the graph itself: symmetric (every zero point 0) and no INT32 bias DequantizeLinear, as
+    # onnx-tensorrt requires (issue 44, item 2: 34 of 52 Q/DQ nodes had non-zero zero points).
+    inits = {t.name: t for t in graph.initializer}
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(not onnx.numpy_helper.to_array(inits[n.input[2]]).any() for n in qdq if len(n.input) > 2)
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   and inits[n.input[0]].data_type == TensorProto.INT32 for n in graph.node)
     u8 = quantize_int8(exported[form], tmp_path / "u8.onnx", frames, activations="u8")
     problems = uint8_problems(onnx.load(str(u8)))
     assert problems and all("QuantizeLinear produces the UINT8 tensor" in p for p in problems)
@@ -261,3 +269,27 @@ except Exception as e:
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "ValueError TensorRT could not deserialize" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_the_check_reports_what_tensorrt_rejects_in_quantized_graphs():
+    """onnx-tensorrt: symmetric quantization only ("The zero point ... must be all zeros") and
+    DequantizeLinear on INT8/FP8/INT4: a hand-built graph with a non-zero int8 zero point, a UINT8
+    QuantizeLinear and an INT32 bias DequantizeLinear gets one problem each."""
+    from perception.export.check import qdq_problems
+
+    def init(name, value, dtype):
+        return onnx.numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp_nonzero"], ["q1"], name="Q_nonzero"),
+             helper.make_node("DequantizeLinear", ["q1", "s", "zp_nonzero"], ["d1"], name="DQ_nonzero"),
+             helper.make_node("QuantizeLinear", ["x", "s", "zp_u8"], ["q2"], name="Q_u8"),
+             helper.make_node("DequantizeLinear", ["bias32", "s"], ["b"], name="DQ_bias"),
+             helper.make_node("QuantizeLinear", ["x", "s", "zp_zero"], ["q3"], name="Q_ok"),
+             helper.make_node("DequantizeLinear", ["q3", "s", "zp_zero"], ["d3"], name="DQ_ok")]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [4]) for o in ("d1", "b", "d3")],
+                              initializer=[init("s", 0.1, np.float32), init("zp_nonzero", 3, np.int8),
+                                           init("zp_u8", 0, np.uint8), init("zp_zero", 0, np.int8),
+                                           init("bias32", [1, 2, 3, 4], np.int32)])
+    problems = qdq_problems(helper.make_model(graph))
+    assert sorted(p.split(":")[0] for p in problems) == ["DQ_bias", "DQ_nonzero", "Q_nonzero", "Q_u8"], problems

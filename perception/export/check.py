@@ -99,4 +99,36 @@ def tensorrt_problems(model_or_path) -> list[str]:
             problems.append(f"{n.name}: {n.op_type} is not supported by TensorRT's ONNX parser")
         elif n.op_type == "MaxPool" and len([o for o in n.output if o]) > 1:
             problems.append(f"{n.name}: MaxPool's Indices output is not supported by TensorRT")
+    return problems + qdq_problems(m)
+
+
+def qdq_problems(model) -> list[str]:
+    """TensorRT's rules for explicit quantization (onnx-tensorrt ``onnxOpImporters.cpp``: "TensorRT only
+    supports symmetric quantization. The zero point ... must be all zeros"; ``docs/operators.md``:
+    DequantizeLinear on INT8, FP8 or INT4): every Q/DQ zero point is 0, no QuantizeLinear makes UINT8,
+    and every DequantizeLinear reads INT8 (or FP8/INT4), so no INT32 bias DequantizeLinear."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t")}
+    tensors = {**consts, **inits}
+    allowed = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
+    produced: dict[str, int] = {}  # QuantizeLinear output -> its type (the zero point's, uint8 without one)
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            zp = tensors.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            produced[n.output[0]] = zp.data_type if zp is not None else TensorProto.UINT8
+    problems = []
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = tensors.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is not None and numpy_helper.to_array(zp).any():
+            problems.append(f"{n.name}: {n.op_type} has non-zero zero points (TensorRT quantizes symmetrically)")
+        kind = produced.get(n.output[0]) if n.op_type == "QuantizeLinear" else (
+            produced.get(n.input[0]) or (tensors[n.input[0]].data_type if n.input[0] in tensors else None))
+        if kind is not None and kind not in allowed:
+            problems.append(f"{n.name}: {n.op_type} on {TensorProto.DataType.Name(kind)} (TensorRT takes INT8, "
+                            "FP8 or INT4)")
     return problems

@@ -127,6 +127,9 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, frames: Sequence[np
             # Conv and the ReLU after it (ONNX Runtime fuses them into one QLinearConv). Pooling and
             # unpooling stay float: quantizing the -inf padding of odd-sized pools destroys them.
             op_types_to_quantize=["Conv", "Relu"],
+            # TensorRT (what s8 graphs are for) takes symmetric quantization only and int8 DequantizeLinear:
+            # zero points 0, biases left in float (no INT32 bias DequantizeLinear).
+            extra_options={} if activations == "u8" else {"ActivationSymmetric": True, "QuantizeBias": False},
         )
         model = onnx.load(str(q))
         if activations != "u8":
