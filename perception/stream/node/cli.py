@@ -76,6 +76,9 @@ class NodeConfig:
     checksum: bool = opt(False, help="carry each payload's CRC-32 in its header (crc32); subscribers reject a "
                                      "message whose bytes do not match")
     log_period: float = opt(10.0, check=at_least(0), help="seconds between status lines on stderr (0: none)")
+    final_timeout: float = opt(5.0, check=at_least(0), metavar="SECONDS",
+                               help="how long the final stats (which tell consumers the node has finished) are "
+                                    "repeated for a subscriber that fell behind, while subscribers remain")
     reconnect_attempts: int = opt(5, check=at_least(0),
                                   help="live sources: reconnect attempts (exponential backoff) before giving up, at "
                                        "start too (0: fail at once)")
