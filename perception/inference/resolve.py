@@ -96,9 +96,10 @@ def resolve(
         return _resolve_file(path, kind, backend, device=device, precision=precision, threads=threads, tta=tta)
     folder = ModelFolder(path, load_card(path))
     notes: list[str] = []
-    chosen = backend if backend != "auto" else "torch" if reference else _auto_backend(folder, tta, notes)
-    if chosen == "tensorrt" and backend == "auto":
-        return Resolution("tensorrt", folder.engine_here()[0], device, {}, notes)
+    engine = folder.engine_here()[0] if backend == "auto" and not reference and tta == "none" else None
+    if engine is not None:  # an engine built for here (probing TensorRT and the GPU once)
+        return Resolution("tensorrt", engine, device, {}, notes)
+    chosen = backend if backend != "auto" else "torch" if reference else _auto_backend(folder, notes)
     if chosen == "tensorrt":
         raise ValueError(f"--backend tensorrt needs an .engine file (build one with tools/build_engine.py), got {path}")
     if chosen == "torch":
@@ -107,10 +108,8 @@ def resolve(
     return _folder_graph(folder, precision, tta, notes, device=device, threads=threads)
 
 
-def _auto_backend(folder: ModelFolder, tta: str, notes: list[str]) -> str:
-    """``backend="auto"`` for a folder: an engine built for here, PyTorch for MC dropout, else ONNX Runtime."""
-    if tta == "none" and folder.engine_here()[0] is not None:
-        return "tensorrt"
+def _auto_backend(folder: ModelFolder, notes: list[str]) -> str:
+    """``backend="auto"`` for a folder without an engine for here: PyTorch for MC dropout, else ONNX Runtime."""
     if not folder.mc_dropout:
         return "onnxruntime"
     if not torch_available():
