@@ -244,12 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     made_out = not out.exists()  # a recording that fails before anything arrives leaves nothing behind
     try:
         sink = _open_sink(args, out, streams)
-    except BagError as e:
-        return fail("perception-record", str(e))
-    except OSError as e:  # e.g. /proc, which even root cannot write into
+    except (BagError, OSError) as e:  # e.g. /proc, which even root cannot write into; a full disk
         if made_out:
             shutil.rmtree(out, ignore_errors=True)
-        return fail("perception-record", f"--out {out} cannot be created ({e.strerror or e})")
+        why = str(e) if isinstance(e, BagError) else f"--out {out} cannot be created ({e.strerror or e})"
+        return fail("perception-record", why)
     prefixes = [f"{args.namespace}/{c}" for c in args.camera] if args.camera else [args.namespace]
     try:
         # JPEG payloads go into a bag as they came (CompressedImage); the file sink needs pixels.
@@ -301,12 +300,18 @@ def _record(sub, sink, args: RecordOptions, streams: list[str], cameras: int) ->
                 continue
             tally["written"] += 1
             tally["frames"] += msg.stream == frame_stream
-        rc = end_status("perception-record", following, args.endpoint)
+            if getattr(sink, "disk_full", False):  # the bag was finished in its reserve: it opens as it is
+                rc = fail("perception-record", f"stopped after {tally['frames']} frames: {args.out} is full "
+                          "(No space left on device); the bag is closed with everything written so far", status=1)
+                break
+        else:
+            rc = end_status("perception-record", following, args.endpoint)
     except ValueError as e:  # BagError: a stream changed type mid-recording
         rc = fail("perception-record", str(e), status=1)
     except OSError as e:  # a full disk, a removed folder: stop with what was written
+        closed = "; the bag is closed with everything written so far" if getattr(sink, "disk_full", False) else ""
         rc = fail("perception-record", f"stopped after {tally['frames']} frames: cannot write to {args.out} "
-                  f"({e.strerror or e})", status=1)
+                  f"({e.strerror or e}){closed}", status=1)
     finally:
         rc = _close_sink(sink, args, rc)
     return rc, tally

@@ -22,10 +22,16 @@ Crash safety: an MCAP file is readable only once its footer is written. With
 ``metadata.yaml`` is rewritten atomically after each finished file, so a recorder killed outright
 (SIGKILL, power loss) leaves a bag that readers open, less the file in progress. That file is
 recovered, up to its last complete chunk, by :func:`recover_bag` (``perception-record --recover DIR``).
+
+A full disk: while recording, the bag folder holds a hidden reserve file (:class:`_SpaceReserve`, about two
+chunks plus the summary's size, grown as the bag grows). When a write finds the disk full the reserve is
+freed and the file in progress is finished into that space (its chunk, summary, footer, then
+``metadata.yaml``), so the bag opens with every message written up to the failure, without ``--recover``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -199,11 +205,87 @@ def _metadata_yaml(state: _BagState) -> str:
     return yaml.safe_dump({"rosbag2_bagfile_information": info}, sort_keys=False)
 
 
+RESERVE_NAME = ".perception-record.reserve"  # in the bag folder while recording; removed on close and by recovery
+_RESERVE_STEP = 64 << 10
+_SUMMARY_BYTES_PER_CHUNK = 512  # a chunk index (~100 B + 10 B a channel) and its share of the statistics
+_RESERVE_SLACK = 64 << 10  # header records, the footer and metadata.yaml
+
+
+class _SpaceReserve:
+    """Disk space set aside in the bag folder while recording, so that a bag can still be finished when
+    the disk fills: :meth:`release` frees it for the chunk in flight, the summary and ``metadata.yaml``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def ensure(self, size: int) -> bool:
+        """Grow the reserve to at least ``size`` bytes; False (and the reserve freed) where the disk has no
+        room for it, which means that it is about to fill."""
+        if self._fd is None:
+            return False
+        if size <= self.size:
+            return True
+        size = -(-size // _RESERVE_STEP) * _RESERVE_STEP
+        try:
+            os.posix_fallocate(self._fd, 0, size)  # real blocks (a sparse file would reserve nothing)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            self.release()
+            return False
+        self.size = size
+        return True
+
+    def release(self) -> bool:
+        """Free the reserved space (once); True where there was space to free."""
+        if self._fd is None:
+            return False
+        os.close(self._fd)
+        self._fd = None
+        self.path.unlink(missing_ok=True)
+        return self.size > 0
+
+
+class _ReservedStream:
+    """The ``.mcap`` file as the MCAP writer sees it: unbuffered writes that, when the disk fills, free the
+    reserve once and carry on, and say so (``disk_full``), so that the writer's state stays whole."""
+
+    def __init__(self, path: Path, reserve: _SpaceReserve) -> None:
+        self._file = open(path, "wb", buffering=0)
+        self.reserve = reserve
+        self.disk_full = False
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                done += self._file.write(view[done:]) or 0
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not self.reserve.release():
+                    raise
+                self.disk_full = True
+        return done
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        """Nothing to flush: every write went to the OS."""
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class BagWriter:
     """Write the node's messages into a ROS 2 bag folder.
 
     ``max_bag_duration``: start a new ``.mcap`` file after this many seconds of wall time (None: one
     file). ``metadata.yaml`` always lists only finished files, so the folder opens at any moment.
+    When the disk fills, the bag is finished with the messages written so far and :attr:`disk_full` turns
+    True; later writes raise ``OSError`` (ENOSPC).
     """
 
     def __init__(self, out: str | Path, *, max_bag_duration: float | None = None,
@@ -229,12 +311,25 @@ class BagWriter:
         self._opened_at = 0.0
         self._label_tables: dict[str, list[str]] = {}  # namespace -> the class table last written
         self.messages = 0
+        self.disk_full = False
+        self._largest = 0  # the largest serialised message so far: the chunk in flight can hold one more
+        self._bytes = 0
+        self._reserve = _SpaceReserve(self.out / RESERVE_NAME)
+        if not self._reserve.ensure(self._reserve_needed()):
+            self._reserve.release()
+            raise BagError(f"{self.out} has no room for a bag (less than {self._reserve_needed() >> 10} KiB free)")
+
+    def _reserve_needed(self) -> int:
+        """Room to finish the file in progress: the chunk in flight (up to a chunk plus one message, and its
+        message index) twice over, the summary of every chunk so far, headers and metadata.yaml."""
+        chunks = self._bytes // self.chunk_size + 1
+        return 2 * (self.chunk_size + self._largest) + chunks * _SUMMARY_BYTES_PER_CHUNK + _RESERVE_SLACK
 
     def _open_file(self) -> None:
         from mcap.writer import CompressionType, Writer
 
         stats = _FileStats(f"{self.name}_{len(self.state.files)}.mcap")
-        self._file = open(self.out / stats.path, "wb")
+        self._file = _ReservedStream(self.out / stats.path, self._reserve)
         self._writer = Writer(self._file, chunk_size=self.chunk_size, compression=CompressionType.ZSTD)
         self._writer.start(profile="ros2", library="segnet-perception")
         self._schemas, self._channels = {}, {}
@@ -253,6 +348,8 @@ class BagWriter:
 
     def write(self, msg) -> None:
         """Write one ``protocol.Message``."""
+        if self.disk_full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.out))
         if self._writer is not None and self.max_bag_duration is not None \
                 and time.monotonic() - self._opened_at >= self.max_bag_duration:
             self._close_file()
@@ -260,7 +357,7 @@ class BagWriter:
             self._open_file()
         msgtype, message = ros_message(msg, self.typestore)
         self._add(ros_topic(msg.topic), msgtype, message, msg.header)
-        if msg.stream == "info":  # the class table, as ROS 2 tools look for it (vision_msgs, latched)
+        if msg.stream == "info" and not self.disk_full:  # the class table, as ROS 2 tools look for it (vision_msgs, latched)
             label_info = label_info_message(msg, self.typestore)
             ns = msg.topic.rsplit("/", 1)[0]
             if label_info is not None and self._label_tables.get(ns) != msg.data["classes"]:
@@ -282,17 +379,31 @@ class BagWriter:
             channel = self._channels[topic] = self._writer.register_channel(
                 topic, "cdr", schema, {"offered_qos_profiles": _qos_for(topic)})
         stamp = int(header["stamp_ns"])
-        self._writer.add_message(channel, log_time=stamp, data=bytes(self.typestore.serialize_cdr(message, msgtype)),
-                                 publish_time=stamp, sequence=int(header["seq"]) & 0xFFFFFFFF)
-        # A finished chunk goes to the OS at once, so a killed recorder loses at most the chunk it was
-        # filling (a no-op while the chunk fills: the writer buffers it itself).
-        self._file.flush()
+        data = bytes(self.typestore.serialize_cdr(message, msgtype))
+        self._largest = max(self._largest, len(data))
+        if not self._reserve.ensure(self._reserve_needed()):  # the disk is all but full: finish the bag now
+            self._finish_full()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.out))
+        # Each finished chunk goes to the OS at once (unbuffered), so a killed recorder loses at most the
+        # chunk it was filling.
+        self._writer.add_message(channel, log_time=stamp, data=data, publish_time=stamp,
+                                 sequence=int(header["seq"]) & 0xFFFFFFFF)
+        self._bytes += len(data)
         self.state.topics.setdefault(topic, _Topic(msgtype)).count += 1
         self.state.files[-1].add(stamp)
         self.messages += 1
+        if self._file.disk_full:  # written into the freed reserve: finish the bag while there is room
+            self._finish_full()
+
+    def _finish_full(self) -> None:
+        self.disk_full = True
+        self._close_file()
 
     def close(self) -> None:
-        self._close_file()
+        try:
+            self._close_file()
+        finally:
+            self._reserve.release()
         if not self.state.files:  # nothing arrived: still a valid, empty bag
             from perception.core.fileio import atomic_write_bytes
 
@@ -402,4 +513,5 @@ def recover_bag(folder: str | Path) -> dict[str, int]:
             state.topics.setdefault(c.topic, _Topic(s.name if s else "")).count += 1
         state.files.append(stats)
     atomic_write_bytes(folder / "metadata.yaml", _metadata_yaml(state).encode())
+    (folder / RESERVE_NAME).unlink(missing_ok=True)  # a killed recorder's reserve
     return rewritten
