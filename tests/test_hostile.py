@@ -381,6 +381,45 @@ def test_view_times_out_partial_requests_and_caps_connections():
         node.close()
 
 
+def test_foxglove_bridge_times_out_half_open_handshakes_and_caps_connections():
+    """Issue 45, item 11: 20,000 half-open handshakes took all the bridge's file descriptors and new clients
+    were refused for 15 s and more (the SDK has no cap and no handshake time limit). Now a gate in front of
+    the SDK closes connections over the cap at once and half-open ones after --request-timeout, and a real
+    Foxglove client gets in afterwards."""
+    pytest.importorskip("foxglove")
+    websockets = pytest.importorskip("websockets")
+    from perception.stream.consumers.foxglove_bridge import FoxgloveBridge
+
+    node = _RawNode()
+    bridge = FoxgloveBridge(node.endpoint, port=0, max_connections=4, request_timeout_s=1.0)
+    held = []
+    try:
+        for _ in range(6):  # slowloris: half an upgrade request each, never finished
+            s = socket.create_connection(("127.0.0.1", bridge.port), timeout=15)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nX-Slow: ")
+            held.append(s)
+        assert all(_closed_by_peer(s) for s in held)  # blocks until the gate closes each one
+        refused = bridge.gate.counters.refused
+        assert refused["too many connections"] >= 2 and refused["request timeout"] >= 1, refused
+        big = socket.create_connection(("127.0.0.1", bridge.port), timeout=15)
+        big.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20000)  # a head over the limit goes too
+        assert _closed_by_peer(big)
+        big.close()
+
+        async def client() -> str:
+            async with websockets.connect(f"ws://127.0.0.1:{bridge.port}", subprotocols=["foxglove.sdk.v1"],
+                                          open_timeout=10) as ws:
+                return json.loads(await asyncio.wait_for(ws.recv(), 10))["op"]
+
+        assert asyncio.run(client()) == "serverInfo"  # relayed to the SDK's server, both ways
+        assert bridge.gate.counters.relayed == 1
+    finally:
+        for s in held:
+            s.close()
+        bridge.close()
+        node.close()
+
+
 def test_repeated_log_records_are_summarised():
     import logging
 

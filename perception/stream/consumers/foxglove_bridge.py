@@ -33,7 +33,8 @@ from typing import Any
 from dataclasses import dataclass
 
 from perception.core.cli import fail
-from perception.core.options import add_arguments, at_least, opt, parse_into
+from perception.core.options import add_arguments, at_least, opt, parse_into, positive
+from perception.stream.consumers.gate import ConnectionGate
 from perception.stream.ondemand import OnDemandTopics
 from perception.stream.protocol import json_safe
 from perception.stream.security import ClientKeyOptions
@@ -41,6 +42,8 @@ from perception.stream.security import ClientKeyOptions
 __all__ = ["FoxgloveBridge", "FoxgloveOptions", "build_parser", "main"]
 
 _IMAGE_STREAMS = ("color_mask", "overlay")
+MAX_CONNECTIONS = 64  # open connections (Foxglove clients, handshakes in progress); more are closed at once
+REQUEST_TIMEOUT_S = 10.0  # a connection must send its whole WebSocket upgrade request within this
 DEFAULT_BACKLOG = 16  # messages queued per Foxglove client (a few frames of each stream it watches)
 # JSON schemas so Foxglove's panels know the fields (they accept any object beyond these).
 _STATS_SCHEMA = {"type": "object", "properties": {
@@ -75,7 +78,8 @@ class FoxgloveBridge:
     def __init__(self, endpoint: str, *, namespace: str = "segnet", host: str = "127.0.0.1", port: int = 8765,
                  image_format: str = "jpeg", name: str = "segnet-perception",
                  curve: tuple[str, str] | None = None, cameras: list[str] | None = None,
-                 backlog: int = DEFAULT_BACKLOG) -> None:
+                 backlog: int = DEFAULT_BACKLOG, max_connections: int = MAX_CONNECTIONS,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         import foxglove
         from foxglove.channels import CompressedImageChannel, RawImageChannel
 
@@ -112,15 +116,21 @@ class FoxgloveBridge:
         self._by_id = {ch.id(): key for key, ch in self.channels.items()}
         # Nothing subscribed upstream until a Foxglove client asks; JPEG passes through undecoded.
         self.sub = Subscriber(endpoint, topics=[], decode_jpeg=False, curve=curve)
+        self.server = None
         try:
             # The SDK queues up to message_backlog_size messages per client (default 1024: a client that
-            # never reads holds 1024 frames, hundreds of MB); past it the oldest frames are dropped.
-            self.server = foxglove.start_server(name=name, host=host, port=port, server_listener=self,
+            # never reads holds 1024 frames, hundreds of MB); past it the oldest frames are dropped. It has
+            # no cap on connections nor a time limit on handshakes: it listens on loopback, behind a gate.
+            self.server = foxglove.start_server(name=name, host="127.0.0.1", port=0, server_listener=self,
                                                 context=self.context, message_backlog_size=backlog)
+            self.gate = ConnectionGate(host, port, ("127.0.0.1", self.server.port), max_connections=max_connections,
+                                       request_timeout_s=request_timeout_s)
         except BaseException:
+            if self.server is not None:
+                self.server.stop()
             self.sub.close()  # a port in use: the caller gets the error, not a subscriber left running
             raise
-        self.port = self.server.port
+        self.port = self.gate.port
         self.host = host
 
     # foxglove.websocket.ServerListener (called from the SDK's threads)
@@ -204,6 +214,7 @@ class FoxgloveBridge:
         return following.end
 
     def close(self) -> None:
+        self.gate.close()
         self.server.stop()
         self.sub.close()
 
@@ -238,6 +249,10 @@ class FoxgloveOptions(ClientKeyOptions):
                             "its memory stays bounded")
     image_format: str = opt("jpeg", choices=("jpeg", "raw"),
                             help="colour mask and overlay as CompressedImage jpeg (default) or RawImage bgr8")
+    max_connections: int = opt(MAX_CONNECTIONS, check=at_least(1), metavar="N",
+                               help="open connections at most; more are closed at once")
+    request_timeout: float = opt(REQUEST_TIMEOUT_S, check=positive, metavar="SECONDS",
+                                 help="close a connection that has not sent its whole WebSocket request in this time")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bridge = FoxgloveBridge(args.endpoint, namespace=args.namespace, host=args.host, port=args.port,
                                 image_format=args.image_format, curve=curve, cameras=args.camera,
-                                backlog=args.backlog)
+                                backlog=args.backlog, max_connections=args.max_connections,
+                                request_timeout_s=args.request_timeout)
     except zmq.ZMQError as e:
         return fail("perception-foxglove", f"cannot connect to {args.endpoint!r} ({e})")
     except (RuntimeError, OSError) as e:  # the SDK reports a port in use as a RuntimeError
