@@ -13,10 +13,14 @@ class ScriptedSubscriber:
     """recv() returns the scripted items in order (None: a quiet poll), then None for ever; a
     ``"handshake"`` item counts a refused CURVE handshake, as the real subscriber's monitor does."""
 
-    def __init__(self, items):
+    def __init__(self, items, gone_for: float = 0.0):
         self.items = list(items)
         self.handshake_failures = 0
         self.polls = 0
+        self.gone_for = gone_for  # what node_gone_for() says once the script has run out
+
+    def node_gone_for(self) -> float:
+        return self.gone_for if not self.items else 0.0
 
     def recv(self, timeout=None):
         self.polls += 1
@@ -84,3 +88,15 @@ def test_a_repeated_final_is_yielded_once():
     final = msg("stats", final=True)
     following = follow(ScriptedSubscriber([final, msg("mask"), final, final]), until_final=False, timeout=0.0)
     assert [m.stream for m in following] == ["stats", "mask"] and following.end == "silence"
+
+
+def test_a_node_gone_without_its_final_stats_ends_it_even_with_no_timeout():
+    """Issue 45, item 2: a consumer waited for ever (no --timeout) when the node was killed before its final
+    stats. A node disconnected longer than gone_after is gone; until then (a restart) it is followed on."""
+    items = [msg("stats", final=False), msg("mask")]
+    following = follow(ScriptedSubscriber(items, gone_for=11.0), gone_after=10.0)
+    assert len(list(following)) == 2 and following.end == "gone"
+    following = follow(ScriptedSubscriber(items, gone_for=9.0), gone_after=10.0, timeout=0.0)
+    assert len(list(following)) == 2 and following.end == "silence"  # not yet gone: only --timeout ends it
+    following = follow(ScriptedSubscriber(items, gone_for=11.0), gone_after=10.0, until_final=False, timeout=0.0)
+    assert len(list(following)) == 2 and following.end == "silence"  # --stay outlives node runs

@@ -77,11 +77,15 @@ class _RawNode:
     """An XPUB on a free loopback port that sends whatever it is given (a hostile or a well-behaved
     node), once some subscriber has subscribed."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        if port is None:
+            self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        else:  # a node restarted on the port of one before it
+            self.sock.bind(f"tcp://127.0.0.1:{port}")
+            self.port = port
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.subscriptions: set[bytes] = set()
 
@@ -418,6 +422,40 @@ def test_foxglove_bridge_times_out_half_open_handshakes_and_caps_connections():
             s.close()
         bridge.close()
         node.close()
+
+
+def test_a_consumer_ends_when_the_node_is_killed_and_follows_a_restart(capsys):
+    """Issue 45, item 2: with no --timeout, perception-echo waited for ever when its node died without the
+    final stats (SIGKILL, a lost machine). Now a node disconnected --gone-after seconds is gone (status 1, one
+    line); a node restarted on the same port sooner is followed on, and its final stats end the run (0)."""
+    from perception.stream.consumers.echo import main as echo_main
+
+    def run_echo(gone_after: str, script) -> tuple[int, str]:
+        node = _RawNode()
+        rc: dict = {}
+        argv = [node.endpoint, "segnet/stats", "--gone-after", gone_after]
+        t = threading.Thread(target=lambda: rc.setdefault("rc", echo_main(argv)), daemon=True)
+        t.start()
+        node.wait_for("segnet/stats")
+        node.send("segnet/stats", _h("msgpack", 0), msgpack.packb({"fps": 5.0, "final": False}))
+        script(node)
+        t.join(60)
+        assert not t.is_alive(), "the consumer still waits for a node that is gone"
+        return rc["rc"], capsys.readouterr().err
+
+    rc, err = run_echo("0.5", lambda node: node.close())  # killed: no final stats, ever
+    assert rc == 1 and "went away without its final stats" in err, err
+
+    def restart(node: _RawNode) -> None:
+        port = node.port
+        node.close()
+        again = _RawNode(port=port)  # the same port, well within --gone-after
+        again.wait_for("segnet/stats")
+        again.send("segnet/stats", _h("msgpack", 0), msgpack.packb({"fps": 5.0, "final": True}))
+        again.close()
+
+    rc, err = run_echo("30", restart)
+    assert rc == 0 and "went away" not in err, err
 
 
 def test_repeated_log_records_are_summarised():

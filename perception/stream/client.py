@@ -42,6 +42,9 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_
 # one succeeds (CONNECT_DELAYED, on every try, would only add to the events to read).
 _RECONNECTING = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
 _RECONNECT_GRACE_S = 1.0
+# ZMTP heartbeats: a node whose machine vanished (no TCP close) counts as disconnected after the timeout.
+_HEARTBEAT_IVL_MS, _HEARTBEAT_TIMEOUT_MS = 2000, 6000
+NODE_GONE_S = 10.0  # a node disconnected this long without its final stats is gone (a restart takes less)
 
 
 def _tally_text(counts: Counter[str], noun: str, what: str, sep: str) -> str:
@@ -93,9 +96,12 @@ class Subscriber:
         # libzmq drops the connection on a message over MAXMSGSIZE and never re-makes it: the
         # subscriber would stay deaf for good. Watch for disconnects and reconnect ourselves.
         self._monitor, self._finalizer = monitor_owned(
-            self, self.sock, zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED,
+            self, self.sock, zmq.EVENT_DISCONNECTED | _RECONNECTING | _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED,
             then=() if context is not None else (own_context_term(self.ctx),))
         self._lost_at: float | None = None  # a disconnect libzmq has not (yet) followed with a reconnect
+        self._gone_since: float | None = None  # the node's connection closed and not yet re-made
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         try:
             if curve is not None:  # (node's public key file, this client's key pair file)
                 from perception.stream.security import configure_client
@@ -141,6 +147,9 @@ class Subscriber:
                 self._lost_at = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self._lost_at = time.monotonic()
+                self._gone_since = self._gone_since or self._lost_at
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._gone_since = None
             elif event & _RECONNECTING:
                 self._lost_at = None  # libzmq is re-making the connection itself (e.g. a restarted node)
         # After a message over MAXMSGSIZE libzmq drops the connection and stays silent. Re-make it only
@@ -166,6 +175,11 @@ class Subscriber:
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
+
+    def node_gone_for(self) -> float:
+        """Seconds since the node's connection closed (it exited, was killed, or missed its heartbeats) without
+        being re-made; 0 while connected, and before the first connection."""
+        return 0.0 if self._gone_since is None else time.monotonic() - self._gone_since
 
     def _decode(self, frames) -> Message | None:
         try:
@@ -265,7 +279,7 @@ class Subscriber:
         self.close()
 
 
-END_REASONS = ("final", "count", "duration", "silence", "handshake", "stopped")
+END_REASONS = ("final", "count", "duration", "silence", "handshake", "gone", "stopped")
 
 
 class Follow:
@@ -275,8 +289,10 @@ class Follow:
     def __init__(self, sub: Subscriber, *, count: int | None = None, duration: float | None = None,
                  timeout: float | None = None, until_final: bool = True, stopped: threading.Event | None = None,
                  counted: Callable[[Message], bool] | None = None, idle: bool = False, finals_needed: int = 1,
-                 poll_s: float = 0.2, warn: Callable[[str], None] | None = None) -> None:
+                 poll_s: float = 0.2, warn: Callable[[str], None] | None = None,
+                 gone_after: float | None = NODE_GONE_S) -> None:
         self.sub, self.count, self.duration, self.timeout = sub, count, duration, timeout
+        self.gone_after = gone_after  # waiting for the final stats: end when the node is gone this long
         self.finals_needed = finals_needed
         self.warn = warn  # told once, at the first frame that never arrived
         self.until_final, self.stopped, self.counted = until_final, stopped, counted
@@ -327,6 +343,9 @@ class Follow:
                 if self.timeout is not None and time.monotonic() - last > self.timeout:
                     end = "silence"
                     break
+                if self.until_final and self.gone_after is not None and self.sub.node_gone_for() > self.gone_after:
+                    end = "gone"  # killed, or its machine lost: the final stats will never come
+                    break
                 if self.idle:
                     yield None  # lets the caller do periodic work (rates, status) while nothing arrives
                 continue
@@ -349,11 +368,12 @@ class Follow:
 def follow(sub: Subscriber, *, count: int | None = None, duration: float | None = None, timeout: float | None = None,
            until_final: bool = True, stopped: threading.Event | None = None,
            counted: Callable[[Message], bool] | None = None, idle: bool = False, finals_needed: int = 1,
-           warn: Callable[[str], None] | None = None) -> Follow:
+           warn: Callable[[str], None] | None = None, gone_after: float | None = NODE_GONE_S) -> Follow:
     """Follow a node through ``sub`` until ``count`` messages (those ``counted`` says count), ``duration``
     seconds, ``timeout`` seconds of silence, a refused CURVE handshake, ``stopped`` being set, or (with
-    ``until_final``) the final stats of every camera that sent stats (at least ``finals_needed`` cameras).
-    With ``idle`` the iteration also yields None at each quiet poll; ``warn`` hears once of the first frame
-    that never arrived (the subscriber's ``missed`` counts them all)."""
+    ``until_final``) the final stats of every camera that sent stats (at least ``finals_needed`` cameras), or
+    the node gone ``gone_after`` seconds without them (its connection closed and not re-made: killed, or its
+    machine lost). With ``idle`` the iteration also yields None at each quiet poll; ``warn`` hears once of
+    the first frame that never arrived (the subscriber's ``missed`` counts them all)."""
     return Follow(sub, count=count, duration=duration, timeout=timeout, until_final=until_final, stopped=stopped,
-                  counted=counted, idle=idle, finals_needed=finals_needed, warn=warn)
+                  counted=counted, idle=idle, finals_needed=finals_needed, warn=warn, gone_after=gone_after)

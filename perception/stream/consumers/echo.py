@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from perception.core.cli import fail
 from perception.core.options import add_arguments, at_least, opt, parse_into, positive
+from perception.stream.client import NODE_GONE_S
 from perception.stream.protocol import json_text
 from perception.stream.security import ClientKeyOptions
 
@@ -31,6 +32,10 @@ class EchoOptions(ClientKeyOptions):
     count: int | None = opt(None, check=at_least(1), metavar="N", help="exit after N messages")
     timeout: float | None = opt(None, check=positive, metavar="SECONDS",
                                 help="exit with status 1 if nothing arrives for this many seconds")
+    gone_after: float = opt(NODE_GONE_S, check=positive, metavar="SECONDS",
+                            help=f"stop (status 1) when the node has been disconnected this long without its final "
+                                 f"stats: killed, or its machine lost (default {NODE_GONE_S:g}; a node restarted "
+                                 "sooner is followed on)")
     rate_only: bool = opt(False, help="print only the per-topic rates, once a second")
     json: bool = opt(False, help="one JSON object per message")
     areas: bool = opt(False, help="with each mask, the share of the view per class (its header's class_pixels), "
@@ -99,7 +104,7 @@ def _echo(sub, args: argparse.Namespace, stopped) -> int:
 
     rates = _Rates()
     classes: list[str] | None = None  # names for --areas, from the node's info message
-    following = follow(sub, count=args.count, timeout=args.timeout, until_final=not args.stay, stopped=stopped,
+    following = follow(sub, gone_after=args.gone_after, count=args.count, timeout=args.timeout, until_final=not args.stay, stopped=stopped,
                        idle=True, warn=lambda m: print(f"perception-echo: warning: {m}", file=sys.stderr, flush=True))
     for msg in following:
         now = time.monotonic()
@@ -125,6 +130,10 @@ def end_status(prog: str, following, endpoint: str) -> int:
         return fail(prog, handshake_failed(endpoint), status=1)
     if following.end == "silence":
         print(f"{prog}: nothing received for {following.timeout:g}s on {endpoint}", file=sys.stderr)
+        return 1
+    if following.end == "gone":
+        print(f"{prog}: the node at {endpoint} went away without its final stats ({following.gone_after:g}s "
+              "disconnected: killed, or its machine lost)", file=sys.stderr)
         return 1
     return 0
 

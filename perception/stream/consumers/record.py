@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from perception.core.cli import fail
 from perception.core.options import add_arguments, opt, parse_into, positive
+from perception.stream.client import NODE_GONE_S
 from perception.stream.protocol import json_text
 from perception.stream.security import ClientKeyOptions
 
@@ -62,6 +63,10 @@ class RecordOptions(ClientKeyOptions):
     duration: float | None = opt(None, check=positive, metavar="SECONDS", help="stop after this many seconds")
     timeout: float | None = opt(None, check=positive, metavar="SECONDS",
                                 help="stop (status 1) if nothing arrives for this many seconds")
+    gone_after: float = opt(NODE_GONE_S, check=positive, metavar="SECONDS",
+                            help=f"stop (status 1) when the node has been disconnected this long without its final "
+                                 f"stats: killed, or its machine lost (default {NODE_GONE_S:g}; a node restarted "
+                                 "sooner is followed on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +287,7 @@ def _record(sub, sink, args: RecordOptions, streams: list[str], cameras: int) ->
 
     frame_stream = "mask" if "mask" in streams else "overlay"
     tally = {"frames": 0, "skipped": 0, "written": 0}
-    following = follow(sub, count=args.count, duration=args.duration, timeout=args.timeout,
+    following = follow(sub, gone_after=args.gone_after, count=args.count, duration=args.duration, timeout=args.timeout,
                        stopped=stop_on_signals(), counted=lambda m: m.stream == frame_stream, finals_needed=cameras,
                        warn=lambda m: print(f"perception-record: warning: {m}", file=sys.stderr, flush=True))
     rc = 0
