@@ -161,10 +161,17 @@ def test_tensorrt_pin_admits_only_what_the_code_is_written_for():
     from packaging.requirements import Requirement
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    (req,) = [Requirement(r) for r in extras["tensorrt"] if r.startswith("tensorrt")]
-    for version, ok in (("10.9.0", False), ("10.13.3", False), ("10.14.1", True), ("10.16.0", True),
-                        ("11.0.0", False)):
-        assert req.specifier.contains(version, prereleases=True) is ok, version
+    for extra, cuda in (("tensorrt-cu12", "cu12"), ("tensorrt-cu13", "cu13"), ("tensorrt", "cu13")):
+        reqs = {Requirement(r).name: Requirement(r) for r in extras[extra]}
+        # Issue 44, item 4: the bare `tensorrt` metapackage requires tensorrt_cu13 (CUDA 13, drivers 580+)
+        # since 10.14, whatever the machine's CUDA: each extra names its CUDA major explicitly.
+        assert "tensorrt" not in reqs and set(reqs) >= {f"tensorrt-{cuda}", "pycuda", "triton"}, (extra, reqs)
+        for version, ok in (("10.9.0", False), ("10.13.3", False), ("10.14.1", True), ("10.16.0", True),
+                            ("11.0.0", False)):
+            assert reqs[f"tensorrt-{cuda}"].specifier.contains(version, prereleases=True) is ok, (extra, version)
+        # Issue 44, item 5: pycuda before 2025.1.2 does not build against CUDA 13 (and has no wheels).
+        for version, ok in (("2024.1.2", False), ("2025.1.1", False), ("2025.1.2", True), ("2026.1", True)):
+            assert reqs["pycuda"].specifier.contains(version) is ok, (extra, version)
 
 
 def test_tensorrt_backend_releases_its_objects_before_the_cuda_context():

@@ -40,7 +40,7 @@ BACKEND_TABLE: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("onnxruntime", "perception.inference.onnxruntime", "OnnxRuntimeBackend", (".onnx",),
                 "segnet-perception"),
     BackendSpec("tensorrt", "perception.inference.tensorrt", "TensorRTBackend", (".engine", ".plan"),
-                "segnet-perception[tensorrt]", gpu_only=True),
+                "segnet-perception[tensorrt-cu12] or [tensorrt-cu13]", gpu_only=True),
 )}
 BACKEND_NAMES: tuple[str, ...] = tuple(BACKEND_TABLE)
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKEND_NAMES)  # what --backend offers

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from perception.export.tensorrt import TENSORRT_INSTALL
 from perception.core.fileio import sha256_file
 from perception.core.card import ModelCard
 from perception.inference.base import Backend, Capabilities, InferenceResult
@@ -53,11 +54,11 @@ class TensorRTBackend(Backend):
         try:
             import tensorrt as trt
         except ImportError:
-            raise RuntimeError("the tensorrt backend needs TensorRT (pip install 'segnet-perception[tensorrt]')") from None
+            raise RuntimeError(f"the tensorrt backend needs TensorRT ({TENSORRT_INSTALL})") from None
         try:
             import pycuda.driver as cuda
         except ImportError:
-            raise RuntimeError("the tensorrt backend needs pycuda (pip install 'segnet-perception[tensorrt]')") from None
+            raise RuntimeError(f"the tensorrt backend needs pycuda ({TENSORRT_INSTALL})") from None
         cuda.init()
         dev = cuda.Device(int(device.split(":")[1]) if ":" in device else 0)
         self._ctx = dev.retain_primary_context()

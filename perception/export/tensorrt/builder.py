@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perception.export.tensorrt import TENSORRT_INSTALL
 from perception.core.cli import fail
 from perception.core.fileio import atomic_write_bytes, sha256_file
 from perception.core.model_folder import engine_sidecar
@@ -117,8 +118,8 @@ def _require_tensorrt_and_gpu():
     try:
         import tensorrt as trt
     except ImportError:
-        raise MissingDependency("TensorRT is not installed (pip install 'segnet-perception[tensorrt]' on a machine "
-                                "with an NVIDIA GPU and driver)") from None
+        raise MissingDependency(f"TensorRT is not installed ({TENSORRT_INSTALL}, on a machine with an NVIDIA GPU "
+                                "and driver)") from None
     try:
         import torch
 

@@ -104,7 +104,8 @@ def _echo(sub, args: argparse.Namespace, stopped) -> int:
 
     rates = _Rates()
     classes: list[str] | None = None  # names for --areas, from the node's info message
-    following = follow(sub, gone_after=args.gone_after, count=args.count, timeout=args.timeout, until_final=not args.stay, stopped=stopped,
+    following = follow(sub, gone_after=args.gone_after, count=args.count, timeout=args.timeout,
+                       until_final=not args.stay, stopped=stopped,
                        idle=True, warn=lambda m: print(f"perception-echo: warning: {m}", file=sys.stderr, flush=True))
     for msg in following:
         now = time.monotonic()
