@@ -54,13 +54,13 @@ class Segmenter:
     """A segmentation model ready to run on frames (see the module docstring).
 
     ``backend`` ("auto", "onnxruntime", "torch", "tensorrt"), ``precision`` ("auto", "fp32", "int8", "bf16",
-    "fp16"), ``device``, ``tta`` ("none", "flip"), ``mc_samples`` and ``threads`` mean what they mean on the
-    command line. Why it chose what it runs is in :attr:`notes` (also issued as warnings). Close it (or use
-    ``with``) to release the backend.
+    "fp16"), ``device`` ("auto": a CUDA GPU where PyTorch sees one; "cpu", "cuda", "cuda:N"), ``tta`` ("none",
+    "flip"), ``mc_samples`` and ``threads`` mean what they mean on the command line. Why it chose what it runs
+    is in :attr:`notes` (also issued as warnings). Close it (or use ``with``) to release the backend.
     """
 
     def __init__(self, model: str | Path | None = None, *, backend: str = "auto", precision: str = "auto",
-                 device: str = "cpu", tta: str = "none", mc_samples: int = 8, threads: int | None = None) -> None:
+                 device: str = "auto", tta: str = "none", mc_samples: int = 8, threads: int | None = None) -> None:
         from perception.inference.resolve import resolve
 
         resolution = resolve(model, backend=backend, precision=precision, device=device, tta=tta,

@@ -58,6 +58,8 @@ def machine(monkeypatch):
     """Set what this machine has: PyTorch, TensorRT with a GPU, and whether u8 x s8 sums saturate."""
     def set_machine(*, torch: bool = True, trt: bool = False, saturates: bool = False) -> None:
         monkeypatch.setattr(resolve_module, "torch_available", lambda: torch)
+        # No CUDA GPU for PyTorch (tests/test_cuda_path.py has the device rows): the same table on any machine.
+        monkeypatch.setattr(resolve_module, "torch_cuda_status", lambda: (False, "no GPU in this table"))
         monkeypatch.setattr(model_folder, "tensorrt_gpu_available", lambda: trt)
         monkeypatch.setattr(model_folder, "u8s8_may_saturate", lambda: saturates)
     return set_machine

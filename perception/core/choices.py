@@ -3,10 +3,24 @@ library's checks import them."""
 
 from __future__ import annotations
 
-__all__ = ["TTA_MODES", "PRECISIONS", "TORCH_PRECISIONS", "AMP_CHOICES", "CHANNELS_LAST_CHOICES"]
+import re
+
+__all__ = ["TTA_MODES", "PRECISIONS", "TORCH_PRECISIONS", "AMP_CHOICES", "CHANNELS_LAST_CHOICES", "DEVICE_HELP",
+           "parse_device"]
 
 TTA_MODES = ("none", "flip")  # test-time augmentation: flip averages the logits of the frame and its mirror
 PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")  # what a deployed model runs in (inference.resolve)
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")  # what the PyTorch backend runs in
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # autocast while training and evaluating
 CHANNELS_LAST_CHOICES = ("auto", "on", "off")
+
+DEVICE_HELP = ("auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N; on CUDA a model "
+               "folder runs in PyTorch (fp16, CUDA graphs) unless a TensorRT engine for this GPU is beside it")
+
+
+def parse_device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (normalised to lower case); ValueError otherwise."""
+    device = value.strip().lower()
+    if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
+        return device
+    raise ValueError(f"a device is auto, cpu, cuda or cuda:N, got {value!r}")

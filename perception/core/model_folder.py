@@ -24,6 +24,7 @@ from perception.core.cpu import isa_summary, u8s8_may_saturate
 from perception.core.onnx_meta import read_onnx_metadata
 
 __all__ = ["ModelFolder", "int8_cpu_verdict", "engine_sidecar", "torch_available", "tensorrt_gpu_available",
+           "torch_cuda_status",
            "INT8_MAX_LOSS"]
 
 INT8_MAX_LOSS = 0.005  # precision "auto" runs a folder's int8 graph where its card shows at most this mIoU loss
@@ -41,6 +42,28 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def torch_cuda_status() -> tuple[bool, str]:
+    """(whether PyTorch can run on a CUDA GPU here, why not). A CPU-only PyTorch build is told from its
+    ``torch/version.py`` without importing it (the runtime install and CPU machines pay nothing)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return False, "PyTorch is not installed (the runtime install runs exported graphs on the CPU)"
+    try:
+        version_text = Path(spec.origin).with_name("version.py").read_text()
+    except OSError:
+        version_text = ""
+    if re.search(r"^cuda\s*(:[^=]*)?=\s*None\s*$", version_text, re.M):
+        return False, "this PyTorch is a CPU-only build"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, f"PyTorch {torch.__version__} sees no CUDA GPU (driver, CUDA_VISIBLE_DEVICES)"
+    return True, ""
 
 
 def tensorrt_gpu_available() -> bool:

@@ -14,7 +14,7 @@ import cv2
 from perception.core.cli import fail
 from perception.core.fileio import atomic_write_bytes
 from perception.core.options import add_arguments, at_least, opt, parse_into
-from perception.core.choices import TTA_MODES
+from perception.core.choices import TTA_MODES, DEVICE_HELP, parse_device
 
 __all__ = ["EvalOptions", "build_parser", "parse_options", "main", "format_table"]
 
@@ -44,7 +44,7 @@ class EvalOptions:
     mc_samples: int | None = opt(None, check=at_least(1), help="Monte-Carlo dropout samples (Bayesian models)")
     seed: int = opt(0, help="seed of the MC dropout masks")
     precision: str = opt("fp32", choices=("fp32", "bf16"), help="PyTorch precision for model folders")
-    device: str = opt("cpu", help="cpu or cuda")
+    device: str = opt("auto", parse=parse_device, help=DEVICE_HELP)
     progress: bool = opt(True, help="a progress bar")
 
 
@@ -87,7 +87,7 @@ def _open_model(args: EvalOptions):
                          "runs as it was exported (export with --tta flip for flip TTA)")
     resolution = resolve(args.model, device=args.device, tta=args.tta, reference=True,
                          precision="auto" if args.precision == "fp32" else args.precision)
-    args.model = str(resolution.path)
+    args.model, args.device = str(resolution.path), resolution.device
     print_notes(resolution.notes)
     if resolution.backend != "torch":
         backend = resolution.load()

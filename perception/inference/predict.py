@@ -12,6 +12,7 @@ import cv2
 
 from perception.core.cli import fail
 from perception.core.fileio import list_images
+from perception.core.choices import DEVICE_HELP, parse_device
 from perception.core.options import add_arguments, in_range, opt, parse_into
 from perception.inference import BACKEND_CHOICES
 
@@ -34,7 +35,7 @@ class PredictOptions:
     legend: bool = opt(True, help="draw the legend of the classes present on the overlay")
     save_labels: bool = opt(False, help="also write the uint8 class-id PNGs")
     uncertainty: bool = opt(False, help="uncertainty heat maps (Bayesian models)")
-    device: str = opt("cpu", help="cpu or cuda")
+    device: str = opt("auto", parse=parse_device, help=DEVICE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

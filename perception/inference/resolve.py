@@ -1,9 +1,11 @@
 """From a model to the backend that runs it: the one place that decides, for the Python API, the node,
 the evaluator, predict and the tools.
 
-* an ``.engine`` runs in TensorRT; an ``.onnx`` in ONNX Runtime;
+* an ``.engine`` runs in TensorRT; an ``.onnx`` in ONNX Runtime (``device="cuda"``: its CUDA provider);
 * a model folder runs, with ``backend="auto"``: in TensorRT where the folder holds an engine built
-  for this machine (TensorRT and a CUDA GPU present); in PyTorch where its model samples dropout at
+  for this machine (TensorRT and a CUDA GPU present) and the device is not ``cpu``; on a CUDA GPU
+  (``device="cuda"``, or ``"auto"`` where PyTorch sees one and the weights are here) in PyTorch, fp16 with
+  CUDA graphs unless ``precision`` says otherwise; in PyTorch where its model samples dropout at
   test time (Bayesian SegNet: MC uncertainty) and PyTorch and the weights are here; otherwise in ONNX
   Runtime: with ``precision="auto"`` on the folder's ``model_int8.onnx`` where
   :meth:`~perception.core.model_folder.ModelFolder.int8_verdict` allows it, else on its ``model.onnx``
@@ -22,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from perception.core.card import INT8_ONNX_FILE, load_card
-from perception.core.choices import PRECISIONS, TORCH_PRECISIONS, TTA_MODES
+from perception.core.choices import PRECISIONS, TORCH_PRECISIONS, TTA_MODES, parse_device
 from perception.core.model_folder import (
-    INT8_MAX_LOSS, ModelFolder, int8_cpu_verdict, torch_available,
+    INT8_MAX_LOSS, ModelFolder, int8_cpu_verdict, torch_available, torch_cuda_status,
 )
 from perception.core.onnx_meta import read_onnx_metadata
 from perception.core.zoo import default_model_name, find_model
@@ -82,23 +84,32 @@ def _check_choices(backend: str, precision: str, tta: str) -> None:
 
 
 def resolve(
-    model: str | Path | None = None, *, backend: str = "auto", device: str = "cpu", precision: str = "auto",
+    model: str | Path | None = None, *, backend: str = "auto", device: str = "auto", precision: str = "auto",
     mc_samples: int = 8, threads: int | None = None, tta: str = "none", reference: bool = False,
 ) -> Resolution:
     """The backend for ``model`` (a name, a folder, an ``.onnx`` or an ``.engine``; None: the default), as
-    the module docstring says; ``reference`` measures the model itself rather than what a folder deploys (a
-    folder runs in PyTorch: perception-eval). Raises ValueError/FileNotFoundError/RuntimeError with a
-    one-line reason."""
+    the module docstring says; ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``reference``
+    measures the model itself rather than what a folder deploys (a folder runs in PyTorch: perception-eval).
+    Raises ValueError/FileNotFoundError/RuntimeError with a one-line reason."""
     _check_choices(backend, precision, tta)
+    device = parse_device(device)
     path = find_model(model)
     kind = backend_kind(path)
     if kind != "torch":
         return _resolve_file(path, kind, backend, device=device, precision=precision, threads=threads, tta=tta)
     folder = ModelFolder(path, load_card(path))
     notes: list[str] = []
-    engine = folder.engine_here()[0] if backend == "auto" and not reference and tta == "none" else None
+    wants_engine = backend == "auto" and not reference and tta == "none" and device != "cpu"
+    engine = folder.engine_here()[0] if wants_engine else None
     if engine is not None:  # an engine built for here (probing TensorRT and the GPU once)
-        return Resolution("tensorrt", engine, device, {}, notes)
+        return Resolution("tensorrt", engine, "cuda", {}, notes)
+    device = _folder_device(folder, device, backend, notes)
+    if device.startswith("cuda") and backend in ("auto", "torch"):
+        if precision == "int8":
+            raise ValueError("--precision int8 runs on the CPU (ONNX Runtime's int8 graph); on CUDA use fp16, "
+                             "or a TensorRT engine")
+        return Resolution("torch", path, device, _torch_options(precision, device, mc_samples, threads, tta, notes),
+                          notes)
     chosen = backend if backend != "auto" else "torch" if reference else _auto_backend(folder, notes)
     if chosen == "tensorrt":
         raise ValueError(f"--backend tensorrt needs an .engine file (build one with tools/build_engine.py), got {path}")
@@ -106,6 +117,25 @@ def resolve(
         return Resolution("torch", path, device, _torch_options(precision, device, mc_samples, threads, tta, notes),
                           notes)
     return _folder_graph(folder, precision, tta, notes, device=device, threads=threads)
+
+
+def _folder_device(folder: ModelFolder, device: str, backend: str, notes: list[str]) -> str:
+    """``auto`` becomes ``cuda`` where PyTorch sees a GPU and the folder's weights are here, else ``cpu``; a
+    CUDA device asked for PyTorch must be usable (a one-line reason otherwise)."""
+    if device == "cpu" or backend in ("onnxruntime", "tensorrt"):
+        return "cpu" if device == "auto" else device  # ONNX Runtime: its CUDA provider says for itself
+    cuda_ok, why_not = torch_cuda_status()
+    if device == "auto":
+        if cuda_ok and folder.weights is None:
+            notes.append(f"note: {folder.name} runs on the CPU: PyTorch on the GPU needs weights.safetensors, which "
+                         "this install does not carry (a clone of the repository does)")
+        return "cuda" if cuda_ok and folder.weights is not None else "cpu"
+    if not cuda_ok:
+        raise RuntimeError(f"--device {device}: {why_not}; use --device cpu")
+    if folder.weights is None:
+        raise FileNotFoundError(f"--device {device} runs {folder.name} in PyTorch from weights.safetensors, which "
+                                "this install does not carry (a clone does); use --device cpu, or a TensorRT engine")
+    return device
 
 
 def _auto_backend(folder: ModelFolder, notes: list[str]) -> str:
@@ -170,18 +200,21 @@ def _resolve_file(path: Path, kind: str, backend: str, *, device: str, precision
         raise ValueError(f"--backend torch needs a model folder, got {path}")
     notes = [f"warning: {why}" for ok, why in [int8_cpu_verdict(path)] if not ok] if is_int8 else []
     chosen = kind if backend == "auto" else backend
+    if device == "auto":  # an engine runs on its GPU; an .onnx on the CPU unless --device cuda asks for its provider
+        device = "cuda" if chosen == "tensorrt" else "cpu"
     return Resolution(chosen, path, device, {"threads": threads} if chosen == "onnxruntime" else {}, notes)
 
 
 def _torch_options(precision: str, device: str, mc_samples: int, threads: int | None, tta: str,
                    notes: list[str]) -> dict[str, Any]:
-    torch_precision = "fp32" if precision == "auto" else precision
+    on_cuda = device.startswith("cuda")
+    torch_precision = ("fp16" if on_cuda else "fp32") if precision == "auto" else precision
     if torch_precision not in TORCH_PRECISIONS:
         raise ValueError(f"the torch backend runs fp32, bf16 or fp16, not {precision}")
-    if torch_precision == "bf16":
+    if torch_precision == "bf16" and not on_cuda:
         from perception.models.precision import native_bf16
 
-        if not native_bf16("cpu" if device == "auto" else device):
+        if not native_bf16("cpu"):
             notes.append(f"warning: --precision bf16 on this {device} has no native bf16 (AVX512_BF16 or AMX): "
                          "emulated, it can be several times slower than --precision fp32")
     return {"precision": torch_precision, "mc_samples": mc_samples, "threads": threads, "tta": tta}

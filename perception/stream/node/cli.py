@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from perception.core.choices import PRECISIONS, TTA_MODES
+from perception.core.choices import PRECISIONS, TTA_MODES, DEVICE_HELP, parse_device
 from perception.core.config import load_yaml_options
 from perception.core.options import add_arguments, at_least, given, in_range, merge, opt, positive, project, validate
 from perception.core.sizes import parse_hw
@@ -39,7 +39,7 @@ class NodeConfig:
     model: str | None = opt(None, help="a model by name (perception-models lists them), a model folder, .onnx or "
                                         ".engine (default: the shipped default model)")
     backend: str = opt("auto", choices=BACKEND_CHOICES, help="auto: by the model file (see perception.inference.resolve)")
-    device: str = opt("cpu", help="cpu or cuda")
+    device: str = opt("auto", parse=parse_device, help=DEVICE_HELP)
     precision: str = opt("auto", choices=PRECISIONS,
                          help="auto: a model folder's int8 graph on ONNX Runtime where its card shows it within "
                               "0.5 points of fp32's held-out mIoU (and the graph cannot saturate on this CPU: "
@@ -179,6 +179,10 @@ def _graph_of(backend) -> str:
     """What the startup line says the backend runs: its precision, and the graph file for exported models."""
     path = getattr(backend, "path", None)
     precision = getattr(backend, "precision", "fp32")
+    device = getattr(backend, "device", None)
+    if device is not None and str(device).startswith("cuda"):  # PyTorch on the GPU: say which, and how
+        graphs = "CUDA graphs" if getattr(backend, "graphed", None) is not None else "eager"
+        return f"{precision} on {device} ({graphs})"
     return f"{precision} {Path(path).name}" if path is not None and backend.name == "onnxruntime" else precision
 
 
