@@ -37,6 +37,10 @@ BACKENDS = {
     "torch": ("torch", {"precision": "fp32"}, None),
     "torch-bf16": ("torch", {"precision": "bf16"}, None),
     "torch-cl": ("torch", {"precision": "fp32", "channels_last": True}, None),
+    # --device cuda: the PyTorch GPU path (fp16 weights, channels_last, CUDA graphs; -eager: without graphs)
+    "torch-fp16": ("torch", {"precision": "fp16"}, None),
+    "torch-fp16-eager": ("torch", {"precision": "fp16", "cuda_graphs": False}, None),
+    "torch-eager": ("torch", {"precision": "fp32", "cuda_graphs": False}, None),
     "onnxruntime": ("onnxruntime", {}, {"unpool": "onnx"}),
     "onnxruntime-native": ("onnxruntime", {}, {"unpool": "native"}),
     "onnxruntime-plugin": ("onnxruntime", {}, {"unpool": "plugin"}),
@@ -52,6 +56,18 @@ BACKENDS = {
 BASELINE = "torch"
 
 
+def _device(value: str) -> str:
+    from perception.core.choices import parse_device
+
+    try:
+        device = parse_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if device == "auto":
+        raise argparse.ArgumentTypeError("name the device a benchmark measures: cpu or cuda[:N]")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model by name (perception-models lists them) or a model folder")
@@ -65,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every backend this many times, interleaved, each in a fresh process; ratios are "
                    "taken within a round (against that round's baseline) so slow drifts of a shared machine cancel")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    p.add_argument("--device", default="cpu", type=_device,
+                   help="cpu (default) or cuda[:N]: where the torch backends (and ONNX Runtime's CUDA provider) run")
     p.add_argument("--data", help="dataset folder: also measure mIoU on --split")
     p.add_argument("--split", default="val", help="'+' joins splits (train+val)")
     p.add_argument("--groups", help="only these drives of --split (e.g. 0006R0, a drive the model never saw)")
@@ -143,6 +161,10 @@ def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.
         uncertainty = opts.pop("uncertainty", False)
         if args["threads"]:
             opts["threads"] = args["threads"]
+        if kind in ("torch", "onnxruntime"):
+            opts["device"] = args["device"]
+        if kind == "torch" and args["device"] == "cpu":
+            opts.pop("cuda_graphs", None)  # graphs are CUDA's
         backend = load_backend(onnx_path or model, backend=kind, **opts)
         if uncertainty and not backend.capabilities.uncertainty:
             raise ValueError(f"{name} needs a model with dropout (a Bayesian one)")
@@ -200,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if BASELINE not in names:
         names.insert(0, BASELINE)
+    if args.device.startswith("cuda"):
+        from perception.core.model_folder import torch_cuda_status
+
+        ok, why = torch_cuda_status()
+        if not ok:
+            print(f"benchmark: --device {args.device}: {why}", file=sys.stderr)
+            return 2
     size = tuple(int(v) for v in args.size.split("x")) if args.size else None
     calib = args.calibration_data or (str(Path(args.data) / "train") if args.data else None)
     from perception.core.zoo import find_model
@@ -214,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir) if args.work_dir else Path(tmpd)
         work.mkdir(parents=True, exist_ok=True)
         cfg = {"size": size, "batch": args.batch, "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
+               "device": args.device,
                "data": args.data, "split": args.split,
                "groups": [g for g in args.groups.split(",") if g] if args.groups else None}
         onnx_paths = {name: prepare(name, model, work, calib) for name in names}
