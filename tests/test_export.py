@@ -89,6 +89,8 @@ def test_plugin_form_nodes_attributes_and_functions(exported):
     funcs = {(f.domain, f.name) for f in m.functions}
     assert funcs == {("segnet", "MaxPoolArgmax"), ("segnet", "MaxUnpool2d")}
     assert {(o.domain, o.version) for o in m.opset_import} >= {("segnet", 1)}
+    domains = [o.domain for o in m.opset_import]
+    assert len(domains) == len(set(domains)), domains  # one entry per domain (segnet was listed twice)
 
 
 def test_onnx_form_is_rejected_by_the_tensorrt_check(exported):

@@ -283,7 +283,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, options: ExportOptions |
                 if node.domain == PLUGIN_DOMAIN:
                     node.attribute.append(helper.make_attribute("aot", 1))
         proto.functions.extend(plugin_functions(dtype, opts.opset))
-        proto.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
+        if not any(o.domain == PLUGIN_DOMAIN for o in proto.opset_import):  # torch.onnx adds it for custom ops
+            proto.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
     for k, v in _card_metadata(card, weights_sha256(model_dir), opts).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v

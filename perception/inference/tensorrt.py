@@ -63,6 +63,7 @@ class TensorRTBackend(Backend):
         dev = cuda.Device(int(device.split(":")[1]) if ":" in device else 0)
         self._ctx = dev.retain_primary_context()
         self._ctx.push()
+        made = False
         try:
             major, minor = dev.compute_capability()
             check_sidecar(path, sidecar, trt_version=trt.__version__, compute_capability=f"{major}.{minor}")
@@ -95,8 +96,11 @@ class TensorRTBackend(Backend):
                 devmem = cuda.mem_alloc(max(1, host.nbytes))
                 self.context.set_tensor_address(name, int(devmem))
                 self._buffers[name] = (host, devmem)
+            made = True
         finally:
             self._ctx.pop()
+            if not made:  # failed half-way: free what was made and release the retained primary context
+                self.close()
 
     def _names(self) -> list[str]:
         return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

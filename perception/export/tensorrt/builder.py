@@ -131,25 +131,29 @@ def _require_tensorrt_and_gpu():
     return trt
 
 
-def plugin_layer_count(trt, network) -> int:
-    """Plugin layers in a parsed network (any of TensorRT's plugin layer kinds)."""
+def plugin_layer_names(trt, network) -> list[str]:
+    """Names of the plugin layers in a parsed network (any of TensorRT's plugin layer kinds)."""
     kinds = {getattr(trt.LayerType, k) for k in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, k)}
-    return sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
+    layers = (network.get_layer(i) for i in range(network.num_layers))
+    return [layer.name for layer in layers if layer.type in kinds]
 
 
-def check_plugin_layers(trt, network, expected: int) -> None:
-    """Fail unless the parsed network holds exactly ``expected`` plugin layers.
+def check_plugin_layers(trt, network, node_names: list[str]) -> None:
+    """Fail unless each of our plugin nodes became a plugin layer. onnx-tensorrt names a node's layer after
+    the node (``ImporterContext::registerLayer``; our exported node names are unique), so the check counts
+    only our plugins' layers, whatever other plugins the network holds.
 
     When a plugin is not registered under the name/version/namespace its node carries, onnx-tensorrt
     (10.7+) inlines the node's model-local ONNX function instead: the build would "succeed" with the
     plugins silently replaced by standard ops.
     """
-    found = plugin_layer_count(trt, network)
-    if found != expected:
+    layers = set(plugin_layer_names(trt, network))
+    missing = [n for n in node_names if n not in layers]
+    if missing:
         raise RuntimeError(
-            f"the parsed network has {found} plugin layers but the ONNX graph has {expected} plugin nodes: "
-            "TensorRT did not find the segnet plugins (registered under another name, version or namespace?) "
-            "and inlined their ONNX functions instead")
+            f"{len(missing)} of the graph's {len(node_names)} segnet plugin nodes are not plugin layers in the parsed "
+            f"network (e.g. {missing[0]}): TensorRT did not find the segnet plugins (registered under another name, "
+            "version or namespace?) and inlined their ONNX functions instead")
 
 
 def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) -> Path:
@@ -168,11 +172,11 @@ def build_engine(onnx_path: Path, out: Path, args, card: dict[str, Any], log) ->
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ValueError(f"TensorRT could not parse {onnx_path}: {errors}")
-    log(f"parsed: {network.num_layers} layers, {plugin_layer_count(trt, network)} of them plugins")
+    log(f"parsed: {network.num_layers} layers, {len(plugin_layer_names(trt, network))} of them plugins")
     if args.unpool == "plugin":
         from perception.export.check import plugin_nodes
 
-        check_plugin_layers(trt, network, len(plugin_nodes(onnx_path)))
+        check_plugin_layers(trt, network, [n.name for n in plugin_nodes(onnx_path)])
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, args.workspace << 20)
     cache = None

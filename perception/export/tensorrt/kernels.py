@@ -276,8 +276,17 @@ def compile_ptx(
         raise ValueError(f"arch must look like sm_90, got {arch!r}")
     fn = JITFunction(_kernel_sources()[kernel])
     src = ASTSource(fn=fn, signature=_signature(kernel, dtype), constexprs={"BLOCK": block})
-    compiled = triton_compile(src, target=GPUTarget("cuda", int(m.group(1)), 32),
-                              options={"ptx_version": ptx_version})
+    # No line info: it embeds this file's absolute path (.file) in the PTX, and so in every engine.
+    previous = os.environ.get("TRITON_DISABLE_LINE_INFO")
+    os.environ["TRITON_DISABLE_LINE_INFO"] = "1"
+    try:
+        compiled = triton_compile(src, target=GPUTarget("cuda", int(m.group(1)), 32),
+                                  options={"ptx_version": ptx_version})
+    finally:
+        if previous is None:
+            del os.environ["TRITON_DISABLE_LINE_INFO"]
+        else:
+            os.environ["TRITON_DISABLE_LINE_INFO"] = previous
     md = compiled.metadata
     return CompiledKernel(name=md.name, ptx=compiled.asm["ptx"], num_warps=md.num_warps, shared=md.shared,
                           arch=arch, dtype=dtype)

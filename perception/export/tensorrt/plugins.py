@@ -84,8 +84,18 @@ def _aot_result(trtp: Any, kernel: str, dtype: str, scalars: list) -> tuple:
     return name, ptx, launch, extra
 
 
+def _register_once(trtp: Any, plugin_id: str):
+    """``trtp.register(plugin_id)``, or a no-op where that plugin is already defined: tensorrt.plugin refuses
+    a second definition, so a registration that failed after it (a later decorator) could otherwise never be
+    completed in this process. The other decorators only set a definition's fields and may be re-applied."""
+    namespace, name = plugin_id.split("::")
+    if hasattr(getattr(trtp.op, namespace, None), name):
+        return lambda fn: fn
+    return trtp.register(plugin_id)
+
+
 def register_plugins() -> None:
-    """Register both plugins with TensorRT's plugin registry (idempotent)."""
+    """Register both plugins with TensorRT's plugin registry (idempotent; a failed call may be retried)."""
     global _registered
     if _registered:
         return
@@ -98,7 +108,7 @@ def register_plugins() -> None:
     # return; aot_impl needs a return annotation; elsewhere they are optional and left out.
     AotResult = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 
-    @trtp.register(POOL_PLUGIN_ID)
+    @_register_once(trtp, POOL_PLUGIN_ID)
     def _pool_desc(x: trtp.TensorDesc) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         values = x.like()
         values.shape_expr[2] = (x.shape_expr[2] + 1) // 2
@@ -127,7 +137,7 @@ def register_plugins() -> None:
 
     # --- MaxUnpool2d --------------------------------------------------------------------------
 
-    @trtp.register(UNPOOL_PLUGIN_ID)
+    @_register_once(trtp, UNPOOL_PLUGIN_ID)
     def _unpool_desc(values: trtp.TensorDesc, indices: trtp.TensorDesc, like: trtp.TensorDesc) -> trtp.TensorDesc:
         return like.like()
 
