@@ -169,3 +169,25 @@ def test_benchmark_times_and_scores_mc_dropout_only_for_a_bayesian_model(toy_bay
     assert set(bayes) == {"torch", "torch-mc8"} and not any("error" in row for row in bayes.values())
     assert 0.0 <= bayes["torch-mc8"]["val_miou"] <= 1.0 and bayes["torch-mc8"]["ratio_vs_torch_fp32"] > 0
     assert "error" not in docs["plain"]["torch"] and "needs a model with dropout" in docs["plain"]["torch-mc8"]["error"]
+
+
+def test_benchmark_versus_times_two_models_backend_by_backend(toy_bayesian_model, toy_model, tmp_path):
+    """Issue 46: one run times both models, interleaved per round, and the second model's rows carry their
+    speed-up over the first model's row of the same backend."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).parents[1] / "tools" / "benchmark.py"
+    out = tmp_path / "versus.json"
+    r = subprocess.run([sys.executable, str(tool), "--model", str(toy_model[1]), "--versus", str(toy_bayesian_model[1]),
+                        "--backends", "onnxruntime", "--runs", "2", "--warmup", "1", "--rounds", "2", "--threads", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    rows = {row["backend"]: row for row in doc["results"]}
+    other = Path(toy_bayesian_model[1]).name
+    assert set(rows) == {"torch", f"torch [{other}]", "onnxruntime", f"onnxruntime [{other}]"}, set(rows)
+    versus = rows[f"onnxruntime [{other}]"]
+    assert versus[f"speedup_vs_{Path(toy_model[1]).name}"] > 0 and len(versus["round_median_ms"]) == 2
+    assert rows["onnxruntime"]["ratio_vs_torch_fp32"] > 0 and doc["versus"] == str(toy_bayesian_model[1])

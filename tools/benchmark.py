@@ -12,6 +12,12 @@ median and p95 latency, frames/s, peak RSS, and, with ``--data``, val mIoU at na
 ``--rounds`` repeats the whole sequence of backends (interleaved, so a slow drift of a shared machine
 hits all of them alike); each row reports medians over rounds and the median (and range) of the
 per-round ratios against that round's PyTorch fp32 baseline.
+
+``--versus MODEL`` times a second model beside the first: every backend runs both models, one after the
+other in each round (same threads, same frames), and each row of the second model carries its speed-up
+over the first model's row of the same backend (e.g. a pruned SegNet's int8 graph against the full one's):
+
+    python tools/benchmark.py --model segnet_camvid --versus segnet_camvid_fast --backends onnxruntime-int8
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ def _device(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model by name (perception-models lists them) or a model folder")
+    p.add_argument("--versus", help="a second model timed beside --model, backend by backend (model-vs-model rows)")
     p.add_argument("--backends", default="torch,torch-bf16,onnxruntime,onnxruntime-int8",
                    help=f"comma list from {', '.join(BACKENDS)} (the baseline '{BASELINE}' is always run)")
     p.add_argument("--size", default=None, help="HxW of the benchmark frames (default: the model's input size)")
@@ -196,7 +203,7 @@ def run_one(name: str, model: str, onnx_path: str | None, args: dict, queue: mp.
         queue.put({"backend": name, "error": f"{type(e).__name__}: {e}"})
 
 
-def _merge_rounds(name: str, per_round: list[dict], baseline: list[dict]) -> dict:
+def _merge_rounds(name: str, per_round: list[dict], baseline: list[dict], ratio_key: str = "ratio_vs_torch_fp32") -> dict:
     """One row per backend: medians over rounds, and the ratio against the same round's baseline."""
     errors = [r["error"] for r in per_round if "error" in r]
     if errors:
@@ -208,7 +215,7 @@ def _merge_rounds(name: str, per_round: list[dict], baseline: list[dict]) -> dic
     res["round_median_ms"] = [r["median_ms"] for r in per_round]
     ratios = [b["median_ms"] / r["median_ms"] for r, b in zip(per_round, baseline) if "error" not in b]
     if ratios:
-        res["ratio_vs_torch_fp32"] = float(np.median(ratios))
+        res[ratio_key] = float(np.median(ratios))
         res["ratio_range"] = [min(ratios), max(ratios)]
     return res
 
@@ -235,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = find_model(args.model)  # a path, or a model's name
+        versus = find_model(args.versus) if args.versus else None
     except FileNotFoundError as e:
         return fail("benchmark", str(e))
+    # (row label, backend, model): with --versus each backend runs both models, back to back.
+    entries = [(name, name, model) for name in names]
+    if versus is not None:
+        entries = [e for name in names for e in ((name, name, model), (f"{name} [{versus.name}]", name, versus))]
     ctx = mp.get_context("spawn")
     results = []
     with tempfile.TemporaryDirectory() as tmpd:
@@ -246,35 +258,44 @@ def main(argv: list[str] | None = None) -> int:
                "device": args.device,
                "data": args.data, "split": args.split,
                "groups": [g for g in args.groups.split(",") if g] if args.groups else None}
-        onnx_paths = {name: prepare(name, model, work, calib) for name in names}
+        onnx_paths = {}
+        for label, name, m in entries:
+            (work / str(m is versus)).mkdir(exist_ok=True)  # one folder per model: the files share names
+            onnx_paths[label] = prepare(name, m, work / str(m is versus), calib)
         rounds: list[dict[str, dict]] = []
         for k in range(args.rounds):
             # mIoU does not depend on timing: measured in the first round only.
             round_cfg = cfg if k == 0 else {**cfg, "data": None}
             got = {}
-            for name in names:
+            for label, name, m in entries:
                 q = ctx.Queue()
-                proc = ctx.Process(target=run_one, args=(name, str(model), onnx_paths[name], round_cfg, q))
+                proc = ctx.Process(target=run_one, args=(name, str(m), onnx_paths[label], round_cfg, q))
                 proc.start()
-                got[name] = q.get()
+                got[label] = {**q.get(), "backend": label}
                 proc.join()
-                res = got[name]
-                print(f"  round {k + 1}/{args.rounds} {name}: " + (res.get("error") or f"{res['median_ms']:.1f} ms"),
+                res = got[label]
+                print(f"  round {k + 1}/{args.rounds} {label}: " + (res.get("error") or f"{res['median_ms']:.1f} ms"),
                       file=sys.stderr, flush=True)
             rounds.append(got)
-    results = [_merge_rounds(name, [r[name] for r in rounds], [r[BASELINE] for r in rounds]) for name in names]
-    doc = {"machine": machine(), "model": str(model), "batch": args.batch,
+    results = []
+    for label, name, m in entries:
+        if m is versus:  # against the first model's row of the same backend
+            results.append(_merge_rounds(label, [r[label] for r in rounds], [r[name] for r in rounds],
+                                         ratio_key=f"speedup_vs_{model.name}"))
+        else:
+            results.append(_merge_rounds(label, [r[label] for r in rounds], [r[BASELINE] for r in rounds]))
+    doc = {"machine": machine(), "model": str(model), **({"versus": str(versus)} if versus else {}), "batch": args.batch,
            "size": list(size) if size else None, "runs": args.runs, "rounds": args.rounds, "results": results}
-    hdr = (f"{'backend':26s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'mIoU':>9s} "
-           f"{'x torch':>8s} {'(range)':>12s}")
+    hdr = (f"{'backend':40s} {'median ms':>10s} {'p95 ms':>8s} {'fps':>7s} {'peak MB':>8s} {'mIoU':>9s} "
+           f"{'x base':>8s} {'(range)':>12s}   (x base: against torch fp32; a --versus row: against --model's row)")
     print(hdr)
     for r in results:
         if "error" in r:
-            print(f"{r['backend']:26s} error: {r['error']}")
+            print(f"{r['backend']:40s} error: {r['error']}")
             continue
         miou = f"{100 * r['val_miou']:.2f}" if "val_miou" in r else "-"
-        print(f"{r['backend']:26s} {r['median_ms']:10.1f} {r['p95_ms']:8.1f} {r['fps']:7.2f} {r['peak_mb']:8.0f} "
-              f"{miou:>9s} {r.get('ratio_vs_torch_fp32', float('nan')):8.2f} "
+        print(f"{r['backend']:40s} {r['median_ms']:10.1f} {r['p95_ms']:8.1f} {r['fps']:7.2f} {r['peak_mb']:8.0f} "
+              f"{miou:>9s} {r.get('ratio_vs_torch_fp32', r.get(f'speedup_vs_{model.name}', float('nan'))):8.2f} "
               + ("{:>12s}".format("%.2f-%.2f" % tuple(r["ratio_range"])) if "ratio_range" in r else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")

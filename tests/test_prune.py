@@ -1,0 +1,133 @@
+"""Structured channel pruning of SegNet (issue 46's tooling): channels removed consistently through the
+encoder-decoder ties keep the network's function where they were inert, a SegNet pruned at random ratios
+exports to every ONNX form and int8 with PyTorch's labels, and its card round-trips through load."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from perception.models import get_model
+from perception.models.io import load, save
+from perception.models.prune import channel_groups, prune, prune_channels
+from perception.models.registry import model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [[8, 8], [16, 16], [16, 16, 16], [24, 24, 24], [24, 24, 24]]
+
+
+def _randomise_batch_norms(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.5
+            m.bias.data = torch.randn(n, generator=g) * 0.1
+            m.running_mean = torch.randn(n, generator=g) * 0.1
+            m.running_var = torch.rand(n, generator=g) + 0.5
+
+
+def test_the_groups_tie_each_pool_across_encoder_and_decoder():
+    model = get_model("segnet", num_classes=11)
+    groups = channel_groups(model)
+    assert len(groups) == 12 + 12 - 3  # every conv but the classifier writes one; the 4 ties join 2 writers
+    pool3 = groups["pool3"]
+    assert pool3.width == 256 and len(pool3.writers) == 2 and len(pool3.readers) == 2
+    assert groups["pool5"].width == 512 and len(groups["pool5"].writers) == 1  # nothing decodes into it
+    assert [u.conv.in_channels for u in groups["dec1.0"].readers] == [64]  # the classifier
+
+
+@pytest.mark.parametrize("name", ["segnet", "bayesian_segnet"])
+def test_removing_inert_channels_keeps_the_function(name):
+    """Channels whose batch norms are zeroed output exactly 0 after their ReLU (and unpool zeros): removing
+    them from every layer that reads or writes them must leave the output unchanged, in float64. A group
+    cut in one place but not in its tied places (the switches' planes) would change it."""
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=5, stages=SMALL).eval()
+    _randomise_batch_norms(model, 1)
+    g = torch.Generator().manual_seed(2)
+    keep = {}
+    for group_name, group in channel_groups(model).items():
+        k = int(torch.randint(1, group.width + 1, (1,), generator=g))
+        kept = torch.sort(torch.randperm(group.width, generator=g)[:k]).values
+        keep[group_name] = kept
+        dropped = torch.ones(group.width, dtype=torch.bool)
+        dropped[kept] = False
+        for unit in group.writers:
+            unit.bn.weight.data[dropped] = 0
+            unit.bn.bias.data[dropped] = 0
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x)
+        pruned = prune_channels(model, keep)
+        got = pruned.double()(x)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    assert pruned.stage_widths[2] == [len(keep["enc3.0"]), len(keep["enc3.1"]), len(keep["pool3"])]
+    assert pruned.decoder_widths[2][-1] == len(keep["pool2"])  # decoder 3 ends with encoder 2's channels
+    assert model_config(pruned)["kwargs"]["stages"] == pruned.stage_widths
+    assert torch.allclose(got, want, atol=1e-10, rtol=0), (got - want).abs().max()
+
+
+def test_prune_by_ratio_rounds_widths_and_refuses_nonsense():
+    model = get_model("segnet", num_classes=11)
+    pruned = prune(model, keep_ratio={"pool5": 0.3, "enc1.0": 0.5})
+    assert pruned.stage_widths[4][-1] == 160 and pruned.stage_widths[0][0] == 32  # 153.6 -> 160; 32
+    assert pruned.stage_widths[3] == [512, 512, 512]  # not named: kept whole
+    with pytest.raises(ValueError, match="keep_ratio must be in"):
+        prune(model, keep_ratio=0.0)
+    with pytest.raises(ValueError, match="no channel groups"):
+        prune_channels(model, {"pool9": torch.tensor([0])})
+    with pytest.raises(ValueError, match="sorted unique"):
+        prune_channels(model, {"pool1": torch.tensor([3, 1])})
+
+
+@pytest.fixture(scope="module")
+def pruned_folder(tmp_path_factory):
+    """The shipped SegNet pruned at random ratios per group, saved as a model folder (input 96x128)."""
+    shipped = ROOT / "models" / "segnet_camvid"
+    if not (shipped / "weights.safetensors").is_file():
+        pytest.skip("segnet_camvid's weights are in a clone of the repository, not in a wheel")
+    model = load(shipped)
+    rng = np.random.default_rng(0)
+    ratios = {name: float(rng.uniform(0.15, 0.9)) for name in channel_groups(model)}
+    pruned = prune(model, keep_ratio=ratios).eval()
+    card = copy.deepcopy(model.card)
+    card.architecture = model_config(pruned)
+    card.id = "segnet_camvid_pruned_test"
+    card.input = dataclasses.replace(card.input, height=96, width=128)
+    folder = tmp_path_factory.mktemp("pruned") / "m"
+    save(pruned, folder, card)
+    return folder, pruned
+
+
+def test_a_pruned_card_round_trips_through_load(pruned_folder):
+    folder, pruned = pruned_folder
+    back = load(folder)
+    assert back.stage_widths == pruned.stage_widths and back.decoder_widths == pruned.decoder_widths
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), pruned(x))
+
+
+def test_a_pruned_segnet_exports_to_every_form_and_int8_with_pytorchs_labels(pruned_folder, tmp_path):
+    from perception.export.onnx import ExportOptions, export_onnx
+    from perception.export.quantize import quantize_int8
+    from perception.inference.onnxruntime import OnnxRuntimeBackend
+    from perception.inference.torch import TorchBackend
+
+    folder, _ = pruned_folder
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (2, 96, 128, 3), dtype=np.uint8)
+    frames[:, 48:] //= 3  # some structure: a darker lower half
+    want = TorchBackend(folder).infer(frames).labels
+    for unpool in ("onnx", "native", "plugin"):
+        path = export_onnx(folder, tmp_path / f"{unpool}.onnx", ExportOptions(unpool=unpool, size=(96, 128)))
+        got = OnnxRuntimeBackend(path).infer(frames).labels
+        assert (got == want).mean() >= 0.999, unpool
+    int8 = quantize_int8(tmp_path / "onnx.onnx", tmp_path / "int8.onnx", list(frames))
+    assert (OnnxRuntimeBackend(int8).infer(frames).labels == want).mean() >= 0.9
