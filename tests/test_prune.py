@@ -131,3 +131,52 @@ def test_a_pruned_segnet_exports_to_every_form_and_int8_with_pytorchs_labels(pru
         assert (got == want).mean() >= 0.999, unpool
     int8 = quantize_int8(tmp_path / "onnx.onnx", tmp_path / "int8.onnx", list(frames))
     assert (OnnxRuntimeBackend(int8).infer(frames).labels == want).mean() >= 0.9
+
+
+def test_the_distillation_term_against_a_float64_reference():
+    from perception.train.loss import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 3, 4, generator=g), torch.randn(2, 5, 3, 4, generator=g)
+    t = 3.0
+    s64, t64 = student.double().numpy() / t, teacher.double().numpy() / t
+
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    ls, lt = log_softmax(s64), log_softmax(t64)
+    want = (np.exp(lt) * (lt - ls)).sum(axis=1).mean() * t * t
+    assert distillation_loss(student, teacher, t).item() == pytest.approx(want, rel=1e-5)
+    assert distillation_loss(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_prune_then_fine_tune_with_distillation(toy_model, tmp_path, capsys):
+    """The issue-46 loop on toy data: a small SegNet trained, pruned into a folder (tools/prune_model.py), and
+    fine-tuned from it with a teacher: the run builds the pruned widths from the folder, loads every tensor,
+    and ships a card with those widths."""
+    import json
+    import subprocess
+    import sys
+
+    from perception.train.cli import main as train_main
+
+    data, teacher = toy_model
+    common = ["--data", str(data), "--epochs", "1", "--crop", "32x48", "--batch-size", "2", "--no-progress",
+              "--amp", "off"]
+    assert train_main(["--model", "segnet", "--model-kwargs", json.dumps({"stages": SMALL}), "--out",
+                       str(tmp_path / "small"), *common]) == 0
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "prune_model.py"), "--model", str(tmp_path / "small" / "final"),
+                        "--keep-ratio", "0.5", "--out", str(tmp_path / "pruned")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pruned_card = json.loads((tmp_path / "pruned" / "model.json").read_text())
+    assert pruned_card["architecture"]["kwargs"]["stages"][3] == [16, 16, 16]  # 24 * 0.5 = 12 -> 16
+    assert pruned_card["extra"]["pruned_from"]["fine_tuned"] is False and pruned_card["metrics"] == {}
+    capsys.readouterr()
+    assert train_main(["--model", "segnet", "--init-weights", str(tmp_path / "pruned"), "--distill-from", str(teacher),
+                       "--distill-weight", "0.7", "--out", str(tmp_path / "tuned"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "initialised" in out and "skipped" not in out  # every tensor of the pruned folder fits
+    tuned = json.loads((tmp_path / "tuned" / "final" / "model.json").read_text())
+    assert tuned["architecture"]["kwargs"]["stages"] == pruned_card["architecture"]["kwargs"]["stages"]
+    assert load(tmp_path / "tuned" / "final").stage_widths[3] == [16, 16, 16]

@@ -124,8 +124,16 @@ class TrainConfig:
                                             "statistics still adapt)")
     init_weights: str | None = opt(None, metavar="MODEL_DIR",
                                    help="start from a model folder's weights (fine-tuning, e.g. another dataset or a "
-                                        "Bayesian variant of the same architecture); tensors whose names or shapes "
-                                        "differ are skipped")
+                                        "Bayesian variant of the same architecture; a pruned folder also gives its layer "
+                                        "widths); tensors whose names or shapes differ are skipped")
+    distill_from: str | None = opt(None, metavar="MODEL_DIR",
+                                   help="knowledge distillation: a trained model folder (the teacher, e.g. the full SegNet a "
+                                        "pruned one was cut from) whose softened class probabilities the model also learns")
+    distill_weight: float = opt(0.5, check=in_range(0, 1),
+                                help="the distillation term's share of the loss (the rest: cross entropy on the labels)")
+    distill_temperature: float = opt(2.0, check=positive,
+                                     help="softmax temperature of the teacher's and the model's probabilities (Hinton et "
+                                          "al.; the term is scaled by its square)")
     seed: int = opt(0)
     num_workers: int = opt(0, check=at_least(0))
     cache: bool = opt(True, cli=False)

@@ -40,7 +40,7 @@ from perception.models.registry import get_model, model_config
 from perception.train.checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
 from perception.train.config import TrainConfig
 from perception.train.distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
-from perception.train.loss import SegmentationLoss
+from perception.train.loss import SegmentationLoss, distillation_loss
 from perception.train.plots import plot_history, read_history
 
 __all__ = ["train", "machine_description", "resolve_device", "recalibrate_batch_norm", "LAST_CHECKPOINT"]
@@ -354,6 +354,7 @@ class _Run:
     state: _State
     channels_last: bool = False  # cfg.channels_last resolved for this device and precision
     ddp_model: nn.Module | None = None
+    teacher: nn.Module | None = None  # --distill-from: frozen, in eval mode
 
     @property
     def ckpt_path(self) -> Path:
@@ -455,6 +456,7 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
         label_smoothing=cfg.label_smoothing,
     ).to(device)
     optimizer = _optimizer(cfg, model)
+    teacher = _load_teacher(cfg, train_set.num_classes, device, channels_last) if cfg.distill_from else None
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop and validation sizes
@@ -476,7 +478,19 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
     return _Run(cfg=cfg, info=info, device=device, out=out, command=command, aug=aug, train_set=train_set,
                 val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
                 optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
-                steps_per_epoch=steps_per_epoch, state=_State(command=command), channels_last=channels_last)
+                steps_per_epoch=steps_per_epoch, state=_State(command=command), channels_last=channels_last,
+                teacher=teacher)
+
+
+def _load_teacher(cfg: TrainConfig, num_classes: int, device, channels_last: bool) -> nn.Module:
+    """The --distill-from model folder, frozen and in eval mode (its dropout off, its batch norms fixed)."""
+    teacher = model_io.load(cfg.distill_from, map_location=device).eval()
+    if len(teacher.card.classes) != num_classes:
+        raise ValueError(f"--distill-from {cfg.distill_from} predicts {len(teacher.card.classes)} classes; the data has "
+                         f"{num_classes}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
 
 
 def _make_model(cfg: TrainConfig, info, train_set, spec, device, *, resume: bool) -> nn.Module:
@@ -484,6 +498,10 @@ def _make_model(cfg: TrainConfig, info, train_set, spec, device, *, resume: bool
     ``--encoder-bn data``), or a model folder's weights (``--init-weights``)."""
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     kwargs = dict(cfg.model_kwargs)
+    if cfg.init_weights and (Path(cfg.init_weights) / model_io.CARD_FILE).is_file():
+        # A pruned folder gives its layer widths (unless --model-kwargs says otherwise).
+        widths = model_io.load_card(cfg.init_weights).architecture.get("kwargs", {})
+        kwargs.update({k: widths[k] for k in ("stages", "decoder_stages") if k in widths and k not in kwargs})
     if cfg.encoder_weights:
         kwargs["encoder_weights"] = cfg.encoder_weights
     model = get_model(cfg.model, num_classes=train_set.num_classes, **kwargs).to(device)
@@ -585,6 +603,11 @@ def _train_epoch(run: _Run, *, progress: bool) -> dict[str, Any]:
         with autocast_context(run.device, cfg.amp):
             logits = run.ddp_model(x)
         loss = run.criterion(logits, y)
+        if run.teacher is not None:
+            with torch.no_grad(), autocast_context(run.device, cfg.amp):
+                teacher_logits = run.teacher(x)
+            soft = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
+            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}")
         run.optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SegmentationLoss"]
+__all__ = ["SegmentationLoss", "distillation_loss"]
 
 
 class SegmentationLoss(nn.Module):
@@ -46,3 +46,14 @@ class SegmentationLoss(nn.Module):
         )
         valid = (target != self.ignore_index).sum().clamp_min(1)
         return total / valid
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton et al.'s soft-target term, per pixel: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``,
+    averaged over every pixel (void ones too: the teacher has an opinion there). The ``T^2`` keeps its
+    gradients on the scale of the cross entropy's whatever the temperature."""
+    t = float(temperature)
+    log_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(dim=1)
+    return kl.mean() * t * t
