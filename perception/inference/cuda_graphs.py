@@ -15,13 +15,14 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:  # PyTorch is imported where it runs: a runtime module (tests/test_architecture.py)
+    import torch
 
 __all__ = ["GraphApi", "TorchCudaGraphs", "GraphedStep"]
 
-Step = Callable[..., Sequence[torch.Tensor]]
+Step = Callable[..., Sequence[Any]]  # frames -> tensors
 
 
 class GraphApi(Protocol):
@@ -42,9 +43,13 @@ class TorchCudaGraphs:
     """:class:`GraphApi` on ``torch.cuda`` (one memory pool per graph)."""
 
     def __init__(self, device: torch.device | str) -> None:
+        import torch
+
         self.device = torch.device(device)
 
     def warm_up(self, fn: Callable[[], Any], iterations: int) -> None:
+        import torch
+
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -53,6 +58,8 @@ class TorchCudaGraphs:
         torch.cuda.current_stream(self.device).wait_stream(side)
 
     def capture(self, fn: Callable[[], Sequence[torch.Tensor]]) -> tuple[Any, Sequence[torch.Tensor]]:
+        import torch
+
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = fn()
