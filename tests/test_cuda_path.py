@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from perception.core import model_folder
 from perception.core.choices import parse_device
@@ -23,10 +24,23 @@ from test_resolve import _folder
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class CaptureRules(TorchFunctionMode):
+    """What CUDA stream capture refuses, raised as PyTorch raises it on a GPU: tensors made from host data
+    (a copy in), and values read back to the host (a synchronisation)."""
+
+    REFUSED = {torch.tensor, torch.as_tensor, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu,
+               torch.Tensor.numpy}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.REFUSED:
+            raise RuntimeError(f"operation not permitted when stream is capturing ({func.__name__})")
+        return func(*args, **(kwargs or {}))
+
+
 class ReplayByRerun:
-    """A GraphApi whose "graph" is the step itself: replay re-runs it on the static input and writes the
-    static outputs in place, so a caller that forgets to refresh the static input, or keeps stale outputs,
-    gets wrong answers here as it would on a GPU."""
+    """A GraphApi whose "graph" is the step itself: capture runs it under :class:`CaptureRules`, replay re-runs
+    it on the static input and writes the static outputs in place, so a caller that forgets to refresh the
+    static input, keeps stale outputs, or copies from the host inside the step fails here as on a GPU."""
 
     def __init__(self, fail_on: tuple | None = None) -> None:
         self.warmups = self.replays = 0
@@ -38,7 +52,8 @@ class ReplayByRerun:
             self.warmups += 1
 
     def capture(self, fn):
-        out = fn()
+        with CaptureRules():
+            out = fn()
         if self.fail_on is not None and tuple(out[0].shape[1:]) == self.fail_on:
             raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
         return (fn, out), out
@@ -170,8 +185,9 @@ def test_a_failed_capture_warns_once_and_runs_that_shape_eagerly():
 
 def test_torch_backend_with_graphs_gives_the_eager_labels(toy_model, toy_bayesian_model):
     """TorchBackend's graphed step (upload, BGR->RGB on the device, normalisation, network, argmax), driven
-    through the stand-in API on the CPU, labels and probabilities equal to the eager backend's, per frame
-    size; MC-dropout sampling stays eager."""
+    through the stand-in API on the CPU: it is captured (nothing in it copies from the host: normalize()'s
+    mean and std were made from host lists at each call, which capture refuses), and its labels and
+    probabilities equal the eager backend's; MC-dropout sampling stays eager."""
     from perception.inference.torch import TorchBackend
 
     _, model = toy_model
@@ -182,7 +198,10 @@ def test_torch_backend_with_graphs_gives_the_eager_labels(toy_model, toy_bayesia
     rng = np.random.default_rng(0)
     for hw in ((48, 64), (48, 64), (40, 72), (48, 64)):
         frames = rng.integers(0, 256, (2, *hw, 3), dtype=np.uint8)
-        want, got = eager.infer(frames, probs=True), graphed.infer(frames, probs=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a capture that fell back to eager would pass silently
+            got = graphed.infer(frames, probs=True)
+        want = eager.infer(frames, probs=True)
         assert np.array_equal(got.labels, want.labels) and np.allclose(got.probs, want.probs, atol=1e-6)
     assert graphed.graphed.captures == 1 and api.replays == 4  # network size is fixed: one graph
     _, bayes = toy_bayesian_model

@@ -121,11 +121,18 @@ class TrainAugment:
         return np.clip(f, 0, 255).astype(np.uint8)
 
 
-def normalize(batch: Tensor, spec: InputSpec) -> Tensor:
-    """uint8 (N, 3, H, W) in the dataset's RGB order -> float model input as ``spec`` says."""
+def normalization_stats(spec: InputSpec, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """``spec``'s mean and std as (1, C, 1, 1) float32 tensors on ``device``, in the scale of uint8 pixels."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1) / spec.scale
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1) / spec.scale
+    return mean.to(device), std.to(device)
+
+
+def normalize(batch: Tensor, spec: InputSpec, *, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """uint8 (N, 3, H, W) in the dataset's RGB order -> float model input as ``spec`` says. ``stats``:
+    :func:`normalization_stats` made once on the batch's device (a CUDA graph may not copy from the host)."""
     x = batch.float()
     if spec.color_order == "BGR":
         x = x.flip(1)
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) / spec.scale
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) / spec.scale
+    mean, std = stats if stats is not None else normalization_stats(spec, x.device)
     return (x - mean) / std

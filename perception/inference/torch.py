@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from perception.core.card import InputSpec
-from perception.data.transforms import normalize
+from perception.data.transforms import normalization_stats, normalize
 from perception.models.precision import autocast_context
 from perception.models.bayesian import has_dropout, mc_dropout_predict
 from perception.models.io import load
@@ -69,6 +69,7 @@ class TorchBackend(Backend):
         use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.graphed = GraphedStep(self._step, graph_api or TorchCudaGraphs(self.device)) if use_graphs else None
         self._pinned: dict[tuple[int, ...], torch.Tensor] = {}
+        self._stats = normalization_stats(self.card.input, self.device)  # on the device once: graphs copy nothing in
 
     @property
     def capabilities(self) -> Capabilities:
@@ -97,7 +98,7 @@ class TorchBackend(Backend):
         or an empty tensor): what one call computes, and what a CUDA graph records."""
         x = frames_bgr.permute(0, 3, 1, 2).flip(1)  # RGB-ordered NCHW; normalize() applies the card's order
         out = predict_batch(self.net, x, self.card.input, amp=self._amp, channels_last=self.channels_last,
-                            probs=probs, mc_samples=mc_samples)
+                            probs=probs, mc_samples=mc_samples, stats=self._stats)
         empty = x.new_empty(0)
         return (out.labels.to(torch.uint8), out.probs.float() if out.probs is not None else empty,
                 out.uncertainty.float() if out.uncertainty is not None else empty)
@@ -134,6 +135,7 @@ def predict_batch(
     mc_samples: int | None = None,
     channels_last: bool = False,
     probs: bool = False,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TorchPrediction:
     """The one PyTorch inference step (the node's TorchBackend and evaluation both run it): a uint8
     RGB batch (N, 3, H, W) on the model's device -> labels, with the card's preprocessing
@@ -144,7 +146,7 @@ def predict_batch(
     ``net`` may be a wrapper of the model (e.g. :func:`~perception.models.tta.with_tta`'s).
     """
     param = next(net.parameters())
-    x = normalize(images_u8.to(param.device), spec).to(param.dtype)
+    x = normalize(images_u8.to(param.device), spec, stats=stats).to(param.dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast_context(param.device, amp):
