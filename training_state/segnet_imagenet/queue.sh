@@ -21,3 +21,16 @@ run() {
   return $rc
 }
 run runs/segnet_imagenet_0006R0 --holdout 0006R0 --epochs ${TWIN_EPOCHS:-40} --val-every 4 || exit 1
+# Candidates for the last epochs, each 3 more epochs from the twin's final weights at a tenth of the peak lr
+# (cosine to 0): the control on the same crops, whole 360x480 frames at scale 1 (what the node sees), and full
+# median-frequency class weights (power 1 instead of 0.5).
+MORE="--holdout 0006R0 --init-weights runs/segnet_imagenet_0006R0/final --epochs 3 --lr 2e-4 --warmup-epochs 0 \
+ --freeze-encoder-epochs 0 --val-every 1"
+if [ "${CANDIDATES:-1}" = 1 ]; then
+  run runs/segnet_imagenet_0006R0_more_crops $MORE || exit 1
+  run runs/segnet_imagenet_0006R0_more_whole $MORE --crop none --scale 1,1 || exit 1
+  run runs/segnet_imagenet_0006R0_more_weights1 $MORE --class-weight-power 1.0 || exit 1
+fi
+# The long run on all 468 images, once the twin has said how long is worth it (LONG_EPOCHS; none: stop here).
+[ -n "$LONG_EPOCHS" ] || exit 0
+run runs/segnet_imagenet_all468 --val-split none --epochs "$LONG_EPOCHS" || exit 1
