@@ -31,6 +31,11 @@ if [ "${CANDIDATES:-1}" = 1 ]; then
   run runs/segnet_imagenet_0006R0_more_whole $MORE --crop none --scale 1,1 || exit 1
   run runs/segnet_imagenet_0006R0_more_weights1 $MORE --class-weight-power 1.0 || exit 1
 fi
+# Bayesian SegNet's held-out twin: the same tensors (dropout has none) fine-tuned with dropout after encoders and
+# decoders 3-5 from the SegNet twin's final weights; the MC-dropout gains per sample count are measured on it.
+run runs/bayesian_segnet_imagenet_0006R0 --model bayesian_segnet --holdout 0006R0 \
+ --init-weights runs/segnet_imagenet_0006R0/final --epochs "${BAYES_TWIN_EPOCHS:-15}" --lr 1e-3 --warmup-epochs 1 \
+ --freeze-encoder-epochs 0 --val-every 3 || exit 1
 # The long run on all 468 images, once the twin has said how long is worth it (LONG_EPOCHS; none: stop here).
 [ -n "$LONG_EPOCHS" ] || exit 0
 run runs/segnet_imagenet_all468 --val-split none --epochs "$LONG_EPOCHS" || exit 1
