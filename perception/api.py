@@ -55,16 +55,18 @@ class Segmenter:
 
     ``backend`` ("auto", "onnxruntime", "torch", "tensorrt"), ``precision`` ("auto", "fp32", "int8", "bf16",
     "fp16"), ``device`` ("auto": a CUDA GPU where PyTorch sees one; "cpu", "cuda", "cuda:N"), ``tta`` ("none",
-    "flip"), ``mc_samples`` and ``threads`` mean what they mean on the command line. Why it chose what it runs
+    "flip"), ``mc_samples``, ``uncertainty_measure`` ("entropy", "variance") and ``threads`` mean what they mean
+    on the command line. Why it chose what it runs
     is in :attr:`notes` (also issued as warnings). Close it (or use ``with``) to release the backend.
     """
 
     def __init__(self, model: str | Path | None = None, *, backend: str = "auto", precision: str = "auto",
-                 device: str = "auto", tta: str = "none", mc_samples: int = 8, threads: int | None = None) -> None:
+                 device: str = "auto", tta: str = "none", mc_samples: int = 8, threads: int | None = None,
+                 uncertainty_measure: str = "entropy") -> None:
         from perception.inference.resolve import resolve
 
         resolution = resolve(model, backend=backend, precision=precision, device=device, tta=tta,
-                             mc_samples=mc_samples, threads=threads)
+                             mc_samples=mc_samples, threads=threads, uncertainty_measure=uncertainty_measure)
         self.notes: list[str] = list(resolution.notes)
         for note in self.notes:
             warnings.warn(note, stacklevel=2)

@@ -32,22 +32,29 @@ def test_each_row_is_the_libraries_mc_prediction_under_the_same_seed(name):
         model.classifier.bias.zero_()
         model.classifier.weight.mul_(50)
     x = torch.randn(1, 3, 32, 48, dtype=torch.float64)
-    rows = tool.frame_labels(model, x, [2, 3, 5], seed=11)
+    rows = tool.frame_predictions(model, x, [2, 3, 5], seed=11)
     assert list(rows) == tool.row_names([2, 3, 5])
     model.eval()
     with torch.no_grad():
-        assert torch.equal(rows["one pass"], model(x).argmax(1))
-        assert torch.equal(rows["one pass + flip"], FlipTTA(model)(x).argmax(1))
+        for name, net in (("one pass", model), ("one pass + flip", FlipTTA(model))):
+            logits = net(x)
+            assert torch.equal(rows[name].labels, logits.argmax(1)) and rows[name].variance is None
+            p = torch.softmax(logits, dim=1)
+            assert torch.allclose(rows[name].entropy, -(p * p.log()).sum(1), atol=1e-9)
     for k in (2, 3, 5):
         torch.manual_seed(11)
         plain = mc_dropout_predict(model, x, samples=k, reuse_prefix=False)
         torch.manual_seed(11)
         flipped = mc_dropout_predict(FlipTTA(model), x, samples=k)
-        assert torch.equal(rows[f"MC {k}"], plain.labels)
-        assert torch.equal(rows[f"MC {k} + flip"], flipped.labels)
+        for row, ref in ((rows[f"MC {k}"], plain), (rows[f"MC {k} + flip"], flipped)):
+            assert torch.equal(row.labels, ref.labels)
+            # mc_dropout_predict returns float32 summaries; the tool keeps float64.
+            assert torch.allclose(row.variance.float(), ref.uncertainty, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(row.entropy.float(), ref.entropy, rtol=1e-5, atol=1e-7)
+            assert row.variance.max() > 0  # the samples differ, so the comparison above compares something
     # The samples matter here: another seed gives other labels, so the equalities above test the seeding.
-    other = tool.frame_labels(model, x, [2, 3, 5], seed=12)
-    assert any(not torch.equal(rows[n], other[n]) for n in rows if n.startswith("MC"))
+    other = tool.frame_predictions(model, x, [2, 3, 5], seed=12)
+    assert any(not torch.equal(rows[n].labels, other[n].labels) for n in rows if n.startswith("MC"))
 
 
 def test_mc_gains_scores_every_row_and_writes_json_and_plot(toy_bayesian_model, tmp_path, capsys):
@@ -71,6 +78,9 @@ def test_mc_gains_scores_every_row_and_writes_json_and_plot(toy_bayesian_model, 
     reference = evaluate(model, open_dataset(data, "train", transform=ToTensors()), model.card.input, progress=False)
     for key in ("global_accuracy", "class_accuracy", "miou", "bf"):
         assert doc["rows"]["one pass"][key] == pytest.approx(reference[key], abs=1e-12)
+    for name, row in doc["rows"].items():
+        assert 0 <= row["auroc_entropy"] <= 1
+        assert (row["auroc_variance"] is None) == (not name.startswith("MC"))
 
 
 def test_mc_gains_refuses_a_model_without_dropout_in_one_line(toy_model, tmp_path, capsys):

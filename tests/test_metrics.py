@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from perception.eval.metrics import BF_TOLERANCE, SegmentationMetrics, boundary_f1, mask_boundary
+from perception.eval.metrics import BF_TOLERANCE, ErrorDetection, SegmentationMetrics, boundary_f1, mask_boundary
 
 
 def test_confusion_metrics_hand_case():
@@ -130,3 +130,51 @@ def test_bf_matches_brute_force_on_random_blobs(seed):
     ref = _bf_brute_force(pred, target, 4)
     got = boundary_f1(pred, target, 4)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+
+
+def _pairwise_auroc(u: np.ndarray, wrong: np.ndarray) -> float:
+    """The AUROC by its definition (the Mann-Whitney U over every error/correct pair, ties half), float64."""
+    e, c = u[wrong][:, None], u[~wrong][None, :]
+    return float(((e > c).sum() + 0.5 * (e == c).sum()) / (e.size * c.size))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_error_detection_auroc_equals_the_pairwise_definition(seed):
+    rng = np.random.default_rng(seed)
+    k, void = 4, 4
+    det = ErrorDetection(k, ignore_index=void)
+    us, wrongs = [], []
+    for _ in range(3):  # frames: the bins add up across updates
+        target = rng.integers(0, k + 1, (2, 17, 23))
+        pred = np.where(rng.random(target.shape) < 0.7, target, rng.integers(0, k, target.shape)) % k
+        # Values on a few levels (zero included) so that ties are exact, more uncertain where wrong.
+        levels = np.array([0.0, 1e-7, 3e-4, 0.02, 0.2])
+        u = levels[np.clip(rng.integers(0, 4, target.shape) + (pred != target), 0, 4)]
+        det.update(u, pred, target)
+        keep = target != void
+        us.append(u[keep])
+        wrongs.append((pred != target)[keep])
+    u, wrong = np.concatenate(us), np.concatenate(wrongs)
+    got = det.compute()
+    assert got["auroc"] == pytest.approx(_pairwise_auroc(u, wrong), abs=1e-12)
+    assert got["error_rate"] == pytest.approx(wrong.mean(), abs=1e-12)
+    # Continuous values: ties only inside a bin (0.05% of a decade), so within 1e-3 of the exact statistic.
+    cont = ErrorDetection(k)
+    target = rng.integers(0, k, (40, 40))
+    pred = np.where(rng.random(target.shape) < 0.6, target, (target + 1) % k)
+    u = rng.lognormal(-4, 2, target.shape) * np.where(pred != target, 3.0, 1.0)
+    cont.update(torch.from_numpy(u), torch.from_numpy(pred), target)
+    assert cont.compute()["auroc"] == pytest.approx(_pairwise_auroc(u.ravel(), (pred != target).ravel()), abs=1e-3)
+
+
+def test_error_detection_edge_cases():
+    target = np.array([[0, 1, 2, 3]])
+    pred = np.array([[0, 1, 0, 0]])  # the last two are wrong
+    perfect, reversed_, none = ErrorDetection(4), ErrorDetection(4), ErrorDetection(4)
+    perfect.update(np.array([[0.0, 0.1, 0.5, 0.9]]), pred, target)
+    reversed_.update(np.array([[0.9, 0.5, 0.1, 0.0]]), pred, target)
+    none.update(np.array([[0.1, 0.2, 0.3, 0.4]]), target, target)
+    assert perfect.compute()["auroc"] == 1.0 and reversed_.compute()["auroc"] == 0.0
+    assert math.isnan(none.compute()["auroc"]) and none.compute()["error_rate"] == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        perfect.update(np.zeros((1, 3)), pred, target)

@@ -128,12 +128,17 @@ def test_uncertainty_stream_for_bayesian_model(toy_bayesian_model):
     backend = load_backend(toy_bayesian_model[1], mc_samples=3)
     node = Node(open_source("synthetic://?width=64&height=48&frames=2"), backend, pub,
                 NodeSettings(wait_for_subscribers=1, wait_timeout=20), log=lambda m: None)
-    sub = Subscriber(pub.endpoint, topics=["segnet/uncertainty"])
+    sub = Subscriber(pub.endpoint, topics=["segnet/uncertainty", "segnet/info"])
     rc = node.run()
-    msg = sub.recv(timeout=5)
-    assert rc == 0 and msg is not None
+    got = {}
+    while (msg := sub.recv(timeout=5)) is not None and len(got) < 2:
+        got.setdefault(msg.stream, msg)
+    msg, info = got["uncertainty"], got["info"].data
+    assert rc == 0
     assert msg.header["encoding"] == "32FC1" and msg.data.dtype == np.float32 and msg.data.shape == (48, 64)
-    assert (msg.data >= 0).all()
+    # The default map is the predictive entropy (nats, at most ln of the class count), and info says so.
+    assert info["uncertainty_measure"] == "entropy"
+    assert (msg.data >= 0).all() and msg.data.max() <= np.log(len(info["classes"])) + 1e-5
     sub.close()
     pub.close()
 

@@ -126,3 +126,28 @@ def test_predict_runs_the_shipped_model_without_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     labels = cv2.imread(str(tmp_path / "out" / "frame_labels.png"), cv2.IMREAD_UNCHANGED)
     assert labels.shape == (360, 480) and labels.max() < 11
+
+
+def test_torch_backend_uncertainty_map_is_the_measure_asked_for(toy_bayesian_model):
+    """The default map is the predictive entropy of the MC samples' mean (checked against the mean
+    probabilities the same call returns, in float64); ``variance`` is the paper's map of the same samples."""
+    import torch
+
+    from perception.inference import load_backend
+
+    frames = np.random.default_rng(0).integers(0, 256, (1, 48, 64, 3), dtype=np.uint8)
+    results = {}
+    for measure in ("entropy", "variance"):
+        backend = load_backend(toy_bayesian_model[1], backend="torch", mc_samples=4, uncertainty_measure=measure)
+        torch.manual_seed(3)
+        results[measure] = backend.infer(frames, probs=True, uncertainty=True)
+    assert load_backend(toy_bayesian_model[1], backend="torch").uncertainty_measure == "entropy"
+    p = results["entropy"].probs.astype(np.float64)
+    entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(1)
+    np.testing.assert_allclose(results["entropy"].uncertainty, entropy, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(results["variance"].probs, results["entropy"].probs)  # the same samples
+    variance = results["variance"].uncertainty
+    assert variance.max() <= 0.25 and variance.max() > 0
+    assert not np.allclose(variance, results["entropy"].uncertainty)
+    with pytest.raises(ValueError, match="uncertainty measure must be one of"):
+        load_backend(toy_bayesian_model[1], backend="torch", uncertainty_measure="std")

@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["SegmentationMetrics", "mask_boundary", "boundary_f1", "BF_TOLERANCE"]
+__all__ = ["SegmentationMetrics", "ErrorDetection", "mask_boundary", "boundary_f1", "BF_TOLERANCE"]
 
 BF_TOLERANCE = 0.0075  # fraction of the image diagonal
 
@@ -143,6 +143,52 @@ class SegmentationMetrics:
                 ]
             out["per_class_bf"] = per_class
         return out
+
+
+class ErrorDetection:
+    """How well a per-pixel uncertainty ranks a prediction's errors: the AUROC of the uncertainty as a
+    detector of misclassified pixels (1.0: every error more uncertain than every correct pixel; 0.5: chance).
+
+    ``update(uncertainty, pred, target)`` takes HxW or NxHxW arrays; pixels whose target is ``ignore_index``
+    (or outside ``0..num_classes-1``) do not count. Values are accumulated in bins of equal width on a log
+    scale (``bins_per_decade`` from 1e-12 to 10; smaller values, zero included, share the first bin), so memory
+    does not grow with the frames; values in one bin count as ties, half a pair each, as in the Mann-Whitney U
+    statistic the AUROC equals.
+    """
+
+    LOW, HIGH = -12.0, 1.0  # log10 range of the bins
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, *, bins_per_decade: int = 2000) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.bins_per_decade = bins_per_decade
+        self.nbins = int((self.HIGH - self.LOW) * bins_per_decade) + 1
+        self.errors = np.zeros(self.nbins, dtype=np.int64)
+        self.correct = np.zeros(self.nbins, dtype=np.int64)
+
+    def update(self, uncertainty: Any, pred: Any, target: Any) -> None:
+        if hasattr(uncertainty, "detach"):
+            uncertainty = uncertainty.detach().float().cpu().numpy()
+        u, pred, target = np.asarray(uncertainty, dtype=np.float64), _to_numpy(pred), _to_numpy(target)
+        if not u.shape == pred.shape == target.shape:
+            raise ValueError(f"uncertainty {u.shape}, pred {pred.shape} and target {target.shape} differ in shape")
+        valid = (target >= 0) & (target < self.num_classes)
+        if self.ignore_index is not None:
+            valid &= target != self.ignore_index
+        with np.errstate(divide="ignore"):
+            scaled = (np.log10(np.maximum(u[valid], 0.0)) - self.LOW) * self.bins_per_decade
+        idx = np.clip(np.floor(np.nan_to_num(scaled, neginf=0.0)), 0, self.nbins - 1).astype(np.int64)
+        wrong = pred[valid] != target[valid]
+        self.errors += np.bincount(idx[wrong], minlength=self.nbins)
+        self.correct += np.bincount(idx[~wrong], minlength=self.nbins)
+
+    def compute(self) -> dict[str, float]:
+        """``auroc`` (NaN when no pixel or no error was seen) and ``error_rate`` over the counted pixels."""
+        n_err, n_ok = int(self.errors.sum()), int(self.correct.sum())
+        below = np.cumsum(self.correct) - self.correct  # correct pixels in lower bins
+        pairs = float((self.errors * (below + 0.5 * self.correct)).sum())
+        auroc = pairs / (n_err * n_ok) if n_err and n_ok else float("nan")
+        total = n_err + n_ok
+        return {"auroc": auroc, "error_rate": n_err / total if total else float("nan")}
 
 
 def _nanmean(a: np.ndarray) -> float:

@@ -12,7 +12,7 @@ import cv2
 
 from perception.core.cli import fail
 from perception.core.fileio import list_images
-from perception.core.choices import DEVICE_HELP, parse_device
+from perception.core.choices import DEVICE_HELP, UNCERTAINTY_MEASURES, parse_device
 from perception.core.options import add_arguments, in_range, opt, parse_into
 from perception.inference import BACKEND_CHOICES
 
@@ -35,6 +35,9 @@ class PredictOptions:
     legend: bool = opt(True, help="draw the legend of the classes present on the overlay")
     save_labels: bool = opt(False, help="also write the uint8 class-id PNGs")
     uncertainty: bool = opt(False, help="uncertainty heat maps (Bayesian models)")
+    uncertainty_measure: str = opt("entropy", choices=UNCERTAINTY_MEASURES,
+                                   help="what the heat maps show: the MC samples' predictive entropy or the "
+                                        "paper's mean class variance")
     device: str = opt("auto", parse=parse_device, help=DEVICE_HELP)
 
 
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         images = expand_images(args.images)
-        resolution = resolve(args.model, backend=args.backend, device=args.device)
+        resolution = resolve(args.model, backend=args.backend, device=args.device,
+                             uncertainty_measure=args.uncertainty_measure)
         print_notes(resolution.notes)
         backend = resolution.load()
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:

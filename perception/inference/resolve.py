@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from perception.core.card import INT8_ONNX_FILE, load_card
-from perception.core.choices import PRECISIONS, TORCH_PRECISIONS, TTA_MODES, parse_device
+from perception.core.choices import PRECISIONS, TORCH_PRECISIONS, TTA_MODES, UNCERTAINTY_MEASURES, parse_device
 from perception.core.model_folder import (
     INT8_MAX_LOSS, ModelFolder, int8_cpu_verdict, torch_available, torch_cuda_status,
 )
@@ -86,12 +86,15 @@ def _check_choices(backend: str, precision: str, tta: str) -> None:
 def resolve(
     model: str | Path | None = None, *, backend: str = "auto", device: str = "auto", precision: str = "auto",
     mc_samples: int = 8, threads: int | None = None, tta: str = "none", reference: bool = False,
+    uncertainty_measure: str = "entropy",
 ) -> Resolution:
     """The backend for ``model`` (a name, a folder, an ``.onnx`` or an ``.engine``; None: the default), as
     the module docstring says; ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``reference``
     measures the model itself rather than what a folder deploys (a folder runs in PyTorch: perception-eval).
     Raises ValueError/FileNotFoundError/RuntimeError with a one-line reason."""
     _check_choices(backend, precision, tta)
+    if uncertainty_measure not in UNCERTAINTY_MEASURES:
+        raise ValueError(f"--uncertainty-measure must be one of {UNCERTAINTY_MEASURES}, got {uncertainty_measure!r}")
     device = parse_device(device)
     path = find_model(model)
     kind = backend_kind(path)
@@ -108,13 +111,15 @@ def resolve(
         if precision == "int8":
             raise ValueError("--precision int8 runs on the CPU (ONNX Runtime's int8 graph); on CUDA use fp16, "
                              "or a TensorRT engine")
-        return Resolution("torch", path, device, _torch_options(precision, device, mc_samples, threads, tta, notes),
+        return Resolution("torch", path, device, _torch_options(precision, device, mc_samples, threads, tta, notes)
+                          | {"uncertainty_measure": uncertainty_measure},
                           notes)
     chosen = backend if backend != "auto" else "torch" if reference else _auto_backend(folder, notes)
     if chosen == "tensorrt":
         raise ValueError(f"--backend tensorrt needs an .engine file (build one with tools/build_engine.py), got {path}")
     if chosen == "torch":
-        return Resolution("torch", path, device, _torch_options(precision, device, mc_samples, threads, tta, notes),
+        return Resolution("torch", path, device, _torch_options(precision, device, mc_samples, threads, tta, notes)
+                          | {"uncertainty_measure": uncertainty_measure},
                           notes)
     return _folder_graph(folder, precision, tta, notes, device=device, threads=threads)
 

@@ -12,6 +12,7 @@ from torch import nn
 from perception.core.card import InputSpec
 from perception.data.transforms import normalization_stats, normalize
 from perception.models.precision import autocast_context
+from perception.core.choices import UNCERTAINTY_MEASURES
 from perception.models.bayesian import has_dropout, mc_dropout_predict
 from perception.models.io import load
 from perception.models.tta import with_tta
@@ -40,10 +41,12 @@ class TorchBackend(Backend):
     def __init__(
         self, model_dir: str | Path, *, device: str = "cpu", precision: str = "fp32", mc_samples: int = 8,
         threads: int | None = None, channels_last: bool | None = None, tta: str = "none",
-        cuda_graphs: bool | None = None, graph_api: GraphApi | None = None,
+        cuda_graphs: bool | None = None, graph_api: GraphApi | None = None, uncertainty_measure: str = "entropy",
     ) -> None:
         if precision not in _AMP:
             raise ValueError(f"precision must be one of {sorted(_AMP)}, got {precision!r}")
+        if uncertainty_measure not in UNCERTAINTY_MEASURES:
+            raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {uncertainty_measure!r}")
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         if on_cuda and not torch.cuda.is_available():
@@ -54,6 +57,7 @@ class TorchBackend(Backend):
         super().__init__(self.model.card)
         self.precision = precision
         self.mc_samples = mc_samples
+        self.uncertainty_measure = uncertainty_measure
         self.bayesian = has_dropout(self.model)
         self._amp = _AMP[precision]
         if on_cuda and precision != "fp32":  # the weights in fp16/bf16: no per-op autocast casts on the GPU
@@ -98,7 +102,8 @@ class TorchBackend(Backend):
         or an empty tensor): what one call computes, and what a CUDA graph records."""
         x = frames_bgr.permute(0, 3, 1, 2).flip(1)  # RGB-ordered NCHW; normalize() applies the card's order
         out = predict_batch(self.net, x, self.card.input, amp=self._amp, channels_last=self.channels_last,
-                            probs=probs, mc_samples=mc_samples, stats=self._stats)
+                            probs=probs, mc_samples=mc_samples, stats=self._stats,
+                            uncertainty_measure=self.uncertainty_measure)
         empty = x.new_empty(0)
         return (out.labels.to(torch.uint8), out.probs.float() if out.probs is not None else empty,
                 out.uncertainty.float() if out.uncertainty is not None else empty)
@@ -118,7 +123,7 @@ class TorchBackend(Backend):
 @dataclass
 class TorchPrediction:
     """What :func:`predict_batch` returns: labels (N, H, W) int64, and on request class probabilities
-    (N, C, H, W) and the MC-dropout uncertainty (N, H, W)."""
+    (N, C, H, W) and the MC-dropout uncertainty map (N, H, W)."""
 
     labels: torch.Tensor
     probs: torch.Tensor | None = None
@@ -136,13 +141,15 @@ def predict_batch(
     channels_last: bool = False,
     probs: bool = False,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    uncertainty_measure: str = "entropy",
 ) -> TorchPrediction:
     """The one PyTorch inference step (the node's TorchBackend and evaluation both run it): a uint8
     RGB batch (N, 3, H, W) on the model's device -> labels, with the card's preprocessing
     (:func:`~perception.data.transforms.normalize`) and autocast ``amp`` ("off", "bf16", "fp16").
 
     ``mc_samples`` runs Monte-Carlo dropout (labels: the argmax of the samples' mean probabilities,
-    plus their uncertainty); otherwise the network runs in eval mode and labels are the logits' argmax.
+    plus their uncertainty map, ``uncertainty_measure``: see :data:`~perception.models.bayesian.UNCERTAINTY_MEASURES`);
+    otherwise the network runs in eval mode and labels are the logits' argmax.
     ``net`` may be a wrapper of the model (e.g. :func:`~perception.models.tta.with_tta`'s).
     """
     param = next(net.parameters())
@@ -152,7 +159,7 @@ def predict_batch(
     with autocast_context(param.device, amp):
         if mc_samples:
             pred = mc_dropout_predict(net, x, samples=mc_samples)
-            return TorchPrediction(pred.labels, pred.probs if probs else None, pred.uncertainty)
+            return TorchPrediction(pred.labels, pred.probs if probs else None, pred.uncertainty_map(uncertainty_measure))
         net.eval()
         logits = net(x)
         return TorchPrediction(logits.argmax(1), torch.softmax(logits.float(), dim=1) if probs else None)

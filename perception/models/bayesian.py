@@ -8,6 +8,8 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from perception.core.choices import UNCERTAINTY_MEASURES
+
 __all__ = ["MCPrediction", "mc_dropout_predict", "has_dropout", "mc_dropout_mode"]
 
 
@@ -19,6 +21,12 @@ class MCPrediction(NamedTuple):
     labels: Tensor  # (N, H, W) argmax of ``probs``
     uncertainty: Tensor  # (N, H, W) mean over classes of the per-class softmax variance (the paper's)
     entropy: Tensor  # (N, H, W) entropy of ``probs`` in nats
+
+    def uncertainty_map(self, measure: str = "entropy") -> Tensor:
+        """The per-pixel map ``measure`` (one of :data:`UNCERTAINTY_MEASURES`) names."""
+        if measure not in UNCERTAINTY_MEASURES:
+            raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {measure!r}")
+        return self.entropy if measure == "entropy" else self.uncertainty
 
 
 def has_dropout(model: nn.Module) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from perception.core.choices import PRECISIONS, TTA_MODES, DEVICE_HELP, parse_device
+from perception.core.choices import PRECISIONS, TTA_MODES, UNCERTAINTY_MEASURES, DEVICE_HELP, parse_device
 from perception.core.config import load_yaml_options
 from perception.core.options import add_arguments, at_least, given, in_range, merge, opt, positive, project, validate
 from perception.core.sizes import parse_hw
@@ -72,6 +72,10 @@ class NodeConfig:
     stats_period: float = opt(1.0, check=positive)
     info_period: float = opt(5.0, check=positive)
     mc_samples: int = opt(8, check=at_least(1), help="MC dropout samples for uncertainty (Bayesian models)")
+    uncertainty_measure: str = opt("entropy", choices=UNCERTAINTY_MEASURES,
+                                   help="the uncertainty map of Bayesian models: the predictive entropy of the MC "
+                                        "samples' mean (nats; ranks errors better, docs/training.md) or the "
+                                        "paper's mean class variance")
     sndhwm: int = opt(8, check=at_least(1), help="messages queued per subscriber before the node drops for it")
     checksum: bool = opt(False, help="carry each payload's CRC-32 in its header (crc32); subscribers reject a "
                                      "message whose bytes do not match")
@@ -170,7 +174,8 @@ def node_backend(cfg: NodeConfig):
     from perception.inference.resolve import resolve
 
     resolution = resolve(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
-                         mc_samples=cfg.mc_samples, threads=cfg.threads, tta=cfg.tta)
+                         mc_samples=cfg.mc_samples, threads=cfg.threads, tta=cfg.tta,
+                         uncertainty_measure=cfg.uncertainty_measure)
     print_notes(resolution.notes)
     return resolution.load()
 

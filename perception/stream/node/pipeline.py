@@ -247,6 +247,9 @@ class NodeReport:
             "input_size": [card.input.height, card.input.width],
             "backend": n.backend.name,
             "bayesian": n.bayesian,
+            # What the uncertainty stream's values are (entropy in nats, or the paper's class variance).
+            **({"uncertainty_measure": measure}
+               if n.bayesian and (measure := getattr(n.backend, "uncertainty_measure", None)) else {}),
             "streams": [s for s in FRAME_STREAMS if s != "uncertainty" or n.bayesian] + ["stats", "info"],
             "source": n.source.uri,
             "frame_id": n.s.frame_id,
