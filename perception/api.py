@@ -56,8 +56,8 @@ class Segmenter:
     ``backend`` ("auto", "onnxruntime", "torch", "tensorrt"), ``precision`` ("auto", "fp32", "int8", "bf16",
     "fp16"), ``device`` ("auto": a CUDA GPU where PyTorch sees one; "cpu", "cuda", "cuda:N"), ``tta`` ("none",
     "flip"), ``mc_samples``, ``uncertainty_measure`` ("entropy", "variance") and ``threads`` mean what they mean
-    on the command line. Why it chose what it runs
-    is in :attr:`notes` (also issued as warnings). Close it (or use ``with``) to release the backend.
+    on the command line. Why it chose what it runs is in :attr:`notes` (also issued as warnings). Close it (or
+    use ``with``) to release the backend.
     """
 
     def __init__(self, model: str | Path | None = None, *, backend: str = "auto", precision: str = "auto",

@@ -2,9 +2,9 @@
 """What Monte-Carlo dropout and flip TTA gain: a Bayesian model's one pass, its MC-dropout prediction at
 each sample count, each with and without flip TTA, scored with the paper's metrics on the same frames in one
 run (the gains against the one pass, a table, a JSON file and a plot), and how well each row's uncertainty
-ranks its own errors: the AUROC of the node's MC uncertainty (the samples' class variance) and of the
-entropy of the mean probabilities (the one pass's softmax entropy: what a model without dropout offers) as
-detectors of misclassified pixels.
+ranks its own errors: the AUROC of the paper's MC uncertainty (the samples' class variance) and of the
+entropy of the mean probabilities (the node's map; for the one pass its softmax entropy, what a model without
+dropout offers) as detectors of misclassified pixels.
 
     python tools/mc_gains.py bayesian_segnet_camvid --data ../shared/camvid --split train+val \\
         --groups 0006R0 --samples 4 8 16 --json mc_gains.json --plot mc_gains.png
@@ -56,7 +56,7 @@ def row_names(counts: list[int]) -> list[str]:
 
 class RowPrediction(NamedTuple):
     """One row's prediction for a batch: labels (N, H, W), the entropy of its mean class probabilities and,
-    for MC rows, the node's uncertainty (the samples' class variance averaged over classes; None otherwise)."""
+    for MC rows, the paper's uncertainty (the samples' class variance averaged over classes; None otherwise)."""
 
     labels: Any
     entropy: Any

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from perception.core.card import InputSpec
+from perception.core.choices import UNCERTAINTY_MEASURES
 from perception.data.transforms import normalization_stats, normalize
 from perception.models.precision import autocast_context
-from perception.core.choices import UNCERTAINTY_MEASURES
 from perception.models.bayesian import has_dropout, mc_dropout_predict
 from perception.models.io import load
 from perception.models.tta import with_tta
@@ -148,7 +148,7 @@ def predict_batch(
     (:func:`~perception.data.transforms.normalize`) and autocast ``amp`` ("off", "bf16", "fp16").
 
     ``mc_samples`` runs Monte-Carlo dropout (labels: the argmax of the samples' mean probabilities,
-    plus their uncertainty map, ``uncertainty_measure``: see :data:`~perception.models.bayesian.UNCERTAINTY_MEASURES`);
+    plus the uncertainty map ``uncertainty_measure`` names: :data:`~perception.core.choices.UNCERTAINTY_MEASURES`);
     otherwise the network runs in eval mode and labels are the logits' argmax.
     ``net`` may be a wrapper of the model (e.g. :func:`~perception.models.tta.with_tta`'s).
     """
