@@ -63,15 +63,11 @@ class RowPrediction(NamedTuple):
     variance: Any = None
 
 
-def _entropy(p):
-    return -(p * p.clamp_min(1e-12).log()).sum(1)
-
-
 def frame_predictions(model, x, counts: list[int], *, seed: int, amp: str = "off") -> dict[str, RowPrediction]:
     """Every row of :func:`row_names` on one normalised batch ``x``."""
     import torch
 
-    from perception.models.bayesian import mc_dropout_mode
+    from perception.models.bayesian import mc_dropout_mode, predictive_entropy as _entropy
     from perception.models.precision import autocast_context
     from perception.models.tta import FlipTTA
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from perception.core.choices import UNCERTAINTY_MEASURES
 
-__all__ = ["MCPrediction", "mc_dropout_predict", "has_dropout", "mc_dropout_mode"]
+__all__ = ["MCPrediction", "mc_dropout_predict", "has_dropout", "mc_dropout_mode", "predictive_entropy"]
 
 
 class MCPrediction(NamedTuple):
@@ -27,6 +27,11 @@ class MCPrediction(NamedTuple):
         if measure not in UNCERTAINTY_MEASURES:
             raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {measure!r}")
         return self.entropy if measure == "entropy" else self.uncertainty
+
+
+def predictive_entropy(probs: Tensor) -> Tensor:
+    """Entropy in nats over dim 1 of class probabilities (N, K, H, W) -> (N, H, W)."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(1)
 
 
 def has_dropout(model: nn.Module) -> bool:
@@ -85,5 +90,5 @@ def mc_dropout_predict(
     assert mean is not None and sq is not None
     mean = mean / samples
     var = (sq / samples - mean * mean).clamp_min(0)
-    entropy = -(mean * mean.clamp_min(1e-12).log()).sum(1)
+    entropy = predictive_entropy(mean)
     return MCPrediction(mean.float(), mean.argmax(1), var.mean(1).float(), entropy.float())
