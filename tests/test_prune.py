@@ -14,7 +14,7 @@ import torch
 
 from perception.models import get_model
 from perception.models.io import load, save
-from perception.models.prune import channel_groups, prune, prune_channels
+from perception.models.prune import channel_groups, prune, prune_channels, random_importance
 from perception.models.registry import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +84,43 @@ def test_prune_by_ratio_rounds_widths_and_refuses_nonsense():
         prune_channels(model, {"pool9": torch.tensor([0])})
     with pytest.raises(ValueError, match="sorted unique"):
         prune_channels(model, {"pool1": torch.tensor([3, 1])})
+
+
+def test_the_random_ranking_reproduces_per_seed_and_group(tmp_path):
+    """``--importance random``: the same seed keeps the same channels whatever the order groups are visited in,
+    another seed others; the tool's folder holds exactly ``prune``'s weights and says how they were ranked."""
+    import json
+    import subprocess
+    import sys
+
+    model = get_model("segnet", num_classes=5, stages=SMALL)
+    groups = channel_groups(model)
+    rank = random_importance(3)
+    assert torch.equal(rank(groups["pool4"]), random_importance(3)(groups["pool4"]))
+    assert not torch.equal(rank(groups["pool4"]), random_importance(4)(groups["pool4"]))
+    assert not torch.equal(rank(groups["enc4.0"]), rank(groups["enc4.1"]))  # same width, another name
+    a, b = (prune(model, keep_ratio=0.5, importance=random_importance(s)) for s in (3, 4))
+    assert a.stage_widths == b.stage_widths
+    assert not torch.equal(a.encoders[3].convs[0][0].weight, b.encoders[3].convs[0][0].weight)
+
+    src = saved_as_folder(model, tmp_path / "src")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "prune_model.py"), "--model", str(src), "--keep-ratio",
+                        "0.5", "--importance", "random", "--seed", "3", "--out", str(tmp_path / "cut")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cut = load(tmp_path / "cut")
+    assert all(torch.equal(x, y) for x, y in zip(cut.state_dict().values(), a.state_dict().values()))
+    assert json.loads((tmp_path / "cut" / "model.json").read_text())["extra"]["pruned_from"] == {
+        "model": "small", "keep_ratio": 0.5, "fine_tuned": False, "importance": "random", "seed": 3}
+
+
+def saved_as_folder(model: torch.nn.Module, folder: Path, *, classes: int = 5) -> Path:
+    """``model`` saved as a folder with a minimal card (id ``small``)."""
+    from perception.core.card import ModelCard
+
+    save(model, folder, ModelCard(id="small", architecture=model_config(model), classes=[f"c{i}" for i in range(classes)],
+                                  palette=[[i, i, i] for i in range(classes)], ignore_index=255))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +217,29 @@ def test_prune_then_fine_tune_with_distillation(toy_model, tmp_path, capsys):
     tuned = json.loads((tmp_path / "tuned" / "final" / "model.json").read_text())
     assert tuned["architecture"]["kwargs"]["stages"] == pruned_card["architecture"]["kwargs"]["stages"]
     assert load(tmp_path / "tuned" / "final").stage_widths[3] == [16, 16, 16]
+
+
+def test_the_prune_screen_scores_each_ranking_against_the_full_model(toy_data, tmp_path):
+    """tools/prune_screen.py: kept whole, every ranking's network as cut is the full one (the same score); cut,
+    each row is a score; bad input is refused with a one-line error."""
+    import importlib.util
+
+    from perception.data.loading import open_dataset
+    from perception.data.transforms import ToTensors
+    from perception.eval.evaluate import evaluate
+
+    spec_ = importlib.util.spec_from_file_location("prune_screen", ROOT / "tools" / "prune_screen.py")
+    tool = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(tool)
+    torch.manual_seed(0)
+    model = load(saved_as_folder(get_model("segnet", num_classes=3, stages=SMALL), tmp_path / "m", classes=3))
+    measured = open_dataset(toy_data, "val", transform=ToTensors())
+    calibration = open_dataset(toy_data, "train", transform=ToTensors())
+    full = float(evaluate(model.eval(), measured, model.card.input, boundary=False, progress=False)["miou"])
+    whole = tool.screen(model, measured, calibration, keep_ratio=1.0, seed=0)
+    assert set(whole) == {"full", "bn", "random"} and whole["full"]["miou"] == full
+    assert all(whole[k]["miou_as_cut"] == full for k in ("bn", "random"))
+    cut = tool.screen(model, measured, calibration, keep_ratio=0.5, seed=0)
+    assert all(0 <= cut[k][m] <= 1 for k in ("bn", "random") for m in ("miou_as_cut", "miou_recalibrated"))
+    assert tool.main([str(tmp_path / "m"), "--data", str(toy_data), "--groups", "x", "--keep-ratio", "0"]) == 2
+    assert tool.main([str(tmp_path / "m"), "--data", str(toy_data), "--split", "val", "--groups", "nodrive"]) == 2

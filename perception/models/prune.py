@@ -18,6 +18,8 @@ they are per plane (``h * W + w``), computed on whatever channels remain.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +28,8 @@ from torch import nn
 from perception.models.registry import get_model, model_config
 from perception.models.segnet import SegNet
 
-__all__ = ["ChannelGroup", "channel_groups", "bn_importance", "prune", "prune_channels"]
+__all__ = ["ChannelGroup", "channel_groups", "bn_importance", "random_importance", "IMPORTANCES", "prune",
+           "prune_channels"]
 
 
 @dataclass
@@ -90,6 +93,24 @@ def bn_importance(group: ChannelGroup) -> torch.Tensor:
     """Per channel of ``group``: the sum over its writers of the batch norm's ``|gamma|`` (a channel whose
     scales are near zero contributes little after its ReLU)."""
     return sum(unit.bn.weight.detach().abs().float() for unit in group.writers)
+
+
+def random_importance(seed: int = 0) -> Callable[[ChannelGroup], torch.Tensor]:
+    """A ranking by chance, drawn per group from ``seed`` and the group's name (so it reproduces and does
+    not depend on the order groups are visited): the control a ranking must beat (Liu et al., "Rethinking the
+    value of network pruning", 2019). On issue 42's SegNet twin it keeps more than ``|gamma|`` when cut once
+    (batch norms recalibrated) and less after one epoch of fine-tuning (docs/training.md, "A smaller SegNet")."""
+    def importance(group: ChannelGroup) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(group.name.encode()))
+        return torch.rand(group.width, generator=generator)
+    return importance
+
+
+# The rankings tools/prune_model.py offers, by name: a seed -> an importance function.
+IMPORTANCES: dict[str, Callable[[int], Callable[[ChannelGroup], torch.Tensor]]] = {
+    "bn": lambda seed: bn_importance,
+    "random": random_importance,
+}
 
 
 def prune(model: SegNet, *, keep_ratio: float | dict[str, float], multiple_of: int = 8,
