@@ -209,6 +209,9 @@ def test_prune_then_fine_tune_with_distillation(toy_model, tmp_path, capsys):
     pruned_card = json.loads((tmp_path / "pruned" / "model.json").read_text())
     assert pruned_card["architecture"]["kwargs"]["stages"][3] == [16, 16, 16]  # 24 * 0.5 = 12 -> 16
     assert pruned_card["extra"]["pruned_from"]["fine_tuned"] is False and pruned_card["metrics"] == {}
+    encoder = {"source": "imagenet", "licence": "CC BY 4.0"}  # as a pretrained encoder's run records it
+    pruned_card["training"]["encoder"] = encoder
+    (tmp_path / "pruned" / "model.json").write_text(json.dumps(pruned_card))
     capsys.readouterr()
     assert train_main(["--model", "segnet", "--init-weights", str(tmp_path / "pruned"), "--distill-from", str(teacher),
                        "--distill-weight", "0.7", "--out", str(tmp_path / "tuned"), *common]) == 0
@@ -217,6 +220,15 @@ def test_prune_then_fine_tune_with_distillation(toy_model, tmp_path, capsys):
     tuned = json.loads((tmp_path / "tuned" / "final" / "model.json").read_text())
     assert tuned["architecture"]["kwargs"]["stages"] == pruned_card["architecture"]["kwargs"]["stages"]
     assert load(tmp_path / "tuned" / "final").stage_widths[3] == [16, 16, 16]
+    # The card names its sources after runs/ is gone: what it was pruned from, the teacher, the encoder's licence.
+    from perception.models.io import weights_sha256
+
+    training = tuned["training"]
+    assert training["init_from"]["pruned_from"] == pruned_card["extra"]["pruned_from"]
+    assert training["init_from"]["weights_sha256"] == weights_sha256(tmp_path / "pruned")
+    assert training["teacher"]["id"] == json.loads((teacher / "model.json").read_text())["id"]
+    assert training["teacher"]["weights_sha256"] == weights_sha256(teacher)
+    assert training["encoder"] == {**encoder, "via": "init_weights"} and "encoder" not in training["init_from"]
 
 
 def test_the_prune_screen_scores_each_ranking_against_the_full_model(toy_data, tmp_path):

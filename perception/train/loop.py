@@ -243,6 +243,36 @@ class _State:
     # whether the run can claim to equal an uninterrupted one, and which epochs its selection compared.
     resumes: list[dict[str, Any]] = field(default_factory=list)
     time_budget_s: float | None = None  # set where the number of epochs was chosen to fit a time budget
+    # The --init-weights and --distill-from folders' identities, read when the run starts (the folders, often
+    # under runs/, may be gone when a resumed run writes its card): see _lineage.
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def _lineage(cfg: TrainConfig) -> dict[str, Any]:
+    """What a model folder this run starts from (``init_from``) or learns from (``teacher``) is: its path, card
+    id and weights' sha256, and for a start what it was pruned from and its encoder's provenance, so the card of
+    a fine-tuned, pruned or distilled model names its sources (and licence) after runs/ is gone."""
+    records: dict[str, Any] = {}
+    for key, folder in (("init_from", cfg.init_weights), ("teacher", cfg.distill_from)):
+        if not folder or not (Path(folder) / model_io.CARD_FILE).is_file():
+            continue  # weights without a card: nothing to name
+        card = model_io.load_card(folder)
+        record = {"folder": str(folder), "id": card.id, "weights_sha256": model_io.weights_sha256(folder)}
+        if key == "init_from":
+            record.update({k: v for k, v in (("pruned_from", card.extra.get("pruned_from")),
+                                             ("encoder", card.training.get("encoder"))) if v})
+        records[key] = record
+    return records
+
+
+def _encoder_record(model: nn.Module, state: _State) -> dict[str, Any]:
+    """The card's ``encoder``: the imported weights' provenance, or where the run started from a model folder,
+    that folder's (marked ``via: init_weights``)."""
+    own = getattr(model, "encoder_provenance", None)
+    if own:
+        return {"encoder": dict(own)}
+    inherited = state.lineage.get("init_from", {}).get("encoder")
+    return {"encoder": {**inherited, "via": "init_weights"}} if inherited else {}
 
 
 def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, command, device, state) -> model_io.ModelCard:
@@ -264,7 +294,8 @@ def _make_card(cfg: TrainConfig, model: nn.Module, dataset, spec, metrics, comma
             **({"holdout": list(cfg.holdout or []), "holdout_list": cfg.holdout_list} if _holds_out(cfg) else {}),
             "selection": _selection_name(cfg) if (_holds_out(cfg) or cfg.val_split) else None,
             "train_images": len(dataset),
-            **({"encoder": dict(model.encoder_provenance)} if getattr(model, "encoder_provenance", None) else {}),
+            **_encoder_record(model, state),
+            **{k: {f: v for f, v in r.items() if f != "encoder"} for k, r in state.lineage.items()},
             "epoch": state.epoch,
             **({"epochs_chosen_for_time_budget_s": state.time_budget_s} if state.time_budget_s else {}),
             "machine": machine_description(device),
@@ -478,8 +509,8 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
     return _Run(cfg=cfg, info=info, device=device, out=out, command=command, aug=aug, train_set=train_set,
                 val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
                 optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
-                steps_per_epoch=steps_per_epoch, state=_State(command=command), channels_last=channels_last,
-                teacher=teacher)
+                steps_per_epoch=steps_per_epoch, state=_State(command=command, lineage=_lineage(cfg)),
+                channels_last=channels_last, teacher=teacher)
 
 
 def _load_teacher(cfg: TrainConfig, num_classes: int, device, channels_last: bool) -> nn.Module:
@@ -554,6 +585,8 @@ def _resume(run: _Run) -> None:
               "uninterrupted one", file=sys.stderr, flush=True)
     run.scheduler.load_state_dict(ck["scheduler"])
     run.state = _State(**ck["state"])
+    if not run.state.lineage:  # a checkpoint written before the record existed
+        run.state.lineage = _lineage(run.cfg)
     selection_restarted = False
     if run.state.best_epoch > 0 and not (run.out / BEST_DIR / model_io.CARD_FILE).is_file():
         # The resume state came without the run's best/ folder (another machine): selection starts over
