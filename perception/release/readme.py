@@ -99,7 +99,7 @@ def _reproduce(x: ReadmeInputs) -> list[str]:
              "```bash", str(t.get("command")), "```", "", *resume_lines(t),
              f"Machine: {_machine(t.get('machine', {}))}; weights from epoch {t.get('epoch')} of "
              f"{t.get('config', {}).get('epochs')} " + (f"(best {selected} mIoU)" if selected else "(the last)")
-             + f"; date {t.get('date')}.", ""]
+             + f"; date {t.get('date')}.", "", *_sources(t)]
     if rr:
         lines += ["The recipe's held-out run (it chose this run's number of epochs):", "", "```bash",
                   str(rr["command"]), "```", "",
@@ -110,6 +110,24 @@ def _reproduce(x: ReadmeInputs) -> list[str]:
                       "this recipe exists, so its row estimates the recipe on a new road, not this network.", ""]
     return lines + ["Input: uint8 frames; the model card (`model.json`) gives the colour order, normalisation and",
                     "input size. Load with `perception.models.load(folder)`.", ""]
+
+
+def _sources(t: dict) -> list[str]:
+    """What the weights came from beyond the command: the pretrained encoder, the folder the run started
+    from (and what that was pruned from), the teacher it was distilled from."""
+    lines = []
+    if enc := t.get("encoder"):
+        where = ", ".join(f"{k} {enc[k]}" for k in ("package", "version", "file") if k in enc)
+        lines.append(f"Encoder: {enc.get('source')} ({where}{'; via the start folder' if enc.get('via') else ''}); "
+                     f"licence: {enc.get('licence', 'not recorded')}.")
+    if start := t.get("init_from"):
+        pruned = start.get("pruned_from")
+        lines.append(f"Started from `{start['id']}` (weights sha256 {start['weights_sha256'][:12]}…)"
+                     + (f", itself `{pruned['model']}` pruned to keep {pruned['keep_ratio']} of its channels"
+                        f" (ranked by {pruned.get('importance', 'bn')})" if pruned else "") + ".")
+    if teacher := t.get("teacher"):
+        lines.append(f"Distilled from `{teacher['id']}` (weights sha256 {teacher['weights_sha256'][:12]}…).")
+    return [*lines, ""] if lines else []
 
 
 def _training_time(x: ReadmeInputs) -> list[str]:
