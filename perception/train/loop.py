@@ -509,7 +509,7 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
     return _Run(cfg=cfg, info=info, device=device, out=out, command=command, aug=aug, train_set=train_set,
                 val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
                 optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
-                steps_per_epoch=steps_per_epoch, state=_State(command=command, lineage=_lineage(cfg)),
+                steps_per_epoch=steps_per_epoch, state=_State(command=command, lineage={} if resume else _lineage(cfg)),
                 channels_last=channels_last, teacher=teacher)
 
 
@@ -585,7 +585,7 @@ def _resume(run: _Run) -> None:
               "uninterrupted one", file=sys.stderr, flush=True)
     run.scheduler.load_state_dict(ck["scheduler"])
     run.state = _State(**ck["state"])
-    if not run.state.lineage:  # a checkpoint written before the record existed
+    if not run.state.lineage:  # the checkpoint's record (read once, when the run started), else read it now
         run.state.lineage = _lineage(run.cfg)
     selection_restarted = False
     if run.state.best_epoch > 0 and not (run.out / BEST_DIR / model_io.CARD_FILE).is_file():
