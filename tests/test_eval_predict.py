@@ -182,11 +182,15 @@ def test_benchmark_versus_times_two_models_backend_by_backend(toy_bayesian_model
     out = tmp_path / "versus.json"
     r = subprocess.run([sys.executable, str(tool), "--model", str(toy_model[1]), "--versus", str(toy_bayesian_model[1]),
                         "--backends", "onnxruntime", "--runs", "2", "--warmup", "1", "--rounds", "2", "--threads", "1",
-                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+                        "--json", str(out), "--work-dir", str(tmp_path / "work")], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     rows = {row["backend"]: row for row in doc["results"]}
     other = Path(toy_bayesian_model[1]).name
+    # The exported graphs sit in one folder per model, named after it (both toy folders are called final).
+    assert {p.name for p in (tmp_path / "work").iterdir()} == {"final", "final_versus"}
+    assert rows[f"onnxruntime [{other}]"]["onnx"] == str(tmp_path / "work" / "final_versus" / "onnxruntime.onnx")
     assert set(rows) == {"torch", f"torch [{other}]", "onnxruntime", f"onnxruntime [{other}]"}, set(rows)
     versus = rows[f"onnxruntime [{other}]"]
     assert versus[f"speedup_vs_{Path(toy_model[1]).name}"] > 0 and len(versus["round_median_ms"]) == 2

@@ -259,9 +259,13 @@ def main(argv: list[str] | None = None) -> int:
                "data": args.data, "split": args.split,
                "groups": [g for g in args.groups.split(",") if g] if args.groups else None}
         onnx_paths = {}
+        # One folder per model, named after it (the exported files share names across models).
+        folders = {model: work / model.name}
+        if versus is not None:
+            folders[versus] = work / (versus.name if versus.name != model.name else f"{versus.name}_versus")
         for label, name, m in entries:
-            (work / str(m is versus)).mkdir(exist_ok=True)  # one folder per model: the files share names
-            onnx_paths[label] = prepare(name, m, work / str(m is versus), calib)
+            folders[m].mkdir(exist_ok=True)
+            onnx_paths[label] = prepare(name, m, folders[m], calib)
         rounds: list[dict[str, dict]] = []
         for k in range(args.rounds):
             # mIoU does not depend on timing: measured in the first round only.
