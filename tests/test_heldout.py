@@ -434,3 +434,55 @@ def test_eval_runs_an_exported_model_through_the_node_backend(toy_model, tmp_pat
     assert len(list((tmp_path / "pred").glob("*.png"))) == fb["images"]
     assert eval_main(["--model", str(onnx_path), "--data", str(data), "--tta", "flip"]) == 2
     assert "export with --tta flip" in capsys.readouterr().err
+
+
+def test_resume_that_changed_options_is_not_called_the_same_config():
+    from perception.release.readme import resume_lines
+
+    start = "perception-train --data d --epochs 120 --lr 2e-3 --out r"
+    commands = [f"{start} --resume", "perception-train --data d --epochs 80 --lr 2e-3 --out r --resume",
+                "perception-train --data d --epochs 80 --lr 2e-3 --out r --resume"]
+    resumes = [{"after_epoch": e, "compact": False, "optimizer_restarted": False, "selection_restarted": False}
+               for e in (5, 34, 40)]
+    text = "\n".join(resume_lines({"command": start, "resumed_with": commands, "resumes": resumes,
+                                   "config": {"epochs": 80}}))
+    assert "same config" not in text and "exact resume" not in text
+    assert "after epoch 34: `--epochs 80` (was `--epochs 120`)" in text and "after epoch 40" not in text
+    assert "no single command reproduces it" in text and "new length" in text
+    # The same command each time: the claim stands.
+    same = resume_lines({"command": start, "resumed_with": [f"{start} --resume"], "resumes": resumes[:1],
+                         "config": {"epochs": 120}})
+    assert "(same config, exact resume)" in same[0]
+
+
+def test_card_gives_each_machine_its_epochs_and_hours(tmp_path):
+    from types import SimpleNamespace
+
+    from perception.release.readme import ReadmeInputs, _training_time
+    from perception.release.ship import _run_history
+
+    zen4, zen3 = "AMD EPYC (AVX-512 VNNI BF16, 2 cores), bf16", "AMD EPYC (AVX2, 2 cores), fp32"
+    rows = ([{"epoch": e, "epoch_seconds": 400.0} for e in (1, 2)]  # before the trainer named machines
+            + [{"epoch": e, "epoch_seconds": 380.0 + e, "machine": zen4} for e in (3, 4, 5)]
+            + [{"epoch": e, "epoch_seconds": 2000.0, "machine": zen3} for e in (6, 7)])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = SimpleNamespace(training={"machine": {"cpu": "AMD EPYC"}})
+    history = _run_history(card, tmp_path)
+    t = card.training
+    assert [(s["epochs"], s["machine"], s["epochs_count"]) for s in t["stretches"]] == [
+        ([1, 2], None, 2), ([3, 5], zen4, 3), ([6, 7], zen3, 2)]
+    assert t["stretches"][1]["median_epoch_seconds"] == 384.0
+    assert t["stretches"][2]["hours"] == round(4000 / 3600, 3)
+    assert t["train_hours"] == round(sum(r["epoch_seconds"] for r in rows) / 3600, 3)
+    assert t["idle_hours"] == round((2 * 400 + 3 * 384 + 2 * 2000) / 3600, 3)  # each machine at its own median
+    x = ReadmeInputs(card=card, parameters=0, rows=[], split_name="s", metrics={}, data="d", status="final",
+                     dest=tmp_path, run_dir=tmp_path, history=history)
+    text = "\n".join(_training_time(x))
+    assert f"- epochs 3-5: 0.32 h on {zen4}; median epoch 384 s" in text and f"- epochs 6-7: 1.11 h on {zen3}" in text
+    assert "- epochs 1-2: 0.22 h on a machine the trainer did not record" in text
+    assert "on the machine above" not in text
+    # One machine throughout: one line, as before.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({**r, "machine": zen4}) + "\n" for r in rows))
+    card = SimpleNamespace(training={"machine": {"cpu": "AMD EPYC"}})
+    _run_history(card, tmp_path)
+    assert "stretches" not in card.training

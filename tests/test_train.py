@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from perception.models import load
 from perception.train.checkpoint import load_checkpoint
 from perception.train.cli import main as train_main
+from perception.train.loop import machine_label
 from perception.train.config import build_config
 from perception.train.loss import SegmentationLoss
 
@@ -119,6 +120,11 @@ def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
     assert summary["training_seconds"] == round(sum(r["epoch_seconds"] for r in rows), 1)
     assert summary["training_seconds"] > sum(r["epoch_seconds"] for r in rows if r["epoch"] > ck["state"]["epoch"])
     assert summary["wall_seconds_this_process"] > 0
+    # Each epoch and the resume name the machine and precision that ran them: a run resumed on another
+    # machine can say which trained which epochs (cards sum their hours per machine).
+    label = machine_label(torch.device("cpu"), "off")
+    assert label.endswith(", fp32") and os.cpu_count() is not None and f"{os.cpu_count()} cores" in label
+    assert [r["machine"] for r in rows] == [label] * 3 and resume["machine"] == label
 
 
 def test_compiled_training_matches_eager(toy_data, tmp_path):

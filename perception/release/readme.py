@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ReadmeInputs", "render_readme", "resume_lines", "PAPER_TEST"]
+__all__ = ["ReadmeInputs", "render_readme", "resume_lines", "option_changes", "PAPER_TEST"]
 
 # SegNet paper, Table 1: SegNet-Basic on CamVid test, 360x480, median-frequency balancing. The Bayesian
 # variant is compared with the same row (the SegNet paper has no Bayesian SegNet-Basic row).
@@ -97,7 +97,8 @@ def _reproduce(x: ReadmeInputs) -> list[str]:
              *([x.card.extra["eval_command"] + f" --mc-samples {x.mc_samples}"] if x.mc_samples else []),
              "```", "", "Training command (from the run that produced these weights):", "",
              "```bash", str(t.get("command")), "```", "", *resume_lines(t),
-             f"Machine: {_machine(t.get('machine', {}))}; weights from epoch {t.get('epoch')} of "
+             f"Machine{' (the last stretch; all of them under Training time)' if t.get('stretches') else ''}: "
+             f"{_machine(t.get('machine', {}))}; weights from epoch {t.get('epoch')} of "
              f"{t.get('config', {}).get('epochs')} " + (f"(best {selected} mIoU)" if selected else "(the last)")
              + f"; date {t.get('date')}.", "", *_sources(t)]
     if rr:
@@ -134,11 +135,19 @@ def _training_time(x: ReadmeInputs) -> list[str]:
     t = x.card.training
     if not x.history:
         return []
-    lines = [f"Training time: {t['train_hours']:.2f} h for {len(x.history)} epochs (sum of epoch times, validation "
-             "not included), on the machine above"
-             + (" while it trained other runs beside this one." if t.get("machine", {}).get("gpu") else "."),
-             f"Median epoch {t['median_epoch_seconds']:.0f} s, so {t['idle_hours']:.2f} h at that rate (the sum "
-             "also counts time the run spent paused while the machine measured other things).", ""]
+    head = f"Training time: {t['train_hours']:.2f} h for {len(x.history)} epochs (sum of epoch times, validation not included)"
+    if stretches := t.get("stretches"):
+        lines = [head + ", on more than one machine:", "",
+                 *(f"- epochs {s['epochs'][0]}-{s['epochs'][1]}: {s['hours']:.2f} h on "
+                   + (s["machine"] or "a machine the trainer did not record (see the notes)")
+                   + f"; median epoch {s['median_epoch_seconds']:.0f} s" for s in stretches),
+                 "", f"At each machine's median epoch, {t['idle_hours']:.2f} h (the sum also counts time the run "
+                 "spent paused while the machine measured other things).", ""]
+    else:
+        lines = [head + ", on the machine above"
+                 + (" while it trained other runs beside this one." if t.get("machine", {}).get("gpu") else "."),
+                 f"Median epoch {t['median_epoch_seconds']:.0f} s, so {t['idle_hours']:.2f} h at that rate (the sum "
+                 "also counts time the run spent paused while the machine measured other things).", ""]
     if "weights_dtype" in t:
         lines += [f"Weights stored as {t['weights_dtype']} (upcast to float32 on load); the numbers above are "
                   "measured from the stored weights.", ""]
@@ -157,20 +166,24 @@ def render_readme(x: ReadmeInputs) -> str:
 
 
 def resume_lines(training: dict) -> list[str]:
-    """How the run was continued, claiming an exact resume only where the trainer recorded one."""
+    """How the run was continued, claiming an exact resume only where the trainer recorded one and the same
+    config only where every resume command asked for what the run started with."""
     commands = training.get("resumed_with")
     if not commands:
         return []
     resumes = training.get("resumes")
+    changes = option_changes(training.get("command"), commands, resumes)
+    same = "" if changes else " (same config"
     if resumes is None:  # a run older than the record: say what is known
-        head = "The run was stopped and continued (same config) with:"
-    elif not any(r["compact"] or r.get("optimizer_restarted") or r["selection_restarted"] for r in resumes):
-        head = "The run was stopped and continued (same config, exact resume) with:"
+        head = f"The run was stopped and continued{same and same + ')'} with"
+    elif not changes and not any(r["compact"] or r.get("optimizer_restarted") or r["selection_restarted"]
+                                 for r in resumes):
+        head = "The run was stopped and continued (same config, exact resume) with"
     else:
         compact = [str(r["after_epoch"]) for r in resumes if r["compact"]]
         moments = [str(r["after_epoch"]) for r in resumes if r.get("optimizer_restarted")]
         restarted = [r["after_epoch"] for r in resumes if r["selection_restarted"]]
-        head = "The run was stopped and continued (same config) with the commands below"
+        head = f"The run was stopped and continued{same and same + ')'} with the commands below"
         if compact:
             head += (f"; after epoch {', '.join(compact)} it continued from a compact resume state (weights "
                      "rounded once to half precision), so it is not bit-identical to an uninterrupted run")
@@ -179,8 +192,45 @@ def resume_lines(training: dict) -> list[str]:
         if restarted:
             head += (f"; selection restarted after epoch {restarted[-1]}, so the weights are the best of epochs "
                      f"{restarted[-1] + 1}-{training.get('config', {}).get('epochs')}")
-        head += ":"
-    return [head, "", "```bash", *commands, "```", ""]
+    if changes:
+        head += ("; options changed on the way, so no single command reproduces it: " + "; ".join(changes)
+                 + ("; a new `--epochs` gives the lr schedule its new length from where the run was"
+                    if any("`--epochs" in c for c in changes) else ""))
+    return [head + ":", "", "```bash", *commands, "```", ""]
+
+
+def _options(command: str) -> dict[str, str]:
+    """A command line's ``--option value...`` pairs (flags map to ""), less ``--resume``."""
+    import shlex
+
+    options: dict[str, str] = {}
+    key = None
+    for token in shlex.split(command):
+        if token.startswith("--"):
+            key, _, value = token.partition("=")
+            options[key] = value
+        elif key is not None:
+            options[key] = f"{options[key]} {token}".strip()
+    options.pop("--resume", None)
+    return options
+
+
+def option_changes(start: str | None, commands: list[str], resumes: list[dict] | None) -> list[str]:
+    """What each resume command asked for that differs from the command before it (the start command for the
+    first), e.g. "after epoch 34: `--epochs 80` (was `--epochs 120`)"."""
+    if not start:
+        return []
+    changes, before = [], _options(start)
+    for i, command in enumerate(commands):
+        now = _options(command)
+        diff = [(f"`{k} {now[k]}`".replace(" `", "`") if k in now else f"no `{k}`")
+                + (f" (was `{k} {before[k]}`)".replace(" `)", "`)") if k in before else "")
+                for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if diff:
+            when = (f"after epoch {resumes[i]['after_epoch']}" if resumes and i < len(resumes) else f"resume {i + 1}")
+            changes.append(f"{when}: {', '.join(diff)}")
+        before = now
+    return changes
 
 
 def _machine(machine: dict) -> str:

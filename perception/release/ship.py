@@ -147,16 +147,39 @@ def _recipe_run(recipe_model, card, ds, split_name: str, opts: ShipModelOptions)
 
 
 def _run_history(card, run_dir: Path) -> list:
-    """The run's epochs (``metrics.jsonl`` beside ``final/``), with its hours recorded on the card."""
+    """The run's epochs (``metrics.jsonl`` beside ``final/``), with its hours recorded on the card: in all, and
+    per stretch of epochs on one machine (a run resumed elsewhere trains at another rate)."""
     if not (run_dir / "metrics.jsonl").is_file():
         return []
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     card.training["train_hours"] = round(sum(r.get("epoch_seconds", 0.0) for r in history) / 3600, 3)
-    seconds = sorted(r["epoch_seconds"] for r in history if "epoch_seconds" in r)
-    if seconds:
+    stretches = machine_stretches(history)
+    if stretches:
+        seconds = sorted(r["epoch_seconds"] for r in history if "epoch_seconds" in r)
         card.training["median_epoch_seconds"] = round(seconds[len(seconds) // 2], 1)
-        card.training["idle_hours"] = round(seconds[len(seconds) // 2] * len(history) / 3600, 3)
+        # Each stretch at its own machine's median rate: what the epochs cost without the pauses.
+        card.training["idle_hours"] = round(sum(s["median_epoch_seconds"] * s["epochs_count"] for s in stretches) / 3600, 3)
+        if len(stretches) > 1:
+            card.training["stretches"] = stretches
     return history
+
+
+def machine_stretches(history: list) -> list[dict]:
+    """Consecutive epochs trained on one machine (each record's ``machine``, None where the trainer did not
+    record it), each with its epochs, hours and median epoch time: which machine trained which epochs."""
+    groups: list[list[dict]] = []
+    for r in (r for r in history if "epoch_seconds" in r):
+        if groups and groups[-1][-1].get("machine") == r.get("machine"):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    stretches = []
+    for g in groups:
+        seconds = sorted(r["epoch_seconds"] for r in g)
+        stretches.append({"epochs": [g[0]["epoch"], g[-1]["epoch"]], "epochs_count": len(g),
+                          "machine": g[0].get("machine"), "hours": round(sum(seconds) / 3600, 3),
+                          "median_epoch_seconds": round(seconds[len(seconds) // 2], 1)})
+    return stretches
 
 
 def ship_model(opts: ShipModelOptions) -> dict:

@@ -43,7 +43,7 @@ from perception.train.distributed import DistInfo, all_reduce_sum, cleanup_distr
 from perception.train.loss import SegmentationLoss, distillation_loss
 from perception.train.plots import plot_history, read_history
 
-__all__ = ["train", "machine_description", "resolve_device", "recalibrate_batch_norm", "LAST_CHECKPOINT"]
+__all__ = ["train", "machine_description", "machine_label", "resolve_device", "recalibrate_batch_norm", "LAST_CHECKPOINT"]
 
 LAST_CHECKPOINT = "last.pt"
 BEST_DIR = "best"
@@ -82,6 +82,15 @@ def machine_description(device: torch.device | None = None) -> dict[str, Any]:
     if device is not None and device.type == "cuda":
         d["gpu"] = torch.cuda.get_device_name(device)
     return d
+
+
+def machine_label(device: torch.device | None = None, amp: str = "off") -> str:
+    """What trained an epoch, in one line: the GPU, or the CPU with its instruction set and cores, and the
+    precision (``amp`` as resolved). Each epoch's record carries it, so a run resumed on other machines says
+    which trained which epochs (CPUs of one name can differ fivefold: ``AMD EPYC`` is a Zen 3 or a Zen 4)."""
+    m = machine_description(device)
+    where = m["gpu"] if "gpu" in m else f"{m['cpu']} ({m['cpu_isa']}, {m['cpu_count']} cores)"
+    return f"{where}, {'fp32' if amp == 'off' else amp}"
 
 
 def _class_weights(cfg: TrainConfig, train_set) -> np.ndarray | None:
@@ -384,6 +393,7 @@ class _Run:
     steps_per_epoch: int
     state: _State
     channels_last: bool = False  # cfg.channels_last resolved for this device and precision
+    machine: str = ""  # machine_label() of this process: each epoch's record and each resume name it
     ddp_model: nn.Module | None = None
     teacher: nn.Module | None = None  # --distill-from: frozen, in eval mode
 
@@ -510,7 +520,7 @@ def _setup(cfg: TrainConfig, info, *, resume: bool, command: str) -> _Run:
                 val_set=val_set, report_sets=report_sets, spec=spec, model=model, criterion=criterion,
                 optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader,
                 steps_per_epoch=steps_per_epoch, state=_State(command=command, lineage={} if resume else _lineage(cfg)),
-                channels_last=channels_last, teacher=teacher)
+                channels_last=channels_last, teacher=teacher, machine=machine_label(device, resolve_amp(cfg.amp, device)[0]))
 
 
 def _load_teacher(cfg: TrainConfig, num_classes: int, device, channels_last: bool) -> nn.Module:
@@ -597,11 +607,9 @@ def _resume(run: _Run) -> None:
         selection_restarted = True
     if run.state.command:  # checkpoints written before the field existed have none
         run.state.resumed_with.append(run.command)
-        machine = machine_description(run.device)
         run.state.resumes.append({"after_epoch": run.state.epoch, "compact": compact,
                                   "optimizer_restarted": "optimizer" not in ck,
-                                  "selection_restarted": selection_restarted,
-                                  "machine": machine.get("gpu", machine["cpu"])})
+                                  "selection_restarted": selection_restarted, "machine": run.machine})
     restore_rng_state(ck["rng"])
     if run.info.is_main:
         _truncate_history(run.history_path, run.state.epoch)
@@ -665,6 +673,7 @@ def _train_epoch(run: _Run, *, progress: bool) -> dict[str, Any]:
         "train_loss": float(loss_sum[0] / loss_sum[1]),
         "lr": run.scheduler.get_last_lr()[0],
         "epoch_seconds": round(time.time() - t0, 2),
+        "machine": run.machine,
     }
 
 
