@@ -26,13 +26,15 @@ fi
 run runs/bayesian_segnet_imagenet_0006R0 --model bayesian_segnet --holdout 0006R0 \
  --init-weights runs/segnet_imagenet_0006R0/final --epochs "${BAYES_TWIN_EPOCHS:-15}" --lr 1e-3 --warmup-epochs 1 \
  --freeze-encoder-epochs 0 --val-every 3 || exit 1
-# The long run on all 468 images, 120 epochs as the twin's curve and the issue's CPU budget say (LONG_EPOCHS=0:
-# stop before it).
-[ "${LONG_EPOCHS:-120}" != 0 ] || exit 0
-run runs/segnet_imagenet_all468 --val-split none --epochs "${LONG_EPOCHS:-120}" || exit 1
+# The long run on all 468 images (LONG_EPOCHS=0: stop before it). Started at 120 epochs (what ~30 CPU-hours left
+# at a Zen 4's ~385 s an epoch); shortened to 80 on resume after epoch 34, when two working stretches on a 2-core
+# Zen 3 (fp32, ~2,000 s an epoch) had spent 1.9 CPU-hours on 3 epochs: the cosine takes the new length from there.
+[ "${LONG_EPOCHS:-80}" != 0 ] || exit 0
+run runs/segnet_imagenet_all468 --val-split none --epochs "${LONG_EPOCHS:-80}" || exit 1
 # Bayesian SegNet's long run: dropout fine-tuned into the long run's final weights as in its twin, on all 468
-# images, 20 epochs (1,160 steps, 1.7x the twin's 675) of cosine from lr 1e-3 (BAYES_LONG_EPOCHS=0: stop before).
-[ "${BAYES_LONG_EPOCHS:-20}" != 0 ] || exit 0
+# images, 12 epochs (696 steps, the twin's 675; 20 before the budget was weighed again) of cosine from lr 1e-3
+# (BAYES_LONG_EPOCHS=0: stop before).
+[ "${BAYES_LONG_EPOCHS:-12}" != 0 ] || exit 0
 run runs/bayesian_segnet_imagenet_all468 --model bayesian_segnet --val-split none \
- --init-weights runs/segnet_imagenet_all468/final --epochs "${BAYES_LONG_EPOCHS:-20}" --lr 1e-3 --warmup-epochs 1 \
+ --init-weights runs/segnet_imagenet_all468/final --epochs "${BAYES_LONG_EPOCHS:-12}" --lr 1e-3 --warmup-epochs 1 \
  --freeze-encoder-epochs 0 || exit 1
