@@ -173,9 +173,9 @@ def resume_lines(training: dict) -> list[str]:
         return []
     resumes = training.get("resumes")
     changes = option_changes(training.get("command"), commands, resumes)
-    same = "" if changes else " (same config"
+    same = "" if changes else " (same config)"
     if resumes is None:  # a run older than the record: say what is known
-        head = f"The run was stopped and continued{same and same + ')'} with"
+        head = f"The run was stopped and continued{same} with"
     elif not changes and not any(r["compact"] or r.get("optimizer_restarted") or r["selection_restarted"]
                                  for r in resumes):
         head = "The run was stopped and continued (same config, exact resume) with"
@@ -183,7 +183,7 @@ def resume_lines(training: dict) -> list[str]:
         compact = [str(r["after_epoch"]) for r in resumes if r["compact"]]
         moments = [str(r["after_epoch"]) for r in resumes if r.get("optimizer_restarted")]
         restarted = [r["after_epoch"] for r in resumes if r["selection_restarted"]]
-        head = f"The run was stopped and continued{same and same + ')'} with the commands below"
+        head = f"The run was stopped and continued{same} with the commands below"
         if compact:
             head += (f"; after epoch {', '.join(compact)} it continued from a compact resume state (weights "
                      "rounded once to half precision), so it is not bit-identical to an uninterrupted run")
@@ -215,6 +215,10 @@ def _options(command: str) -> dict[str, str]:
     return options
 
 
+def _option_text(key: str, value: str) -> str:
+    return f"`{key} {value}`" if value else f"`{key}`"  # a flag has no value
+
+
 def option_changes(start: str | None, commands: list[str], resumes: list[dict] | None) -> list[str]:
     """What each resume command asked for that differs from the command before it (the start command for the
     first), e.g. "after epoch 34: `--epochs 80` (was `--epochs 120`)"."""
@@ -223,8 +227,8 @@ def option_changes(start: str | None, commands: list[str], resumes: list[dict] |
     changes, before = [], _options(start)
     for i, command in enumerate(commands):
         now = _options(command)
-        diff = [(f"`{k} {now[k]}`".replace(" `", "`") if k in now else f"no `{k}`")
-                + (f" (was `{k} {before[k]}`)".replace(" `)", "`)") if k in before else "")
+        diff = [(_option_text(k, now[k]) if k in now else f"no `{k}`")
+                + (f" (was {_option_text(k, before[k])})" if k in before else "")
                 for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
         if diff:
             when = (f"after epoch {resumes[i]['after_epoch']}" if resumes and i < len(resumes) else f"resume {i + 1}")
