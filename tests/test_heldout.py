@@ -453,6 +453,11 @@ def test_resume_that_changed_options_is_not_called_the_same_config():
     same = resume_lines({"command": start, "resumed_with": [f"{start} --resume"], "resumes": resumes[:1],
                          "config": {"epochs": 120}})
     assert "(same config, exact resume)" in same[0]
+    # A run stopped inside an epoch says how far into it each resume took it up.
+    inside = [{**resumes[1], "compact": True, "optimizer_restarted": True, "after_batch": 23}]
+    text = resume_lines({"command": start, "resumed_with": [commands[1]], "resumes": inside, "config": {"epochs": 80}})[0]
+    assert "after epoch 34 and 23 batches: `--epochs 80`" in text
+    assert "after epoch 34 and 23 batches it continued from a compact resume state" in text
 
 
 def test_card_gives_each_machine_its_epochs_and_hours(tmp_path):

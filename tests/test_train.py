@@ -127,6 +127,96 @@ def test_resume_after_kill_equals_uninterrupted(toy_data, tmp_path):
     assert [r["machine"] for r in rows] == [label] * 3 and resume["machine"] == label
 
 
+def _signal_at_steps(monkeypatch, steps: set[int], signum: int = signal.SIGTERM) -> None:
+    """Deliver ``signum`` to this process right after the training steps numbered in ``steps`` (1-based), as
+    a user's Ctrl-C or a scheduler's SIGTERM would arrive while the run trains."""
+    import perception.train.loop as loop
+
+    count = {"n": 0}
+    train_step = loop._train_step
+
+    def step_then_signal(*args, **kwargs):
+        loss = train_step(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] in steps:
+            signal.raise_signal(signum)
+        return loss
+
+    monkeypatch.setattr(loop, "_train_step", step_then_signal)
+
+
+# 8 toy images in batches of 2: 4 steps an epoch, 12 in 3 epochs. Step 6 lands inside epoch 2, step 4 on
+# epoch 1's last batch (the run checkpoints that epoch and stops before the next), step 12 before the final
+# evaluations (the resume does only them). With loader workers, the augmentation runs in them: the replay
+# must set their streams too.
+@pytest.mark.parametrize("at_step, stopped_at, workers", [(6, (1, 2), 0), (4, (1, 0), 0), (12, (3, 0), 0),
+                                                          (7, (1, 3), 2)])
+def test_stop_on_signal_checkpoints_where_it_is_and_resumes_as_uninterrupted(toy_data, tmp_path, monkeypatch,
+                                                                           capsys, at_step, stopped_at, workers):
+    # Bayesian SegNet-Basic: its dropout draws from the global RNG in every step, so a resume that did not
+    # restore the streams of the step it stopped after would train on other masks.
+    args = [*TINY, "--data", str(toy_data), "--epochs", "3", "--model", "bayesian_segnet_basic", "--val-every", "1",
+            "--num-workers", str(workers)]
+    ref = tmp_path / "ref"
+    assert train_main([*args, "--out", str(ref)]) == 0
+    before = signal.getsignal(signal.SIGTERM)
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _signal_at_steps(m, {at_step})
+        assert train_main([*args, "--out", str(out)]) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before, "the trainer's handler outlived its run"
+    err = capsys.readouterr().err
+    epoch, batch = stopped_at
+    where = f"in epoch {epoch + 1} after batch {batch} of 4" if batch else f"after epoch {epoch}"
+    assert f"stopped {where}; {out / 'last.pt'} holds it" in err
+    state = load_checkpoint(out / "last.pt")["state"]
+    assert (state["epoch"], state["batch"], state["step"]) == (epoch, batch, at_step)
+    assert not (out / "final").exists()
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, epoch + 1))
+
+    assert train_main([*args, "--out", str(out), "--resume"]) == 0
+    a, b = _state(ref), _state(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # The cut epoch's record adds both stretches: its loss is the uninterrupted epoch's, over all its batches.
+    for r, q in zip(rows, ref_rows):
+        assert r["train_loss"] == pytest.approx(q["train_loss"], rel=1e-12) and r["val_miou"] == q["val_miou"]
+        assert r.get("resumed_after_batch") == (batch if batch and r["epoch"] == epoch + 1 else None)
+    if epoch < 3:  # the resume trained, so the checkpoint holds its record (the card's, where best/ follows it)
+        (resume,) = load_checkpoint(out / "last.pt")["state"]["resumes"]
+        assert resume["after_epoch"] == epoch and resume.get("after_batch", 0) == batch
+
+
+def test_stop_on_signal_asks_once_and_aborts_on_the_second():
+    from perception.train.cli import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnSignal() as stop:
+        assert not stop()
+        signal.raise_signal(signal.SIGINT)
+        assert stop() and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_a_resume_that_would_split_batches_differently_is_refused(toy_data, tmp_path, monkeypatch, capsys):
+    args = [*TINY, "--data", str(toy_data), "--epochs", "2"]
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _signal_at_steps(m, {3})
+        assert train_main([*args, "--out", str(out)]) == 128 + signal.SIGTERM
+    # Batch 3 of 4 done; batches of 4 give 2 an epoch, so batch 3 names no point of this run.
+    capsys.readouterr()
+    assert train_main([*args, "--out", str(out), "--resume", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("perception-train:") and "after batch 3" in err and "batch size" in err and "\n" not in err
+
+
 def test_compiled_training_matches_eager(toy_data, tmp_path):
     # --compile changes how the step runs, not what it computes: the first epoch's loss (one step, before
     # any update) matches eager to float tolerance, later ones closely, and the checkpoint and the shipped

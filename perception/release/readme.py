@@ -180,8 +180,8 @@ def resume_lines(training: dict) -> list[str]:
                                  for r in resumes):
         head = "The run was stopped and continued (same config, exact resume) with"
     else:
-        compact = [str(r["after_epoch"]) for r in resumes if r["compact"]]
-        moments = [str(r["after_epoch"]) for r in resumes if r.get("optimizer_restarted")]
+        compact = [resume_point(r) for r in resumes if r["compact"]]
+        moments = [resume_point(r) for r in resumes if r.get("optimizer_restarted")]
         restarted = [r["after_epoch"] for r in resumes if r["selection_restarted"]]
         head = f"The run was stopped and continued{same} with the commands below"
         if compact:
@@ -197,6 +197,12 @@ def resume_lines(training: dict) -> list[str]:
                  + ("; a new `--epochs` gives the lr schedule its new length from where the run was"
                     if any("`--epochs" in c for c in changes) else ""))
     return [head + ":", "", "```bash", *commands, "```", ""]
+
+
+def resume_point(resume: dict) -> str:
+    """Where a resume took the run up: "34", or "38 and 23 batches" for a run stopped inside an epoch."""
+    batches = resume.get("after_batch", 0)
+    return f"{resume['after_epoch']}" + (f" and {batches} batch{'es' if batches != 1 else ''}" if batches else "")
 
 
 def _options(command: str) -> dict[str, str]:
@@ -231,7 +237,7 @@ def option_changes(start: str | None, commands: list[str], resumes: list[dict] |
                 + (f" (was {_option_text(k, before[k])})" if k in before else "")
                 for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
         if diff:
-            when = (f"after epoch {resumes[i]['after_epoch']}" if resumes and i < len(resumes) else f"resume {i + 1}")
+            when = f"after epoch {resume_point(resumes[i])}" if resumes and i < len(resumes) else f"resume {i + 1}"
             changes.append(f"{when}: {', '.join(diff)}")
         before = now
     return changes

@@ -2,7 +2,10 @@
 
 Reproducibility contract: every epoch's randomness (data order, augmentation, dropout) is derived
 from ``(seed, epoch, rank)``, and checkpoints are taken at epoch boundaries, so a run killed at any
-point and resumed with ``--resume`` produces the same weights as an uninterrupted run.
+point and resumed with ``--resume`` produces the same weights as an uninterrupted run. A run asked to
+stop (``train(stop=...)``; the CLI's SIGINT/SIGTERM) also checkpoints where it is inside an epoch, with
+the RNG streams after its last step: resuming replays the epoch's data up to there without training on
+it and goes on as if never stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,7 +46,8 @@ from perception.train.distributed import DistInfo, all_reduce_sum, cleanup_distr
 from perception.train.loss import SegmentationLoss, distillation_loss
 from perception.train.plots import plot_history, read_history
 
-__all__ = ["train", "machine_description", "machine_label", "resolve_device", "recalibrate_batch_norm", "LAST_CHECKPOINT"]
+__all__ = ["train", "TrainingStopped", "machine_description", "machine_label", "resolve_device", "recalibrate_batch_norm",
+           "LAST_CHECKPOINT"]
 
 LAST_CHECKPOINT = "last.pt"
 BEST_DIR = "best"
@@ -255,6 +259,21 @@ class _State:
     # The --init-weights and --distill-from folders' identities, read when the run starts (the folders, often
     # under runs/, may be gone when a resumed run writes its card): see _lineage.
     lineage: dict[str, Any] = field(default_factory=dict)
+    # A run stopped inside an epoch: the batches of epoch ``epoch + 1`` already trained, and their summed loss
+    # (all ranks), seconds and machine, which that epoch's record adds up when the run resumes and finishes it.
+    batch: int = 0
+    partial: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingStopped(Exception):
+    """``train`` was asked to stop (its ``stop`` callable returned True) and saved where it was."""
+
+    def __init__(self, *, out: Path, epoch: int, batch: int, steps_per_epoch: int, saved: bool) -> None:
+        self.out, self.epoch, self.batch, self.saved = out, epoch, batch, saved
+        where = (f"in epoch {epoch + 1} after batch {batch} of {steps_per_epoch}" if batch
+                 else f"after epoch {epoch}")
+        super().__init__(f"stopped {where}; {out / LAST_CHECKPOINT} holds it: the same command with --resume "
+                         "continues from there" if saved else "stopped before the first step; nothing to resume")
 
 
 def _lineage(cfg: TrainConfig) -> dict[str, Any]:
@@ -396,6 +415,7 @@ class _Run:
     machine: str = ""  # machine_label() of this process: each epoch's record and each resume name it
     ddp_model: nn.Module | None = None
     teacher: nn.Module | None = None  # --distill-from: frozen, in eval mode
+    resume_rng: dict[str, Any] | None = None  # a mid-epoch checkpoint's RNG streams, restored after the replay
 
     @property
     def ckpt_path(self) -> Path:
@@ -406,11 +426,14 @@ class _Run:
         return self.out / "metrics.jsonl"
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None, progress: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None, progress: bool = True,
+          stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the summary also written to ``<out>/summary.json``.
 
     Phases: setup (data, model, optimiser), resume, then per epoch train / choose epochs / validate
-    and select / checkpoint, and finalize (the model folder that ships, with its measured card)."""
+    and select / checkpoint, and finalize (the model folder that ships, with its measured card).
+    ``stop`` is asked after every training step (and before each epoch): once it returns True the run
+    checkpoints where it is and raises :class:`TrainingStopped`; ``resume=True`` continues from there."""
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     info = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     # config.yaml keeps what was asked (auto re-decides on the machine that resumes); the run uses this.
@@ -436,7 +459,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
         run_started = time.time()
         bookkeeping_seconds = 0.0  # checkpoint + plot of the last epoch: part of an epoch's cost
         while run.state.epoch < cfg.epochs:
-            record = _train_epoch(run, progress=progress)
+            if _stop_agreed(stop, run):  # between epochs: the last checkpoint already holds this point
+                raise TrainingStopped(out=run.out, epoch=run.state.epoch, batch=0, steps_per_epoch=run.steps_per_epoch,
+                                      saved=run.ckpt_path.exists())
+            record = _train_epoch(run, progress=progress, stop=stop)
+            if record is None:  # stopped inside the epoch
+                if info.is_main:
+                    _save_state(run)
+                if info.enabled:
+                    torch.distributed.barrier()
+                raise TrainingStopped(out=run.out, epoch=run.state.epoch, batch=run.state.batch,
+                                      steps_per_epoch=run.steps_per_epoch, saved=True)
             if cfg.time_budget_s is not None and run.state.epoch >= max(1, math.ceil(cfg.warmup_epochs)):
                 # The lr of the warmup epochs does not depend on the total, so choosing the total now
                 # trains exactly as a run started with --epochs <chosen> would.
@@ -452,6 +485,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, command: str | None = None,
                 bookkeeping_seconds = time.time() - t_book
             if info.enabled:
                 torch.distributed.barrier()
+        if _stop_agreed(stop, run):  # the final evaluations can take minutes: --resume does only them
+            raise TrainingStopped(out=run.out, epoch=run.state.epoch, batch=0, steps_per_epoch=run.steps_per_epoch,
+                                  saved=True)
         return _finalize(run, progress=progress, started=run_started)
     finally:
         cleanup_distributed()
@@ -595,6 +631,10 @@ def _resume(run: _Run) -> None:
               "uninterrupted one", file=sys.stderr, flush=True)
     run.scheduler.load_state_dict(ck["scheduler"])
     run.state = _State(**ck["state"])
+    if run.state.batch >= run.steps_per_epoch:
+        raise ValueError(f"{run.ckpt_path} stopped inside epoch {run.state.epoch + 1} after batch {run.state.batch}, but "
+                         f"this config gives {run.steps_per_epoch} batches an epoch: resume with the batch size and "
+                         "--max-iters-per-epoch it was trained with")
     if not run.state.lineage:  # the checkpoint's record (read once, when the run started), else read it now
         run.state.lineage = _lineage(run.cfg)
     selection_restarted = False
@@ -609,72 +649,131 @@ def _resume(run: _Run) -> None:
         run.state.resumed_with.append(run.command)
         run.state.resumes.append({"after_epoch": run.state.epoch, "compact": compact,
                                   "optimizer_restarted": "optimizer" not in ck,
-                                  "selection_restarted": selection_restarted, "machine": run.machine})
+                                  "selection_restarted": selection_restarted, "machine": run.machine,
+                                  **({"after_batch": run.state.batch} if run.state.batch else {})})
     restore_rng_state(ck["rng"])
+    # Inside an epoch the streams are the ones after its last trained step: set again once the epoch's first
+    # batches have been replayed (the replay draws them as the first stretch did; see _replay_trained_batches).
+    run.resume_rng = ck["rng"] if run.state.batch else None
     if run.info.is_main:
         _truncate_history(run.history_path, run.state.epoch)
-        print(f"resuming {run.out} after epoch {run.state.epoch} (best val mIoU {run.state.best_miou:.4f})",
-              flush=True)
+        where = (f"in epoch {run.state.epoch + 1} after batch {run.state.batch} of {run.steps_per_epoch}"
+                 if run.state.batch else f"after epoch {run.state.epoch}")
+        print(f"resuming {run.out} {where} (best val mIoU {run.state.best_miou:.4f})", flush=True)
 
 
-def _train_epoch(run: _Run, *, progress: bool) -> dict[str, Any]:
-    """One pass over the training data; returns the epoch's history record."""
-    from tqdm.auto import tqdm
-
-    cfg, info, state = run.cfg, run.info, run.state
-    epoch = state.epoch
-    seed = _epoch_seed(cfg, epoch, info.rank)
+def _seed_epoch(run: _Run, epoch: int) -> None:
+    """Every random stream of an epoch from (seed, epoch, rank): data order, augmentation, dropout."""
+    seed = _epoch_seed(run.cfg, epoch, run.info.rank)
     torch.manual_seed(seed)
     np.random.seed(seed)
     run.aug.epoch_seed = seed
     run.aug.reseed(seed)
     run.sampler.set_epoch(epoch)
-    run.ddp_model.train()
+
+
+def _replay_trained_batches(run: _Run, batches, count: int) -> None:
+    """Draw (not train on) the batches a stopped run trained in this epoch, so that the data order and the
+    augmentation streams, in the workers too, stand where they stood; then the RNG streams after its last step."""
     t0 = time.time()
-    loss_sum = torch.zeros(2, dtype=torch.float64)
-    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+    for _ in range(count):
+        next(batches)
+    restore_rng_state(run.resume_rng)
+    run.resume_rng = None
+    if run.info.is_main:
+        print(f"epoch {run.state.epoch + 1}: replayed the {count} batches trained before the stop "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def _stop_agreed(stop: Callable[[], bool] | None, run: _Run) -> bool:
+    """Whether to stop now; under DDP every rank stops at the same step if any rank was asked to."""
+    if stop is None:
+        return False
+    asked = torch.tensor([1.0 if stop() else 0.0], device=run.device)
+    return bool(all_reduce_sum(asked, run.info).item() > 0)
+
+
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, where: str) -> float:
+    """One optimiser step on one batch; returns its loss."""
+    cfg = run.cfg
+    x = normalize(images.to(run.device, non_blocking=True), run.spec)
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = labels.to(run.device, non_blocking=True)
+    with autocast_context(run.device, cfg.amp):
+        logits = run.ddp_model(x)
+    loss = run.criterion(logits, y)
+    if run.teacher is not None:
+        with torch.no_grad(), autocast_context(run.device, cfg.amp):
+            teacher_logits = run.teacher(x)
+        soft = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
+        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at {where}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.item()
+
+
+def _train_epoch(run: _Run, *, progress: bool, stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+    """One pass over the training data; returns the epoch's history record, or None where ``stop`` asked to
+    stop inside it (``state.batch`` and ``state.partial`` then say how far it got)."""
+    from tqdm.auto import tqdm
+
+    cfg, info, state = run.cfg, run.info, run.state
+    epoch, done = state.epoch, state.batch  # done > 0: resuming an epoch a stop cut
+    _seed_epoch(run, epoch)
+    run.ddp_model.train()
+    batches = iter(run.loader)
+    if done:
+        _replay_trained_batches(run, batches, done)
+    # The first stretch's summed loss is every rank's: rank 0 carries it, the all-reduce below adds the rest.
+    before = state.partial.get("loss_sum", [0.0, 0.0]) if (done and info.is_main) else [0.0, 0.0]
+    loss_sum = torch.tensor(before, dtype=torch.float64)
+    seconds_before = state.partial.get("seconds", 0.0) if done else 0.0
+    t0 = time.time()
+    bar = tqdm(total=run.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
                disable=not (progress and info.is_main), dynamic_ncols=True)
-    for it, (images, labels) in enumerate(run.loader):
+    for it, (images, labels) in enumerate(batches, start=done):
         if it >= run.steps_per_epoch:
             break
-        x = normalize(images.to(run.device, non_blocking=True), run.spec)
-        if run.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = labels.to(run.device, non_blocking=True)
-        with autocast_context(run.device, cfg.amp):
-            logits = run.ddp_model(x)
-        loss = run.criterion(logits, y)
-        if run.teacher is not None:
-            with torch.no_grad(), autocast_context(run.device, cfg.amp):
-                teacher_logits = run.teacher(x)
-            soft = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
-            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}")
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        run.scheduler.step()
+        loss = _train_step(run, images, labels, f"epoch {epoch + 1}, iteration {it}")
         state.step += 1
-        loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        loss_sum += torch.tensor([loss, 1.0], dtype=torch.float64)
         elapsed = time.time() - t0
         bar.set_postfix(
             loss=f"{loss_sum[0] / loss_sum[1]:.4f}",
-            img_s=f"{(it + 1) * cfg.batch_size * info.world_size / max(elapsed, 1e-9):.1f}",
+            img_s=f"{(it + 1 - done) * cfg.batch_size * info.world_size / max(elapsed, 1e-9):.1f}",
             lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
         )
         bar.update(1)
+        if it + 1 < run.steps_per_epoch and _stop_agreed(stop, run):  # at the epoch's end, it checkpoints anyway
+            bar.close()
+            state.batch = it + 1
+            state.partial = {"loss_sum": all_reduce_sum(loss_sum, info).tolist(),
+                             "seconds": round(seconds_before + time.time() - t0, 2),
+                             "machine": _joined(state.partial.get("machine") if done else None, run.machine)}
+            return None
     bar.close()
     all_reduce_sum(loss_sum, info)
-    state.epoch = epoch + 1
-    return {
-        "epoch": state.epoch,
+    record = {
+        "epoch": epoch + 1,
         "step": state.step,
         "train_loss": float(loss_sum[0] / loss_sum[1]),
         "lr": run.scheduler.get_last_lr()[0],
-        "epoch_seconds": round(time.time() - t0, 2),
-        "machine": run.machine,
+        "epoch_seconds": round(seconds_before + time.time() - t0, 2),
+        # An epoch a stop cut and another machine finished names both (cards group epochs by this label).
+        "machine": _joined(state.partial.get("machine") if done else None, run.machine),
+        **({"resumed_after_batch": done} if done else {}),
     }
+    state.epoch, state.batch, state.partial = epoch + 1, 0, {}
+    return record
+
+
+def _joined(first: str | None, then: str) -> str:
+    return then if first in (None, then) else f"{first} + {then}"
 
 
 def _validate_and_select(run: _Run, record: dict[str, Any], *, progress: bool) -> None:
@@ -701,6 +800,15 @@ def _checkpoint(run: _Run, record: dict[str, Any]) -> None:
     """The epoch's history line, the resumable checkpoint (atomic) and the curves."""
     with open(run.history_path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    _save_state(run)
+    try:
+        plot_history(run.history_path, run.out / "curves.png", selection=run.val_set is not None)
+    except Exception as e:  # a plot must never kill a long run
+        print(f"warning: could not plot training curves: {e}", file=sys.stderr)
+
+
+def _save_state(run: _Run) -> None:
+    """The resumable checkpoint, written atomically: the old complete file or the new one, never half."""
     atomic_torch_save(
         {
             "version": CHECKPOINT_VERSION,
@@ -714,10 +822,6 @@ def _checkpoint(run: _Run, record: dict[str, Any]) -> None:
         },
         run.ckpt_path,
     )
-    try:
-        plot_history(run.history_path, run.out / "curves.png", selection=run.val_set is not None)
-    except Exception as e:  # a plot must never kill a long run
-        print(f"warning: could not plot training curves: {e}", file=sys.stderr)
 
 
 def _finalize(run: _Run, *, progress: bool, started: float) -> dict[str, Any]:
