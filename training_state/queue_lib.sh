@@ -1,6 +1,8 @@
 # The training queues' one step, sourced by */queue.sh: `run OUT ARGS...` trains into OUT with $COMMON plus
 # ARGS, one run at a time; a finished run (its summary.json) is skipped, a cut one (its last.pt) resumed, and
 # runs/queue.log records each start and end. Returns the trainer's exit status.
+# Stop a queue at any point with `pkill -TERM -f perception.train.cli`: the trainer checkpoints where it is
+# (inside the epoch) and exits 143, which ends the queue; starting queue.sh again resumes from there.
 run() {
   local out=$1; shift
   if [ -f "$out/summary.json" ]; then echo "skip $out"; return 0; fi
