@@ -217,6 +217,32 @@ def test_a_resume_that_would_split_batches_differently_is_refused(toy_data, tmp_
     assert err.startswith("perception-train:") and "after batch 3" in err and "batch size" in err and "\n" not in err
 
 
+def test_a_compact_state_stopped_inside_an_epoch_resumes_there(toy_data, tmp_path, monkeypatch, capsys):
+    # The working-stretch routine: stop the trainer mid-epoch, commit a compact copy, resume elsewhere from it.
+    import importlib.util
+    import shutil
+
+    args = [*TINY, "--data", str(toy_data), "--epochs", "2"]
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    with monkeypatch.context() as m:
+        _signal_at_steps(m, {3})
+        assert train_main([*args, "--out", str(out)]) == 128 + signal.SIGTERM
+    spec = importlib.util.spec_from_file_location("compact", Path(__file__).parents[1] / "tools" / "compact_resume_state.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    moved.mkdir()
+    shutil.copy(out / "config.yaml", moved / "config.yaml")
+    capsys.readouterr()
+    assert tool.main([str(out / "last.pt"), str(moved / "last.pt")]) == 0
+    assert "in epoch 1 after batch 3" in capsys.readouterr().out
+    assert train_main(["--out", str(moved), "--resume", "--data", str(toy_data), "--no-progress"]) == 0
+    assert "resuming" in (said := capsys.readouterr().out) and "in epoch 1 after batch 3 of 4" in said
+    rows = [json.loads(x) for x in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r.get("resumed_after_batch")) for r in rows] == [(1, 4, 3), (2, 8, None)]
+    (resume,) = load_checkpoint(moved / "last.pt")["state"]["resumes"]
+    assert (resume["after_epoch"], resume["after_batch"], resume["compact"], resume["optimizer_restarted"]) == (0, 3, True, True)
+
+
 def test_compiled_training_matches_eager(toy_data, tmp_path):
     # --compile changes how the step runs, not what it computes: the first epoch's loss (one step, before
     # any update) matches eager to float tolerance, later ones closely, and the checkpoint and the shipped

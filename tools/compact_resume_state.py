@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
                     + ("" if not args.keep_optimizer else " (drop --keep-optimizer)"), status=1)
     Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.dest, buf.getvalue())
-    print(f"{args.dest}: {size_mb:.1f} MB (from {Path(args.source).stat().st_size / 1e6:.1f} MB), epoch "
-          f"{small['state']['epoch']}, {small['compact']}")
+    state = small["state"]
+    where = (f"in epoch {state['epoch'] + 1} after batch {state['batch']}" if state.get("batch")
+             else f"after epoch {state['epoch']}")
+    print(f"{args.dest}: {size_mb:.1f} MB (from {Path(args.source).stat().st_size / 1e6:.1f} MB), {where}, "
+          f"{small['compact']}")
     return 0
 
 
