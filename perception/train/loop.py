@@ -272,8 +272,8 @@ class TrainingStopped(Exception):
         self.out, self.epoch, self.batch, self.saved = out, epoch, batch, saved
         where = (f"in epoch {epoch + 1} after batch {batch} of {steps_per_epoch}" if batch
                  else f"after epoch {epoch}")
-        super().__init__(f"stopped {where}; {out / LAST_CHECKPOINT} holds it: the same command with --resume "
-                         "continues from there" if saved else "stopped before the first step; nothing to resume")
+        super().__init__((f"stopped {where}; {out / LAST_CHECKPOINT} holds it: the same command with --resume "
+                          "continues from there") if saved else "stopped before the first step; nothing to resume")
 
 
 def _lineage(cfg: TrainConfig) -> dict[str, Any]:
